@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,19 +58,22 @@ def measure(algo: str, flags: list[str], *, devices: int = 1, agents: int = 1, p
         if processes == 1:
             _run(cmd, base, timeout)
         else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            procs = [subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True,
-                                      env=dict(base, JAXATARI_COORDINATOR=f"127.0.0.1:{port}",
-                                               JAXATARI_NUM_PROCESSES=str(processes), JAXATARI_PROCESS_ID=str(i)))
-                     for i in range(processes)]
-            for p in procs:
-                _, err = p.communicate(timeout=timeout)
-                if p.returncode:
+            from jaxatari import parallel
+
+            for rc, _, err in parallel.launch_local(cmd, processes, Path(tmp) / "logs", env=base, cwd=ROOT,
+                                                    timeout=timeout):
+                if rc:
                     raise RuntimeError(err[-3000:])
         return _sps(run_dir, agents)
+
+
+#: Rows: name -> (script, extra flags).
+ALGOS = {
+    "ppo": ("ppo", []),
+    "ppo-cfc": ("ppo", ["--network", "cfc"]),
+    "a2c": ("a2c", []),
+    "dqn": ("dqn", []),
+}
 
 
 def main() -> None:
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--num-envs", type=int, default=8)
     ap.add_argument("--total-timesteps", type=int, default=40_960)
     ap.add_argument("--chunk-steps", type=int, default=8_192)
+    ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
     a = ap.parse_args()
     flags = ["--env", a.env, "--num-envs", str(a.num_envs), "--total-timesteps", str(a.total_timesteps),
              "--chunk-steps", str(a.chunk_steps)]
@@ -92,9 +95,10 @@ def main() -> None:
         ("population of 4 agents, one process", dict(devices=1, agents=4), ["--num-agents", "4"]),
     ]
     results = []
-    for algo in ("ppo", "a2c"):
+    for algo in a.algos:
+        script, algo_flags = ALGOS[algo]
         for name, kw, extra in modes:
-            sps = measure(algo, flags + extra, **kw)
+            sps = measure(script, flags + algo_flags + extra, **kw)
             results.append(dict(algo=algo, mode=name, sps=round(sps, 1), env=a.env, num_envs=a.num_envs, **kw))
             print(f"{algo:4s} {name:50s} {sps:10,.0f} SPS", flush=True)
     sys.path.insert(0, str(ROOT))

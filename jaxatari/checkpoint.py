@@ -220,6 +220,11 @@ class Checkpointer:
         return True
 
     def _write(self, manager, step: int, state, policy, meta: dict) -> None:
+        if jax.process_count() > 1:
+            # orbax names its cross-process barriers by step: a "latest" and a "best"
+            # save of the same step in flight together would share (and break) them.
+            self._wait(self._latest, LATEST)
+            self._wait(self._best, BEST)
         state_data, state_keys = _split_keys(state, "state")
         items = {"state": ocp.args.StandardSave(state_data)}
         fmt = {"version": FORMAT_VERSION, "items": ["state", "meta", "format"],
@@ -523,8 +528,8 @@ def _key_dtype(impl: str):
 def _default_sharding() -> jax.sharding.Sharding:
     device = jax.config.jax_default_device
     if isinstance(device, str):
-        device = jax.devices(device)[0]
-    return jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+        device = jax.local_devices(backend=device)[0]
+    return jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])  # this process's own device
 
 
 def _describe(shape, dtype) -> str:

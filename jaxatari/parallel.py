@@ -26,9 +26,21 @@ the default (``--devices 1``, ``--num-agents 1``) keeps the old code path and
 its numbers bit for bit; ``--devices N`` > 1 takes the sharded path, and the
 sharded path on one device (``sharded=True``) is what it is compared against.
 
+Recurrent policies carry their state split along envs like the env state;
+their minibatches take whole envs (:func:`env_minibatches`, blocks of
+``num_minibatches`` envs permuted per block), again device-invariant.
+
 Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize``
 (CPU collectives via gloo); each process builds the pools of its local devices,
-and the mesh spans every process's devices.
+and the mesh spans every process's devices. Each process logs the actions of
+its own envs.
+
+Any topology: every field of a training state has the same global shape on
+any number of devices and processes except the per-device windows of recent
+returns, so :func:`restore_latest_any_topology` resumes a checkpoint on another
+topology (re-laying those windows with :func:`merge_windows`) and
+:func:`jaxatari.runner.restore_env` replays the global action log into the envs
+each process now owns.
 
 Populations (``--num-agents K``): the update of the single-device path is
 vmapped over a leading agent axis, the env step is taken out of the vmap and
@@ -43,8 +55,8 @@ envs like the env state, and its minibatches are stratified by env.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -106,6 +118,47 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     return True
 
 
+def launch_local(argv: Sequence[str], processes: int, log_dir, *, env: dict[str, str] | None = None,
+                 cwd=None, timeout: float | None = None) -> list[tuple[int, str, str]]:
+    """Run ``python argv...`` as ``processes`` processes of one ``jax.distributed``
+    job on this machine (coordinator on a free localhost port, passed in the
+    ``JAXATARI_*`` variables) and wait for all of them; for trying a multi-host
+    run on one machine, tests and benchmarks.
+
+    Output goes to ``log_dir/p<I>.out`` and ``.err``, not pipes: a process
+    blocked on a full pipe would stall the others at the next collective.
+    Processes still running at ``timeout`` are killed. Returns
+    ``(returncode, stdout, stderr)`` per process.
+    """
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, logs = [], []
+    for i in range(processes):
+        logs.append((log_dir / f"p{i}.out", log_dir / f"p{i}.err"))
+        with open(logs[-1][0], "w") as fo, open(logs[-1][1], "w") as fe:
+            procs.append(subprocess.Popen(
+                [sys.executable, *argv], cwd=cwd, stdout=fo, stderr=fe,
+                env=dict(os.environ if env is None else env, JAXATARI_COORDINATOR=f"127.0.0.1:{port}",
+                         JAXATARI_NUM_PROCESSES=str(processes), JAXATARI_PROCESS_ID=str(i))))
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
+
+
 def is_main_process() -> bool:
     """True on process 0 (the one that logs and prints)."""
     return jax.process_index() == 0
@@ -164,7 +217,9 @@ def shard_local(mesh: Mesh, tree):
 def place(tree, like):
     """Put the (host or single-device) leaves of ``tree`` with the shardings of ``like``'s leaves."""
     def one(x, ref):
-        x = np.asarray(jax.device_get(x))
+        if isinstance(x, jax.Array) and x.sharding == ref.sharding:
+            return x
+        x = fetch(x)
         return jax.make_array_from_callback(x.shape, ref.sharding, lambda idx: x[idx])
 
     return jax.tree.map(one, tree, like)
@@ -287,6 +342,93 @@ def sharded_env_state(mesh: Mesh, obs_local: np.ndarray, devices_per_process: in
                                                  count=g["count"]))
 
 
+# ---------------------------------------------------------------------------
+# Checkpoints on any topology
+# ---------------------------------------------------------------------------
+
+
+def stored_layout(stored: dict[str, Any]) -> tuple[int, int]:
+    """``(windows, processes)`` of the run that wrote ``stored`` (its config.json):
+    ``windows`` is the number of per-device episode windows in its env state (0:
+    the plain single-device path, one unsplit window), ``processes`` the number of
+    processes whose action logs it wrote."""
+    so = stored.get("scale_out") or {}
+    if not so or so.get("num_agents", 1) > 1:
+        return 0, 1
+    return int(so.get("devices", 1)), int(so.get("processes", 1))
+
+
+def _layout(stats: envs.EpisodeStats) -> int:
+    return 0 if np.ndim(stats.count) == 0 else int(np.shape(stats.count)[0])
+
+
+def merge_windows(window: np.ndarray, count: np.ndarray, windows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-lay per-device rings of recent returns for another device count.
+
+    ``window [max(n,1) * W]`` and ``count`` (``[n]``, or a scalar for ``n = 0``)
+    are ``n`` rings of ``W`` returns; the result has ``windows`` rings (0: one
+    unsplit ring and a scalar count). The newest returns of every old ring are
+    dealt round-robin into the new rings (the newest kept when they do not all
+    fit), so the mean over the windows, the logged ``return_mean100``, is kept.
+    """
+    count = np.atleast_1d(np.asarray(count))
+    old = count.shape[0]
+    W = window.shape[0] // old
+    rings = window.reshape(old, W)
+    newest_first = []
+    for ring, n in zip(rings, count):
+        n = int(n)
+        ordered = ring[:n] if n < W else np.roll(ring, -(n % W))  # oldest -> newest
+        newest_first.append(ordered[::-1])
+    merged = [r[i] for i in range(W) for r in newest_first if i < len(r)]  # newest first, interleaved
+    k = max(windows, 1)
+    out = np.full((k, W), np.nan, np.float32)
+    new_count = np.zeros((k,), np.int32)
+    for j in range(k):
+        mine = merged[j::k][:W][::-1]  # oldest -> newest
+        out[j, :len(mine)] = mine
+        new_count[j] = len(mine)
+    return out.reshape(-1), (new_count if windows else new_count[0])
+
+
+def restore_latest_any_topology(ckpt, target, stored: dict[str, Any]):
+    """``ckpt.restore_latest`` into ``target``'s layout, whatever topology wrote it.
+
+    ``target`` is a training state (arrays, with their shardings) built for this
+    run: on any number of devices and processes, or the plain path. Every field
+    has the same global shape on every topology except the per-device windows of
+    recent episode returns (``target.env.stats``), which are restored as stored
+    and re-laid with :func:`merge_windows`. Returns the ``Restored`` with its
+    ``state`` placed with ``target``'s shardings.
+    """
+    old, _ = stored_layout(stored)
+    population = (stored.get("scale_out") or {}).get("num_agents", 1) > 1  # agents x envs: one fixed layout
+    new = old if population else _layout(target.env.stats)
+
+    def spec(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    abstract = jax.tree.map(spec, target)
+    stats = target.env.stats
+    if old != new:
+        W = stats.window.shape[0] // max(new, 1)
+        sh = stats.window.sharding
+        rep = NamedSharding(sh.mesh, P()) if isinstance(sh, NamedSharding) else sh
+        abstract = abstract.replace(env=abstract.env.replace(stats=abstract.env.stats.replace(
+            window=jax.ShapeDtypeStruct((max(old, 1) * W,), stats.window.dtype, sharding=rep),
+            count=jax.ShapeDtypeStruct((old,) if old else (), stats.count.dtype, sharding=rep))))
+        log.warning("Resuming a checkpoint written with %s on %s: the windows of recent episode returns are "
+                    "re-laid for the new device count.", f"{old} device window(s)" if old else "the plain path",
+                    f"{new} device(s)" if new else "the plain path")
+    restored = ckpt.restore_latest(abstract)
+    state = restored.state
+    if old != new:
+        w, n = merge_windows(np.asarray(fetch(state.env.stats.window)), np.asarray(fetch(state.env.stats.count)),
+                             new)
+        state = state.replace(env=state.env.replace(stats=state.env.stats.replace(window=w, count=n)))
+    return restored._replace(state=place(state, target))
+
+
 def env_state_in(env: envs.EnvState) -> envs.EnvState:
     """Inside ``shard_map``: the per-device count ``[1]`` becomes a scalar."""
     return env.replace(stats=env.stats.replace(count=env.stats.count[0]))
@@ -362,6 +504,28 @@ def time_minibatches(batch, key: jax.Array, num_minibatches: int, global_env: ja
         return x.reshape(num_minibatches, -1, *x.shape[3:])
 
     return jax.tree.map(one, batch)
+
+
+def env_minibatches(batch, carry0, key: jax.Array, num_minibatches: int, global_env: jax.Array):
+    """Device-invariant env-split minibatches for a recurrent policy.
+
+    Sequences stay whole: a minibatch is a set of envs. The envs form blocks of
+    ``M = num_minibatches`` consecutive global indices; block ``g`` permutes its
+    ``M`` envs with ``fold_in(key, g)`` and minibatch ``m`` takes the ``m``-th env
+    of every block. A device's ``B/N`` envs must be whole blocks (``B/N``
+    divisible by ``M``), so which envs form a minibatch depends only on the key.
+
+    ``batch`` leaves ``[T, B/N, ...]`` -> ``[M, T, B/(N M), ...]``; ``carry0``
+    leaves ``[B/N, ...]`` -> ``[M, B/(N M), ...]``.
+    """
+    M = num_minibatches
+    Bn = global_env.shape[0]
+    blocks = global_env[::M] // M  # [Bn/M] global block ids of this device's blocks
+    perms = jax.vmap(lambda g: jax.random.permutation(jax.random.fold_in(key, g), M))(blocks)  # [Bn/M, M]
+    idx = (jnp.arange(Bn // M)[:, None] * M + perms).T  # [M, Bn/M] local env indices
+
+    data = jax.tree.map(lambda x: jnp.moveaxis(jnp.take(x, idx, axis=1), 1, 0), batch)
+    return data, jax.tree.map(lambda x: jnp.take(x, idx, axis=0), carry0)
 
 
 # ---------------------------------------------------------------------------
@@ -444,11 +608,22 @@ def setup(c) -> tuple[Any, int, bool]:
         n = resolve_devices(c.devices, c.num_envs if jax.process_count() == 1 else
                             c.num_envs // max(jax.process_count(), 1))
     c = dataclasses.replace(c, devices=n)
+    c = dataclasses.replace(c, sharded=resume_sharded(c))
     scaled = n > 1 or c.sharded or c.num_agents > 1 or bool(c.sweep) or jax.process_count() > 1
-    if scaled and c.eval_every:
-        raise ParallelError(f"--eval-every {c.eval_every} is not supported with several devices, processes or "
-                            "agents yet; evaluate the saved checkpoints with scripts/evaluate.py instead.")
     return c, n, scaled
+
+
+def resume_sharded(c) -> bool:
+    """``--sharded`` for a run that resumes one written on the data-parallel path
+    (several devices or processes): it continues on that path (its minibatching
+    differs from the plain path's) on whatever devices this run has."""
+    if not c.resume or c.sharded or c.num_agents > 1 or c.sweep:
+        return c.sharded
+    windows, processes = stored_layout(runner.load_run_config(c.resume))
+    if windows and is_main_process():
+        print(f"Resuming a data-parallel run ({windows} device(s) on {processes} process(es)) on "
+              f"{c.devices} device(s) x {jax.process_count()} process(es).", flush=True)
+    return windows > 0
 
 
 def train(mod, c, devices_per_process: int) -> runner.RunResult:
@@ -457,7 +632,7 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
     from pathlib import Path
 
     from jaxatari.checkpoint import Checkpointer
-    from jaxatari.networks import ActorCritic
+    from jaxatari.networks import ActorCritic, initial_carry
 
     algo = mod.ALGO
     population = c.num_agents > 1 or bool(c.sweep)
@@ -483,7 +658,7 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
         states = [mod.init(ck, spec, net_spec, mod.make_optimizer(ck, sched.num_updates), obs[k],
                            jax.random.PRNGKey(ck.seed)) for k, ck in enumerate(agents)]
         state = jax.tree.map(lambda *x: jnp.stack(x), *states)
-        group, local_B, total_B = env, K * c.num_envs, K * c.num_envs
+        group, total_B = env, K * c.num_envs
         handle, step_fn, backend = envs.make_step_fn(env, dataclasses.replace(spec, num_envs=total_B),
                                                      c.env_backend)
         chunk_fn = mod.make_chunk_population(c, net, population_step_fn(step_fn, K), net_spec.recurrent,
@@ -491,10 +666,12 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
         env_obs = lambda s: np.asarray(s.env.obs).reshape(total_B, *spec.obs_shape)  # noqa: E731
         env_steps = lambda s: int(np.asarray(s.update)[0]) * c.batch_size  # noqa: E731
     else:
-        if c.network == "cfc":
-            raise ParallelError("--network cfc is not supported with several devices (--devices > 1 or "
-                                "--sharded): its minibatches split along envs; use --devices 1.")
-        if algo == "ppo" and c.num_steps % c.num_minibatches:
+        n_dev = devices_per_process * jax.process_count()
+        if algo == "ppo" and c.network == "cfc" and (c.num_envs // n_dev) % c.num_minibatches:
+            raise ParallelError(f"--num-envs {c.num_envs} on {n_dev} device(s) gives {c.num_envs // n_dev} envs per "
+                                f"device, not divisible by --num-minibatches {c.num_minibatches}; a recurrent "
+                                "policy's minibatches take whole envs from every device.")
+        if algo == "ppo" and c.network != "cfc" and c.num_steps % c.num_minibatches:
             raise ParallelError(f"--num-steps {c.num_steps} is not divisible by --num-minibatches "
                                 f"{c.num_minibatches}; with several devices minibatches split along time.")
         senv = make_sharded_envs(c.env, c.num_envs, seed=c.seed, devices_per_process=devices_per_process,
@@ -508,9 +685,10 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
         s0 = mod.init(c, spec, net_spec, optimizer, local_obs[:1], jax.random.PRNGKey(c.seed))
         state = s0.replace(params=replicate(senv.mesh, s0.params), opt_state=replicate(senv.mesh, s0.opt_state),
                            key=replicate(senv.mesh, s0.key), update=replicate(senv.mesh, s0.update),
-                           env=sharded_env_state(senv.mesh, local_obs, devices_per_process), carry=())
+                           env=sharded_env_state(senv.mesh, local_obs, devices_per_process),
+                           carry=shard_local(senv.mesh, initial_carry(net_spec, local_obs.shape[0])))
         handle = senv.handle
-        local_B, total_B = local_obs.shape[0], c.num_envs
+        total_B = c.num_envs
         chunk_fn = mod.make_chunk_sharded(c, net, optimizer, senv, state, sched.updates_per_chunk,
                                           sched.num_updates)
         env_obs = lambda s: fetch(s.env.obs)  # noqa: E731
@@ -520,23 +698,22 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
         start_chunk = 0
         meta: dict[str, Any] = {}
         if c.resume:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            restored = ckpt.restore_latest(abstract)
-            state, meta = place(restored.state, abstract), dict(restored.meta or {})
+            restored = restore_latest_any_topology(ckpt, state, stored)
+            state, meta = restored.state, dict(restored.meta or {})
             done_updates = env_steps(state) // c.batch_size
             if done_updates % sched.updates_per_chunk:
                 raise runner.ConfigError(f"Checkpoint at update {done_updates} is not on a chunk boundary.")
             start_chunk = done_updates // sched.updates_per_chunk
-            if jax.process_count() == 1:
-                runner.restore_env(group, run_dir, done_updates * c.num_steps, env_obs(state), local_B)
-            else:
-                log.warning("Multi-process resume continues with freshly reset envs (not exact).")
+            runner.restore_env(group, run_dir, done_updates * c.num_steps, env_obs(state), total_B,
+                               logged_processes=stored_layout(stored)[1], process_index=jax.process_index(),
+                               process_count=jax.process_count())
             if main:
                 print(f"Resumed {run_dir} at env step {done_updates * c.batch_size:,}.", flush=True)
         if main:
             runner.write_config(run_dir, dict(
                 runner.config_to_json(c), algo=algo, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
                 schedule=dataclasses.asdict(sched), env_backend_used=backend, versions=runner.versions(),
+                coordinator=None, num_processes=None, process_id=None,  # a resume may use another topology
                 scale_out=dict(devices_per_process=devices_per_process, processes=jax.process_count(),
                                devices=devices_per_process * jax.process_count(), num_agents=K,
                                sweep=dict(name=name, values=values) if name else None),
@@ -546,16 +723,35 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
                     f" on {jax.process_count()} process(es)")
             print(f"{algo.upper()} on {c.env} | {mode} x {c.num_steps} steps | network {net_spec.torso}{'+cfc' if net_spec.recurrent else ''} | "
                   f"env backend {backend} | {jax.default_backend()} | run dir {run_dir}", flush=True)
+        eval_fn = None
+        if c.eval_every:
+            from jaxatari.evaluate import actor_critic_eval_fn
+
+            def scorer(seed):  # the lone run's evaluation: env seeds from seed + 100_000
+                return actor_critic_eval_fn(net, net_spec, env_id=c.env, preset=c.preset, options=env_options,
+                                            episodes=c.eval_episodes, seed=seed + 100_000)
+
+            if population:
+                eval_fn = functools.partial(evaluate_agents, [scorer(s) for s in seeds])
+            else:
+                one = scorer(c.seed)
+                eval_fn = lambda params: one(jax.tree.map(fetch, params))  # noqa: E731
         result = runner.run(
             run_dir=run_dir, state=state, handle=handle, chunk_fn=chunk_fn, schedule=sched,
             start_chunk=start_chunk, num_envs=total_B, env_steps=env_steps, policy_of=lambda s: s.params,
             checkpointer=ckpt, checkpoint_every=c.checkpoint_every, metric_columns=mod.METRIC_COLUMNS,
-            meta=meta, tensorboard=c.tensorboard, resume_command=f"python scripts/{algo}.py --resume {run_dir}",
-            num_agents=K, is_main=main, log_actions=jax.process_count() == 1, fetch=fetch,
+            eval_fn=eval_fn, eval_every=c.eval_every, meta=meta, tensorboard=c.tensorboard,
+            resume_command=f"python scripts/{algo}.py --resume {run_dir}", num_agents=K, is_main=main, fetch=fetch,
         )
     if population and main:
         save_agents(run_dir, result.state, c, agents, algo, spec, net_spec, sched, result.global_step)
     return result
+
+
+def evaluate_agents(scorers: Sequence[Callable[[Any], float]], params) -> np.ndarray:
+    """``[K]`` scores: agent ``k``'s slice of the stacked ``params`` scored by ``scorers[k]``
+    (the evaluation agent ``k``'s lone run would make)."""
+    return np.array([score(jax.tree.map(lambda x: np.asarray(x)[k], params)) for k, score in enumerate(scorers)])
 
 
 def save_agents(run_dir, state, c, agents, algo, spec, net_spec, sched, step: int) -> None:

@@ -196,11 +196,17 @@ def abstract(tree):
 # ---------------------------------------------------------------------------
 
 
-class ActionLog:
-    """Append-only ``RUN_DIR/actions.u8``: one row of ``num_envs`` uint8 actions per env step."""
+def action_log_name(process_index: int = 0, process_count: int = 1) -> str:
+    """The action log of one process: ``actions.u8`` for a one-process run,
+    ``actions.p<I>of<P>.u8`` (process ``I``'s columns of the global env batch) otherwise."""
+    return "actions.u8" if process_count == 1 else f"actions.p{process_index}of{process_count}.u8"
 
-    def __init__(self, run_dir: Path, num_envs: int):
-        self.path = Path(run_dir) / "actions.u8"
+
+class ActionLog:
+    """Append-only ``RUN_DIR/<name>``: one row of ``num_envs`` uint8 actions per env step."""
+
+    def __init__(self, run_dir: Path, num_envs: int, name: str = "actions.u8"):
+        self.path = Path(run_dir) / name
         self.num_envs = num_envs
 
     def rows(self) -> int:
@@ -222,6 +228,31 @@ class ActionLog:
         data = np.fromfile(self.path, dtype=np.uint8, count=rows * self.num_envs)
         return data.reshape(rows, self.num_envs)
 
+    def rewrite(self, actions: np.ndarray) -> None:
+        """Replace the whole log with ``actions [S, num_envs]`` (atomically)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(np.asarray(actions, np.uint8).reshape(-1, self.num_envs).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def read_global_actions(run_dir: Path, rows: int, num_envs: int, processes: int = 1) -> np.ndarray | None:
+    """The first ``rows`` rows ``[rows, num_envs]`` of the global action log that
+    ``processes`` processes wrote (process ``p`` owns the ``p``-th contiguous block
+    of ``num_envs / processes`` columns), or None if a log is missing or short."""
+    per = num_envs // processes
+    parts = []
+    for p in range(processes):
+        alog = ActionLog(run_dir, per, action_log_name(p, processes))
+        if alog.rows() < rows:
+            log.warning("Resume is not exact: %s holds %d of the %d env steps to replay; continuing with "
+                        "freshly reset envs.", alog.path, alog.rows(), rows)
+            return None
+        parts.append(alog.read(rows))
+    return np.concatenate(parts, axis=1)
+
 
 def replay_actions(env, actions: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
     """Step ``env`` (already reset) through ``actions [S, B]``; return the last obs."""
@@ -232,24 +263,35 @@ def replay_actions(env, actions: np.ndarray, *, chunk: int = 4096) -> np.ndarray
     return obs
 
 
-def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.ndarray, num_envs: int) -> bool:
-    """Replay the logged actions so the envs match the checkpoint. True if exact."""
-    alog = ActionLog(run_dir, num_envs)
-    have = alog.rows()
-    if have < env_steps_per_env:
-        log.warning(
-            "Resume is not exact: %s holds %d of the %d env steps to replay; continuing with "
-            "freshly reset envs.", alog.path, have, env_steps_per_env,
-        )
+def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.ndarray, num_envs: int, *,
+                logged_processes: int = 1, process_index: int = 0, process_count: int = 1) -> bool:
+    """Replay the logged actions so the envs match the checkpoint. True if exact.
+
+    ``env`` holds this process's envs (columns ``process_index`` of
+    ``process_count`` equal blocks of the ``num_envs`` global envs) and
+    ``expected_obs`` their checkpointed observations. The log may have been
+    written by another number of processes (``logged_processes``): it is read
+    whole and rewritten in this run's layout, so a run resumes on any topology.
+    """
+    actions = read_global_actions(run_dir, env_steps_per_env, num_envs, logged_processes)
+    if actions is None:
         return False
+    per = num_envs // process_count
+    mine = actions[:, process_index * per:(process_index + 1) * per]
+    exact = True
     if env_steps_per_env:
-        print(f"Replaying {env_steps_per_env * num_envs:,} env steps to restore the emulators ...", flush=True)
-        obs = replay_actions(env, alog.read(env_steps_per_env))
+        if process_index == 0:
+            print(f"Replaying {env_steps_per_env * num_envs:,} env steps to restore the emulators ...", flush=True)
+        obs = replay_actions(env, mine)
         if not np.array_equal(np.asarray(obs), np.asarray(expected_obs)):
             log.warning("Replayed observations differ from the checkpoint; resume is not exact.")
-            return False
-    alog.truncate(env_steps_per_env)
-    return True
+            exact = False
+    alog = ActionLog(run_dir, per, action_log_name(process_index, process_count))
+    if logged_processes == process_count:
+        alog.truncate(env_steps_per_env)
+    else:
+        alog.rewrite(mine)
+    return exact
 
 
 def resume_training(ckpt, state, *, run_dir: Path, env, schedule: Schedule, num_envs: int, num_steps: int):
@@ -427,9 +469,13 @@ def run(
     ``num_agents`` > 1 means the metrics are ``[U, K]`` (``update`` and
     ``env_steps`` ``[U]``) and ``metrics.csv`` gets an ``agent`` column, one
     row per update and agent; progress and the best score use the agents' mean.
-    ``is_main`` False (processes other than 0) writes no metrics, prints no
-    progress and writes no action log; ``log_actions`` False skips the action
-    log; ``fetch`` brings a device array to the host (default ``jax.device_get``).
+    ``is_main`` False (processes other than 0) writes no metrics and prints no
+    progress; every process logs the actions of its own envs
+    (:func:`action_log_name`); ``log_actions`` False skips the action log;
+    ``fetch`` brings a device array to the host (default ``jax.device_get``).
+    ``eval_fn`` returns a float, or ``[num_agents]`` floats for a population
+    (each agent's row gets its own ``eval_return``; "best" uses their mean); with
+    several processes only process 0 evaluates and the score is broadcast.
     """
     fetch = fetch or jax.device_get
     population = num_agents > 1
@@ -439,8 +485,8 @@ def run(
     if population:
         columns.insert(columns.index("update") + 1, "agent")
     writer = MetricsWriter(run_dir, columns, tensorboard=tensorboard and not population) if is_main else _NoWriter()
-    log_actions = log_actions and is_main
-    alog = ActionLog(run_dir, num_envs)
+    processes = jax.process_count()
+    alog = ActionLog(run_dir, num_envs // processes, action_log_name(jax.process_index(), processes))
     meta = dict(meta or {})
 
     step0 = int(env_steps(state))
@@ -458,7 +504,6 @@ def run(
     prev_wall = float(meta.get("wall_time", 0.0))
     last_ckpt = step0
     last_eval = step0
-    best_score = -math.inf
     mean100 = math.nan
     status = "done"
     sps = 0.0
@@ -508,18 +553,22 @@ def run(
                     mean100 = float(np.nanmean(last)) if np.isfinite(last).any() else math.nan
                 else:
                     mean100 = float(metrics["return_mean100"][-1])
-                score, eval_score = mean100, None
+                score, eval_score, eval_scores = mean100, None, None
                 if eval_fn is not None and eval_every:
                     if global_step - last_eval >= eval_every or chunk == schedule.num_chunks - 1:
                         last_eval = global_step
-                        eval_score = float(eval_fn(policy_of(state)))
+                        eval_scores = _evaluate(eval_fn, policy_of(state), is_main, num_agents)
+                        eval_score = float(np.nanmean(eval_scores))
                         meta["eval_return"] = eval_score
-                        progress.note(f"eval return {eval_score:.1f} at step {global_step:,}")
+                        progress.note(f"eval return {eval_score:.1f} at step {global_step:,}" +
+                                      (f" (agents: {', '.join(f'{x:.1f}' for x in eval_scores)})"
+                                       if population else ""))
                     score = float(meta.get("eval_return", math.nan))
                 wall = prev_wall + time.perf_counter() - wall0
                 n = len(finite)
                 if population:
-                    _write_population_rows(writer, columns, metrics, n, num_agents, wall, sps, eval_score)
+                    _write_population_rows(writer, columns, metrics, n, num_agents, wall, sps,
+                                           eval_scores if eval_score is not None else None)
                 for i in range(n if not population else 0):
                     count = int(metrics["episode_count"][i])
                     m100 = float(metrics["return_mean100"][i])
@@ -572,8 +621,21 @@ def run(
     return RunResult(state, status, global_step, mean100, compile_s, sps)
 
 
-def _write_population_rows(writer, columns, metrics, n, num_agents, wall, sps, eval_score):
-    """One ``metrics.csv`` row per update and agent (the ``agent`` column)."""
+def _evaluate(eval_fn, policy, is_main: bool, num_agents: int) -> np.ndarray:
+    """``eval_fn(policy)`` as ``[num_agents]`` floats (a population's ``eval_fn``
+    returns one score per agent). With several processes, process 0 evaluates and
+    broadcasts its scores, so that every process takes the same checkpoint decisions."""
+    if jax.process_count() == 1:
+        return np.asarray(eval_fn(policy), np.float64).reshape(num_agents)
+    from jax.experimental import multihost_utils
+
+    scores = np.asarray(eval_fn(policy) if is_main else np.zeros(num_agents), np.float32).reshape(num_agents)
+    return np.asarray(multihost_utils.broadcast_one_to_all(scores), np.float64)
+
+
+def _write_population_rows(writer, columns, metrics, n, num_agents, wall, sps, eval_scores):
+    """One ``metrics.csv`` row per update and agent (the ``agent`` column);
+    ``eval_scores [K]`` (or None) go on each agent's last row of the chunk."""
     for i in range(n):
         for k in range(num_agents):
             count = int(metrics["episode_count"][i][k])
@@ -588,7 +650,7 @@ def _write_population_rows(writer, columns, metrics, n, num_agents, wall, sps, e
                 "episode_length": float(metrics["episode_length_sum"][i][k]) / count if count else None,
                 "episodes": count,
                 "return_mean100": None if math.isnan(m100) else m100,
-                "eval_return": eval_score if i == n - 1 and k == 0 else None,
+                "eval_return": float(eval_scores[k]) if eval_scores is not None and i == n - 1 else None,
             }
             for c in columns:
                 if c not in row and c in metrics:

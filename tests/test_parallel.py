@@ -9,7 +9,6 @@ before JAX starts, so every training here runs in a subprocess
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,22 +98,24 @@ def test_ppo_default_devices_is_all_local_devices(tmp, ppo_one):
     assert_close(default, ppo_one)
 
 
+def test_recurrent_ppo_two_devices_match_one_device(tmp):
+    """--network cfc: the recurrent state is split along envs with the env
+    batch; minibatches take whole envs from every device; periodic evaluation
+    runs on the replicated params."""
+    args = ["--env", "CartPole-v1", "--network", "cfc", "--num-envs", "8", "--num-steps", "16",
+            "--num-minibatches", "2", "--total-timesteps", "512", "--no-tensorboard"]
+    one = train(tmp, "cfc_one", "ppo", *args, "--devices", "1", "--sharded", devices=2)
+    two = train(tmp, "cfc_two", "ppo", *args, "--devices", "2", "--eval-every", "256", "--eval-episodes", "2",
+                devices=2)
+    assert_close(two, one)
+    assert load_policy(tmp / "cfc_two" / "checkpoints" / "latest").recurrent
+    assert rows(tmp / "cfc_two")[-1]["eval_return"]
+
+
 def test_a2c_two_devices_match_one_device(tmp):
     one = train(tmp, "a2c_one", "a2c", *A2C, "--devices", "1", "--sharded", devices=2)
     two = train(tmp, "a2c_two", "a2c", *A2C, "--devices", "2", devices=2)
     assert_close(two, one)
-
-
-def test_sharded_resume_is_exact(tmp, ppo_one):
-    """Half the run, then --resume to the full length: same params as one go
-    (constant learning rate: the annealing depends on the total length)."""
-    args = [*PPO[:2], *PPO[4:], "--chunk-steps", "512", "--devices", "2", "--no-anneal-lr"]
-    full = train(tmp, "ppo_full", "ppo", *args, "--total-timesteps", "1024", devices=2)
-    train(tmp, "ppo_half", "ppo", *args, "--total-timesteps", "512", devices=2)
-    resumed = train(tmp, "ppo_half", "ppo", "--resume", str(tmp / "ppo_half"), "--total-timesteps", "1024",
-                    devices=2)
-    for x, y in zip(full, resumed):
-        np.testing.assert_array_equal(x, y)
 
 
 # ---------------------------------------------------------------------------
@@ -122,42 +123,102 @@ def test_sharded_resume_is_exact(tmp, ppo_one):
 # ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch(tmp, name, algo, *args, processes=2, devices=1, timeout=400):
+    """Run the worker as ``processes`` processes on localhost (``jax.distributed``,
+    gloo); return each process's stdout and params leaves."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    done = parallel.launch_local([WORKER, algo, str(tmp / f"{name}.npz"), *args], processes, tmp / f"{name}.logs",
+                                 env=env, cwd=ROOT, timeout=timeout)
+    for rc, out, err in done:
+        assert rc == 0, out[-2000:] + err[-3000:]
+    return [out for _, out, _ in done], [leaves(tmp / f"{name}.{i}.npz") for i in range(processes)]
 
 
 def test_two_processes_end_with_identical_params(tmp, ppo_one):
-    port = free_port()
     run_dir = tmp / "multi"
-    procs = []
-    for i in range(2):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                   JAXATARI_COORDINATOR=f"127.0.0.1:{port}", JAXATARI_NUM_PROCESSES="2",
-                   JAXATARI_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, WORKER, "ppo", str(tmp / "multi.npz"), *PPO,
-                                       "--run-dir", str(run_dir)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0, o[-2000:] + e[-3000:]
-    assert "DONE 0 2 2" in outs[0][0] and "DONE 1 2 2" in outs[1][0]
-    p0, p1 = leaves(tmp / "multi.0.npz"), leaves(tmp / "multi.1.npz")
+    outs, (p0, p1) = launch(tmp, "multi", "ppo", *PPO, "--run-dir", str(run_dir))
+    assert "DONE 0 2 2" in outs[0] and "DONE 1 2 2" in outs[1]
     for x, y in zip(p0, p1):
         np.testing.assert_array_equal(x, y)
     assert_close(p0, ppo_one)  # 2 processes x 1 device == 1 device, same global batch
-    assert "Compiled" in outs[0][0] and "Compiled" not in outs[1][0]  # only process 0 logs
+    assert "Compiled" in outs[0] and "Compiled" not in outs[1]  # only process 0 logs
     assert int(rows(run_dir)[-1]["global_step"]) == 1024
     pol = load_policy(run_dir / "checkpoints" / "latest")  # written once, restores on one device
     assert_close([np.asarray(x) for x in jax.tree.leaves(pol.params)], p0)
+    # each process logs the actions of its own envs (exact resume)
+    assert sorted(f.name for f in run_dir.glob("actions*")) == ["actions.p0of2.u8", "actions.p1of2.u8"]
+
+
+# ---------------------------------------------------------------------------
+# Resume on any topology
+# ---------------------------------------------------------------------------
+
+HALF = [*PPO[:2], *PPO[4:], "--chunk-steps", "512", "--no-anneal-lr"]
+
+
+@pytest.fixture(scope="module")
+def full_on_two_devices(tmp):
+    return train(tmp, "ppo_full", "ppo", *HALF, "--devices", "2", "--total-timesteps", "1024", devices=2)
+
+
+def test_sharded_resume_is_exact(tmp, full_on_two_devices):
+    """Half the run, then --resume to the full length: same params as one go
+    (constant learning rate: the annealing depends on the total length)."""
+    train(tmp, "ppo_half", "ppo", *HALF, "--devices", "2", "--total-timesteps", "512", devices=2)
+    resumed = train(tmp, "ppo_half", "ppo", "--resume", str(tmp / "ppo_half"), "--total-timesteps", "1024",
+                    devices=2)
+    for x, y in zip(full_on_two_devices, resumed):
+        np.testing.assert_array_equal(x, y)
+
+
+def strip(rs, drop=("wall_time", "sps")):
+    return [{k: v for k, v in r.items() if k not in drop} for r in rs]
+
+
+def test_resume_on_fewer_devices_continues_the_same_run(tmp, full_on_two_devices):
+    """Written on 2 devices, resumed on 1: the run stays on the data-parallel
+    path, the emulators are replayed, the return windows re-laid; params and
+    metrics follow the uninterrupted 2-device run to float tolerance."""
+    train(tmp, "topo", "ppo", *HALF, "--devices", "2", "--total-timesteps", "512", devices=2)
+    resumed = train(tmp, "topo", "ppo", "--resume", str(tmp / "topo"), "--devices", "1",
+                    "--total-timesteps", "1024", devices=2)
+    assert_close(resumed, full_on_two_devices)
+    cfg = json.loads((tmp / "topo" / "config.json").read_text())
+    assert cfg["sharded"] and cfg["scale_out"]["devices"] == 1
+    got, want = rows(tmp / "topo"), rows(tmp / "ppo_full")
+    assert [(r["global_step"], r["episodes"], r["return_mean100"]) for r in got] == \
+           [(r["global_step"], r["episodes"], r["return_mean100"]) for r in want]
+
+
+def test_plain_run_resumes_on_two_devices(tmp):
+    train(tmp, "plain", "ppo", *HALF, "--total-timesteps", "512", devices=2)
+    train(tmp, "plain", "ppo", "--resume", str(tmp / "plain"), "--devices", "2", "--total-timesteps", "1024",
+          devices=2)
+    got = rows(tmp / "plain")
+    assert int(got[-1]["global_step"]) == 1024 and got[-1]["return_mean100"]
+    assert json.loads((tmp / "plain" / "config.json").read_text())["scale_out"]["devices"] == 2
+
+
+def test_two_process_run_resumes_exactly_on_any_topology(tmp, full_on_two_devices):
+    """Half on 2 processes, then resumed (a) on 2 processes and (b) in one
+    process on 2 devices: both replay the per-process action logs and end where
+    the uninterrupted run ends; --eval-every works across processes."""
+    import shutil
+
+    args = [*HALF, "--eval-every", "512", "--eval-episodes", "2"]
+    launch(tmp, "mp_half", "ppo", *args, "--total-timesteps", "512", "--run-dir", str(tmp / "mp"))
+    shutil.copytree(tmp / "mp", tmp / "mp_single")
+    outs, (p0, p1) = launch(tmp, "mp_resumed", "ppo", "--resume", str(tmp / "mp"), "--total-timesteps", "1024")
+    assert "Replaying" in outs[0] and "not exact" not in outs[0] + outs[1]
+    for x, y in zip(p0, p1):
+        np.testing.assert_array_equal(x, y)
+    assert_close(p0, full_on_two_devices)
+    single = train(tmp, "mp_single", "ppo", "--resume", str(tmp / "mp_single"), "--devices", "2",
+                   "--total-timesteps", "1024", devices=2)
+    assert_close(single, full_on_two_devices)
+    assert (tmp / "mp_single" / "actions.u8").stat().st_size == 1024  # the logs re-written for one process
+    evals = [r["eval_return"] for r in rows(tmp / "mp") if r["eval_return"]]
+    assert len(evals) == 2 and all(float(x) > 0 for x in evals)
 
 
 # ---------------------------------------------------------------------------
@@ -167,9 +228,10 @@ def test_two_processes_end_with_identical_params(tmp, ppo_one):
 
 def test_ppo_population_matches_agents_trained_alone(tmp):
     pop = tmp / "pop"
-    train(tmp, "pop", "ppo", *PPO, "--seed", "3", "--num-agents", "2")
+    train(tmp, "pop", "ppo", *PPO, "--seed", "3", "--num-agents", "2", "--eval-every", "1024", "--eval-episodes", "2")
     got = rows(pop)
     assert [r["agent"] for r in got[:2]] == ["0", "1"] and len(got) == 2 * 8
+    assert all(r["eval_return"] for r in got[-2:]) and not any(r["eval_return"] for r in got[:-2])  # per agent
     for k in range(2):
         alone = train(tmp, f"alone{k}", "ppo", *PPO, "--seed", str(3 + k))
         agent = load_policy(pop / "agents" / str(k))
@@ -223,7 +285,8 @@ def test_script_rejects_uneven_split_before_compiling(tmp):
     r = subprocess.run([sys.executable, "scripts/ppo.py", *PPO, "--network", "cfc", "--devices", "2",
                         "--run-dir", str(tmp / "bad2")], cwd=ROOT, capture_output=True, text=True, env=env,
                        timeout=300)
-    assert r.returncode == 2 and "--network cfc" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "2 envs per device, not divisible by --num-minibatches 4" in r.stderr
 
 
 def test_recurrent_population_matches_agent_trained_alone(tmp):
@@ -244,7 +307,5 @@ def test_population_resume_is_exact(tmp):
     resumed = train(tmp, "pop_half", "ppo", "--resume", str(tmp / "pop_half"), "--total-timesteps", "1024")
     for x, y in zip(full, resumed):
         np.testing.assert_array_equal(x, y)
-    drop = ("wall_time", "sps")
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
     assert strip(rows(tmp / "pop_half")) == strip(rows(tmp / "pop_full"))
     assert load_policy(tmp / "pop_half" / "agents" / "1").meta["step"] == 1024

@@ -3,9 +3,12 @@
 Data parallel (``--devices N``): each device steps its share of the envs and
 holds their replay rows; minibatches are stratified by env with per-env keys,
 so N devices give the params of the same sharded path on one device
-(``--devices 1 --sharded``) to float tolerance. Several devices need
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts, so
-those runs go through ``tests/_scale_worker.py`` in a subprocess.
+(``--devices 1 --sharded``) to float tolerance; so do two processes on
+localhost with ``jax.distributed`` (one device each). A checkpoint resumes
+bit for bit on the topology that wrote it and to float tolerance on another.
+Several devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+before JAX starts, so those runs go through ``tests/_scale_worker.py`` in a
+subprocess.
 
 A population of K agents (``--num-agents K``, ``--sweep``) vmaps acting and
 learning over agents and steps one EnvPool of ``K x num_envs`` envs; agent
@@ -17,6 +20,7 @@ fake devices, so these run in-process.
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +59,21 @@ def train_on(tmp, name, *args, devices=2, timeout=600):
         return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
+def train_in_processes(tmp, name, *args, processes=2, timeout=600):
+    """Train in ``processes`` processes on localhost (``jax.distributed``, one CPU
+    device each); return each process's stdout and final params leaves."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done = parallel.launch_local([WORKER, "dqn", str(tmp / f"{name}.npz"), *args, "--run-dir", str(tmp / name)],
+                                 processes, tmp / f"{name}.logs", env=env, cwd=ROOT, timeout=timeout)
+    for rc, out, err in done:
+        assert rc == 0, out[-2000:] + err[-3000:]
+    params = []
+    for i in range(processes):
+        with np.load(tmp / f"{name}.{i}.npz") as f:
+            params.append([f[f"arr_{j}"] for j in range(len(f.files))])
+    return [out for _, out, _ in done], params
+
+
 def train(run_dir, **kw):
     result = dqn.train(dqn.Config(**dict(TINY, **kw), run_dir=str(run_dir)))
     return result
@@ -89,18 +108,34 @@ def shared(tmp_path_factory):
     return tmp_path_factory.mktemp("dqn_scale")
 
 
-def test_dqn_two_devices_match_one_device(shared):
-    one = train_on(shared, "one", *FLAGS, "--devices", "1", "--sharded")
-    two = train_on(shared, "two", *FLAGS, "--devices", "2")
+@pytest.fixture(scope="module")
+def one(shared):
+    """The sharded path on one device: the reference of every data-parallel run."""
+    return train_on(shared, "one", *FLAGS, "--devices", "1", "--sharded", devices=1)
+
+
+def final_eval_return(run_dir, seed):
+    """What ``--eval-episodes 3`` scores the latest policy saved in ``run_dir`` with ``seed``
+    (the evaluation after the last chunk of an ``--eval-every`` run)."""
+    pol = load_policy(Path(run_dir) / "checkpoints" / "latest")
+    c = dqn.resolve(dqn.Config(**dict(TINY, eval_episodes=3, seed=seed)))
+    return dqn.make_evaluator(c, pol.network, {})(pol.params, seed=seed)
+
+
+def test_dqn_two_devices_match_one_device(shared, one):
+    # --eval-every: evaluated after every chunk, on the host copy of the replicated params
+    two = train_on(shared, "two", *FLAGS, "--devices", "2", "--eval-every", "400", "--eval-episodes", "3")
     assert_close(two, one)
     cfg = json.loads((shared / "two" / "config.json").read_text())
-    assert cfg["devices"] == 2 and cfg["scale_out"]["devices"] == 2
+    assert cfg["devices"] == 2 and cfg["scale_out"]["devices"] == 2 and cfg["sharded"]
     r1, r2 = rows(shared / "one"), rows(shared / "two")
     assert len(r2) == 12 and r2[-1]["global_step"] == "1200" and r2[-1]["update"] == "201"
     assert [r["episodes"] for r in r2] == [r["episodes"] for r in r1]
     for col in ("loss", "q_mean", "buffer_size", "episode_return"):
         np.testing.assert_allclose(floats(r2, col), floats(r1, col), rtol=1e-4, atol=1e-6)
     assert float(r2[-1]["buffer_size"]) > 900  # both replay shards filled
+    assert [i for i, r in enumerate(r2) if r["eval_return"]] == [3, 7, 11]  # the last row of every chunk
+    assert float(r2[-1]["eval_return"]) == pytest.approx(final_eval_return(shared / "two", seed=1), rel=1e-6)
     # the checkpoint (replicated params, sharded buffer) restores on one plain device
     assert_close(params_of(shared / "two" / "checkpoints" / "latest"), one)
     # learning happened: the params moved away from the initial ones
@@ -108,24 +143,134 @@ def test_dqn_two_devices_match_one_device(shared):
     assert any(not np.allclose(x, y, atol=1e-4) for x, y in zip(init, two))
 
 
-def test_dqn_sharded_resume_is_exact(shared):
-    """Half the run on 2 devices, then --resume (sharded buffer restored, env actions replayed): same as one go."""
+def strip(rs, drop=("wall_time", "sps")):
+    return [{k: v for k, v in r.items() if k not in drop} for r in rs]
+
+
+def assert_rows_close(got, want):
+    """The same metrics rows, to float tolerance."""
+    assert [r["episodes"] for r in got] == [r["episodes"] for r in want]
+    assert [r["global_step"] for r in got] == [r["global_step"] for r in want]
+    for col in ("loss", "q_mean", "buffer_size", "episode_return", "return_mean100"):
+        np.testing.assert_allclose(floats(got, col), floats(want, col), rtol=1e-4, atol=1e-6)
+
+
+def test_dqn_sharded_resume_is_exact_and_resumes_on_one_device(shared):
+    """Half the run on 2 devices, then --resume (sharded buffer restored, env actions replayed): same as one go,
+    bit for bit on 2 devices, to float tolerance on 1 (the run stays on the sharded path)."""
     args = [f if f != "1200" else "800" for f in FLAGS] + ["--devices", "2"]
     full = train_on(shared, "full", *[a if a != "800" else "1200" for a in args])
     train_on(shared, "half", *args)
+    shutil.copytree(shared / "half", shared / "half_on_one")
     resumed = train_on(shared, "half", "--resume", str(shared / "half"), "--total-timesteps", "1200")
     for x, y in zip(full, resumed):
         np.testing.assert_array_equal(x, y)
-    drop = ("wall_time", "sps")
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
     assert strip(rows(shared / "half")) == strip(rows(shared / "full"))
+
+    on_one = train_on(shared, "half_on_one", "--resume", str(shared / "half_on_one"), "--total-timesteps", "1200",
+                      "--devices", "1", devices=1)
+    assert_close(on_one, full)
+    assert_rows_close(rows(shared / "half_on_one"), rows(shared / "full"))
+    cfg = json.loads((shared / "half_on_one" / "config.json").read_text())
+    assert cfg["devices"] == 1 and cfg["sharded"] and cfg["scale_out"]["devices"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Two processes on localhost (jax.distributed, CPU collectives: gloo)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi(shared):
+    """The full run in two processes of one device each; --eval-every on process 0, its score broadcast."""
+    return train_in_processes(shared, "multi", *FLAGS, "--eval-every", "1200", "--eval-episodes", "3")
+
+
+def test_dqn_two_processes_match_one_device(shared, one, multi):
+    (out0, out1), (p0, p1) = multi
+    assert "DONE 0 2 2" in out0 and "DONE 1 2 2" in out1
+    for x, y in zip(p0, p1):
+        np.testing.assert_array_equal(x, y)
+    assert_close(p0, one)  # 2 processes x 1 device == 1 device, same global batch
+    assert "Compiled" in out0 and "Compiled" not in out1 and "Replay buffer" not in out1  # only process 0 logs
+    run_dir = shared / "multi"
+    got = rows(run_dir)
+    assert len(got) == 12 and got[-1]["global_step"] == "1200" and got[-1]["update"] == "201"
+    assert_rows_close(got, rows(shared / "one"))
+    assert float(got[-1]["eval_return"]) == pytest.approx(final_eval_return(run_dir, seed=1), rel=1e-6)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["scale_out"]["processes"] == 2 and cfg["scale_out"]["devices"] == 2 and cfg["sharded"]
+    for i in range(2):  # one action log per process: its 2 envs, 300 env steps
+        assert (run_dir / f"actions.p{i}of2.u8").stat().st_size == 300 * 2
+    assert_close(params_of(run_dir / "checkpoints" / "latest"), p0)  # written once, restores on one device
+
+
+def test_dqn_two_processes_resume_exact_and_in_one_process(shared, multi):
+    """Half the run in 2 processes, then --resume: in 2 processes bit for bit the run in one go; in one
+    process (one device) the same to float tolerance, its action log rewritten for one process."""
+    _, (full, _) = multi
+    half = [f if f != "1200" else "800" for f in FLAGS]
+    train_in_processes(shared, "mhalf", *half)
+    shutil.copytree(shared / "mhalf", shared / "mhalf_in_one")
+    _, (r0, r1) = train_in_processes(shared, "mhalf", "--resume", str(shared / "mhalf"), "--total-timesteps",
+                                     "1200")
+    for x, y, z in zip(full, r0, r1):
+        np.testing.assert_array_equal(y, x)
+        np.testing.assert_array_equal(z, x)
+    drop = ("wall_time", "sps", "eval_return")
+    assert strip(rows(shared / "mhalf"), drop) == strip(rows(shared / "multi"), drop)
+
+    in_one = train_on(shared, "mhalf_in_one", "--resume", str(shared / "mhalf_in_one"), "--total-timesteps",
+                      "1200", devices=1)
+    assert_close(in_one, full)
+    assert_rows_close(rows(shared / "mhalf_in_one"), rows(shared / "multi"))
+    assert (shared / "mhalf_in_one" / "actions.u8").stat().st_size == 300 * 4
+    cfg = json.loads((shared / "mhalf_in_one" / "config.json").read_text())
+    assert cfg["scale_out"]["processes"] == 1 and cfg["coordinator"] is None
+
+
+def test_plain_run_resumes_on_two_devices(tmp_path):
+    """A plain run resumed with --devices 2 continues on the sharded path and says so."""
+    train(tmp_path / "plain", total_timesteps=800)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    r = subprocess.run([sys.executable, WORKER, "dqn", str(tmp_path / "p.npz"), "--resume", str(tmp_path / "plain"),
+                        "--total-timesteps", "1200", "--devices", "2"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "trained on the plain single-device path and continues on the data-parallel one" in r.stdout
+    got = rows(tmp_path / "plain")
+    assert len(got) == 12 and got[-1]["global_step"] == "1200"
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["scale_out"]["devices"] == 2
+
+
+def test_resume_keeps_the_code_path(tmp_path):
+    """A data-parallel run resumes on the data-parallel path even on one device (its minibatches differ from
+    the plain path's); a plain run resumes on the plain path unless --devices asks for more."""
+    def resumed(scale_out, **kw):
+        (tmp_path / "config.json").write_text(json.dumps(dict(scale_out=scale_out)))
+        return dqn.resolve_devices(dqn.resolve(dqn.Config(**dict(TINY, resume=str(tmp_path), **kw))))
+
+    assert resumed(dict(devices_per_process=1, processes=2, devices=2, num_agents=1), devices=1) == (1, True)
+    assert resumed(dict(devices_per_process=2, processes=1, devices=2, num_agents=1), devices=1) == (1, True)
+    assert resumed(None) == (1, False) and resumed(None, devices=1) == (1, False)
+
+
+def test_bad_process_flags_are_named(tmp_path, monkeypatch):
+    for var in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(parallel.ParallelError, match=r"--process-id 2 is not accepted: it must lie in \[0, 2\)"):
+        train(tmp_path / "bad", coordinator="127.0.0.1:1", num_processes=2, process_id=2)
+    with pytest.raises(parallel.ParallelError, match=r"needs --coordinator HOST:PORT, --num-processes and "
+                                                     r"--process-id .*process_id=None"):
+        train(tmp_path / "bad", coordinator="127.0.0.1:1", num_processes=2)
+    assert not (tmp_path / "bad").exists()  # refused before anything was built or written
 
 
 def test_bad_device_flags_are_named():
     c = dqn.resolve(dqn.Config(**dict(TINY, batch_size=30, sharded=True)))
     with pytest.raises(parallel.ParallelError, match=r"--batch-size 30 is not divisible by --num-envs 4"):
         dqn.resolve_devices(c)
-    assert dqn.resolve_devices(dqn.resolve(dqn.Config(**dict(TINY, batch_size=30)))) == 1  # default: 1 device
+    assert dqn.resolve_devices(dqn.resolve(dqn.Config(**dict(TINY, batch_size=30)))) == (1, False)  # 1 device
     with pytest.raises(parallel.ParallelError, match=r"--devices 2 .* 1 local device"):
         dqn.resolve_devices(dqn.resolve(dqn.Config(**dict(TINY, devices=2))))
     with pytest.raises(parallel.ParallelError, match=r"--num-agents 2 runs on one device; drop --devices 2"):
@@ -197,5 +342,14 @@ def test_bad_population_flags_are_named(tmp_path):
         train(tmp_path / "bad", sweep="tau=0.5,1.0")
     with pytest.raises(parallel.ParallelError, match=r"3 values for gamma but --num-agents is 2"):
         train(tmp_path / "bad", sweep="gamma=0.9,0.95,0.99", num_agents=2)
-    with pytest.raises(runner.ConfigError, match=r"--eval-every 100 is not supported with --num-agents 2"):
-        train(tmp_path / "bad", num_agents=2, eval_every=100)
+
+
+def test_dqn_population_eval_every(tmp_path):
+    """--eval-every with --num-agents 2: each agent's rows get its own score, as it would alone (seed + k)."""
+    pop = tmp_path / "pop"
+    train(pop, num_agents=2, eval_every=1200, eval_episodes=3)
+    got = rows(pop)
+    assert [(r["global_step"], r["agent"]) for r in got if r["eval_return"]] == [("1200", "0"), ("1200", "1")]
+    for k in range(2):
+        score = float(got[-2 + k]["eval_return"])
+        assert score == pytest.approx(final_eval_return(pop / "agents" / str(k), seed=1 + k), rel=1e-6)

@@ -132,7 +132,8 @@ class Config:
 
 #: Fields that may change when resuming (they do not change the learning problem).
 RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_episodes",
-             "tensorboard", "num_threads", "env_backend", "run_dir", "coordinator", "num_processes", "process_id")
+             "tensorboard", "num_threads", "env_backend", "run_dir", "devices", "coordinator", "num_processes",
+             "process_id")
 
 #: Float fields ``--sweep`` may vary across the agents of a population.
 SWEEPABLE = ("learning_rate", "ent_coef", "vf_coef", "gamma", "gae_lambda", "max_grad_norm", "rms_eps", "rms_alpha")

@@ -52,10 +52,18 @@ transitions; each gradient step draws ``batch_size / B`` transitions from every
 env with a per-env key (:func:`update_sharded`, stratified by env, so
 ``--batch-size`` must divide by ``--num-envs``) and gradients are averaged with
 ``pmean``, so params stay identical and the result does not depend on ``N``
-(``--devices 1 --sharded`` is the reference). ``--num-agents K`` /
-``--sweep FIELD=V1,...`` (:func:`train_population`) vmaps acting and learning
-over ``K`` agents stepping one EnvPool of ``K x B`` envs; agent ``k`` gets what
-it would get alone with seed ``seed + k``. Several processes: not yet for DQN.
+(``--devices 1 --sharded`` is the reference). Several processes
+(``--coordinator HOST:PORT --num-processes P --process-id I``, or the
+``JAXATARI_*`` environment variables; ``jax.distributed``) take the same path
+with ``--num-envs`` the global batch over the ``N P`` devices; process 0 logs.
+Checkpoints are written once and restore on any topology: a sharded run resumes
+on any number of devices and processes (to float tolerance when the count
+changes, bit for bit when it does not) and stays on the sharded path even with
+``--devices 1``; a plain run resumes on the plain path unless ``--devices`` is
+given. ``--num-agents K`` / ``--sweep FIELD=V1,...`` (:func:`train_population`)
+vmaps acting and learning over ``K`` agents stepping one EnvPool of ``K x B``
+envs; agent ``k`` gets what it would get alone with seed ``seed + k``.
+``--eval-every`` works in every mode (per agent for a population).
 """
 
 from __future__ import annotations
@@ -190,14 +198,21 @@ class Config:
     tensorboard: bool = True
     """Write TensorBoard events beside metrics.csv."""
     devices: int | None = None
-    """Devices to split the env batch (and replay) over (data parallel; default: all local devices).
-    1 = the single-device path."""
+    """Devices per process to split the env batch (and replay) over (data parallel; default: all local devices,
+    or the plain path when resuming a plain run). 1 = the single-device path, unless --sharded, several processes
+    or resuming a data-parallel run (which stays on the data-parallel path on any number of devices)."""
     sharded: bool = False
     """Take the data-parallel (device-invariant) code path even on one device, e.g. to compare with --devices N."""
     num_agents: int = 1
     """Train this many independent agents in one process (agent k: seed + k), vmapped, on one EnvPool."""
     sweep: str | None = None
     """One hyperparameter per agent, FIELD=V1,V2,... (e.g. learning_rate=1e-4,2.5e-4); sets --num-agents."""
+    coordinator: str | None = None
+    """Multi-host: HOST:PORT of process 0 for jax.distributed (or JAXATARI_COORDINATOR)."""
+    num_processes: int | None = None
+    """Multi-host: number of processes (or JAXATARI_NUM_PROCESSES); --num-envs is the global batch."""
+    process_id: int | None = None
+    """Multi-host: this process's index (or JAXATARI_PROCESS_ID); only process 0 logs."""
 
     @property
     def updates_per_env_step(self) -> float:
@@ -233,7 +248,8 @@ class Config:
 
 #: Fields that may change when resuming (they do not change the learning problem).
 RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_episodes", "eval_epsilon",
-             "target_return", "tensorboard", "num_threads", "env_backend", "run_dir")
+             "target_return", "tensorboard", "num_threads", "env_backend", "run_dir", "devices", "coordinator",
+             "num_processes", "process_id")
 
 #: Float fields ``--sweep`` may vary across the agents of a population.
 SWEEPABLE = ("learning_rate", "gamma")
@@ -750,10 +766,39 @@ def _why_not_saved(c: Config, nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB > --checkpoint-buffer-limit-gib {c.checkpoint_buffer_limit_gib:g}"
 
 
+def _say_if_not_exact(c: Config, nbytes: int, save_buffer: bool, exact: bool, *, buffers: bool = False) -> None:
+    """After a resume: say why it is not an exact continuation, if it is not
+    (``buffers``: a population's replay buffers)."""
+    if not save_buffer:
+        it = "The replay buffers were" if buffers else "The replay buffer was"
+        print(f"{it} not checkpointed ({_why_not_saved(c, nbytes)}): {'they refill' if buffers else 'it refills'} "
+              f"for {c.learning_starts:,} env steps before learning resumes, so the resumed run is not an exact "
+              "continuation.", flush=True)
+    elif not exact:
+        print("Resume is not exact (see the warning above).", flush=True)
+
+
 def describe_replay_ratio(c: Config) -> str:
     return (f"replay ratio {c.updates_per_env_step:g} updates/env step ({c.gradient_steps} per "
             f"{c.train_frequency} env steps: {c.updates_per_train} every {c.train_period} iteration"
             f"{'s' if c.train_period > 1 else ''} of {c.num_envs} env{'s' if c.num_envs > 1 else ''})")
+
+
+def make_evaluator(c: Config, qnet: QNetwork, env_options: dict[str, Any]):
+    """``score(params, seed=c.seed) -> float``: the mean return of ``--eval-episodes``
+    games (env seeds from ``seed + 100_000``) with the ``--eval-epsilon``-greedy
+    (or greedy, at 0) Q-policy of host or single-device ``params``."""
+    from jaxatari.evaluate import evaluate, q_policy
+
+    policy_fn = q_policy(qnet.apply)  # one policy function: its compiled step is reused
+
+    def score(params, seed: int = c.seed) -> float:
+        res = evaluate(policy_fn, params, None, env_id=c.env, preset=c.preset, options=env_options,
+                       episodes=c.eval_episodes, seed=seed + 100_000,
+                       mode="epsilon" if c.eval_epsilon > 0 else "greedy", epsilon=c.eval_epsilon)
+        return res.mean
+
+    return score
 
 
 def train(config: Config) -> runner.RunResult:
@@ -761,13 +806,17 @@ def train(config: Config) -> runner.RunResult:
     from jaxatari.checkpoint import Checkpointer
 
     c = resolve(config)
+    parallel.initialize_distributed(c.coordinator, c.num_processes, c.process_id)
     if c.num_agents > 1 or c.sweep:
         if c.devices not in (None, 1):
             raise parallel.ParallelError(f"--num-agents {c.num_agents} runs on one device; drop --devices {c.devices}.")
+        if jax.process_count() > 1:
+            raise parallel.ParallelError(f"--num-agents {c.num_agents} runs in one process; drop --num-processes "
+                                         f"{jax.process_count()} (or start one population per process).")
         return train_population(c)
-    devices = resolve_devices(c)
-    if devices > 1 or c.sharded:
-        return train_sharded(dataclasses.replace(c, devices=devices))
+    devices, sharded = resolve_devices(c)
+    if sharded:
+        return train_sharded(dataclasses.replace(c, devices=devices, sharded=True))
     env_options = envs.parse_env_options(c.env_option)
     env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, options=env_options,
                           num_threads=c.num_threads)
@@ -802,12 +851,7 @@ def train(config: Config) -> runner.RunResult:
             start_chunk = iterations // (c.iterations_per_row * sched.updates_per_chunk)
             exact = runner.restore_env(env, run_dir, iterations, np.asarray(state.env.obs), c.num_envs)
             print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,}.", flush=True)
-            if not save_buffer:
-                print(f"The replay buffer was not checkpointed ({_why_not_saved(c, nbytes)}): it refills for "
-                      f"{c.learning_starts:,} env steps before learning resumes, so the resumed run is not "
-                      "an exact continuation.", flush=True)
-            elif not exact:
-                print("Resume is not exact (see the warning above).", flush=True)
+            _say_if_not_exact(c, nbytes, save_buffer, exact)
         handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
         runner.write_config(run_dir, dict(
             runner.config_to_json(c), algo=ALGO, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
@@ -824,18 +868,7 @@ def train(config: Config) -> runner.RunResult:
               f"{describe_replay_ratio(c)}, batch {c.batch_size} | learning starts at {c.learning_starts:,} | "
               f"epsilon {c.start_e} -> {c.end_e} over {c.exploration_steps:,} env steps", flush=True)
 
-        eval_fn = None
-        if c.eval_every:
-            from jaxatari.evaluate import evaluate, q_policy
-
-            policy_fn = q_policy(qnet.apply)
-
-            def eval_fn(params):
-                res = evaluate(policy_fn, params, None, env_id=c.env, preset=c.preset, options=env_options,
-                               episodes=c.eval_episodes, seed=c.seed + 100_000,
-                               mode="epsilon" if c.eval_epsilon > 0 else "greedy", epsilon=c.eval_epsilon)
-                return res.mean
-
+        eval_fn = make_evaluator(c, qnet, env_options) if c.eval_every else None
         chunk_fn = make_chunk(c, qnet, optimizer, step_fn, spec.num_actions, sched.updates_per_chunk)
         return runner.run(
             run_dir=run_dir, state=state, handle=handle, chunk_fn=chunk_fn, schedule=sched,
@@ -848,47 +881,66 @@ def train(config: Config) -> runner.RunResult:
         )
 
 
-def resolve_devices(c: Config) -> int:
-    """Devices for ``--devices`` (default: all local devices). The data-parallel
+def resolve_devices(c: Config) -> tuple[int, bool]:
+    """``(devices per process, sharded)``; ``sharded`` False means the plain
+    single-device path.
+
+    The data-parallel path (:func:`train_sharded`) is taken with several
+    devices (``--devices``, default: all local devices) or processes, with
+    ``--sharded``, and when resuming a run that took it, even on one device: its
+    minibatches and exploration keys differ from the plain path's. A plain run
+    resumes on the plain path unless ``--devices`` is given. The data-parallel
     path needs ``--batch-size`` divisible by ``--num-envs`` (each env gives
-    ``batch_size / num_envs`` transitions per gradient step) and no
-    ``--eval-every``; by default a run that does not fit stays on one device."""
-    n = parallel.resolve_devices(c.devices, c.num_envs)
-    if n == 1 and not c.sharded:
-        return 1
-    problem = None
-    if c.batch_size % c.num_envs:
-        problem = (f"--batch-size {c.batch_size} is not divisible by --num-envs {c.num_envs}; with several devices "
-                   "every env contributes batch_size / num_envs transitions to each gradient step")
-    elif c.eval_every:
-        problem = (f"--eval-every {c.eval_every} is not supported with several devices yet; evaluate the saved "
-                   "checkpoints with scripts/evaluate.py instead")
-    if problem is None:
-        return n
-    if c.devices is None and not c.sharded:
+    ``batch_size / num_envs`` transitions per gradient step); by default a fresh
+    one-process run that does not fit stays on one device."""
+    processes = jax.process_count()
+    if c.num_envs % processes:
+        raise parallel.ParallelError(f"--num-envs {c.num_envs} is not divisible by the {processes} processes; "
+                                     "--num-envs is the global batch, split evenly over the processes.")
+    stored_devices = parallel.stored_layout(runner.load_run_config(c.resume))[0] if c.resume else 0
+    if c.resume and not stored_devices and c.devices is None and processes == 1:
+        return 1, False
+    n = parallel.resolve_devices(c.devices, c.num_envs // processes)
+    forced = c.sharded or processes > 1 or stored_devices > 0
+    if n == 1 and not forced:
+        return 1, False
+    if not c.batch_size % c.num_envs:
+        return n, True
+    problem = (f"--batch-size {c.batch_size} is not divisible by --num-envs {c.num_envs}; with several devices "
+               "every env contributes batch_size / num_envs transitions to each gradient step")
+    if c.devices is None and not forced:
         log.warning("Using 1 of %d local devices: %s.", n, problem)
-        return 1
+        return 1, False
     raise parallel.ParallelError(problem + ".")
 
 
 def train_sharded(c: Config) -> runner.RunResult:
-    """``--devices N`` (or ``--sharded``): data parallel over ``N`` local devices.
+    """``--devices N`` (or ``--sharded``, or several processes): data parallel
+    over ``N`` devices in each of ``P`` processes (``jax.distributed``).
 
-    Device ``d`` steps its own EnvPool of ``B/N`` envs (env ``i`` of the global
-    batch keeps seed ``seed + i``) and holds the replay rows of those envs (the
-    global buffer split along envs: ``buffer_size / N`` transitions); each
+    Device ``d`` of the ``N P`` devices steps its own EnvPool of ``B / (N P)``
+    envs (env ``i`` of the global batch keeps seed ``seed + i``) and holds the
+    replay rows of those envs (the global buffer split along envs); each
     gradient step draws ``batch_size / B`` transitions from every env
     (:func:`update_sharded`) and gradients are averaged over devices, so params,
     target and optimiser state stay identical. The same seed and global batch
-    give the same params on any number of devices, to float tolerance (not
-    those of the default single-device path, whose minibatches and exploration
-    keys differ)."""
+    give the same params on any number of devices and processes, to float
+    tolerance (not those of the default single-device path, whose minibatches
+    and exploration keys differ). Only process 0 prints, logs metrics and
+    writes ``config.json``; every process writes the action log of its envs and
+    takes part in the (collective) checkpoint saves.
+
+    Every field of the state, the replay buffer included (``[B, ...]`` leaves
+    split along envs), has the same global shape on every topology, so a
+    checkpoint restores on any number of devices and processes
+    (:func:`jaxatari.parallel.restore_latest_any_topology`), and the logged env
+    actions are replayed into whatever envs this process now owns."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from jaxatari.checkpoint import Checkpointer
 
-    n = c.devices
+    n, processes, main = c.devices, jax.process_count(), parallel.is_main_process()
     env_options = envs.parse_env_options(c.env_option)
     senv = parallel.make_sharded_envs(c.env, c.num_envs, seed=c.seed, devices_per_process=n, preset=c.preset,
                                       options=env_options, num_threads=c.num_threads, backend=c.env_backend)
@@ -907,58 +959,74 @@ def train_sharded(c: Config) -> runner.RunResult:
     local_obs = senv.initial_obs
     s0 = init(dataclasses.replace(c, num_envs=1, buffer_size=1), spec, qnet, optimizer, local_obs[:1],
               jax.random.PRNGKey(c.seed))  # params, optimiser state, key and counters; env and buffer below
+    # Each process materialises only the shards of its own devices.
     new_buffer = jax.jit(lambda: create_buffer(c, spec), out_shardings=NamedSharding(mesh, P(parallel.AXIS)))
     rep = functools.partial(parallel.replicate, mesh)
     state = s0.replace(params=rep(s0.params), target_params=rep(s0.target_params), opt_state=rep(s0.opt_state),
                        key=rep(s0.key), iteration=rep(s0.iteration), updates=rep(s0.updates),
                        buffer_iterations=rep(s0.buffer_iterations),
-                       env=parallel.sharded_env_state(mesh, local_obs, n), replay=new_buffer())
+                       env=parallel.sharded_env_state(mesh, local_obs, n), replay=None)
 
-    with Checkpointer(run_dir, keep=c.keep) as ckpt:
+    with Checkpointer(run_dir, keep=c.keep) as ckpt:  # on every process: orbax saves are collective
         start_chunk = 0
         meta: dict[str, Any] = {}
         if c.resume:
-            target = state if save_buffer else state.replace(replay=None)
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-            restored = ckpt.restore_latest(abstract)
-            fresh_buffer = state.replay
-            state, meta = parallel.place(restored.state, abstract), dict(restored.meta or {})
-            if not save_buffer:
-                state = state.replace(replay=fresh_buffer, buffer_iterations=rep(np.zeros((), np.int32)))
+            old_devices, old_processes = parallel.stored_layout(stored)
+            target = state.replace(replay=jax.eval_shape(new_buffer)) if save_buffer else state
+            restored = parallel.restore_latest_any_topology(ckpt, target, stored)
+            state, meta = restored.state, dict(restored.meta or {})
             iterations = int(parallel.fetch(state.iteration))
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
                 raise runner.ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
             start_chunk = iterations // (c.iterations_per_row * sched.updates_per_chunk)
-            exact = runner.restore_env(senv.group, run_dir, iterations, parallel.fetch(state.env.obs), c.num_envs)
-            print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,}.", flush=True)
-            if not save_buffer:
-                print(f"The replay buffer was not checkpointed ({_why_not_saved(c, nbytes)}): it refills for "
-                      f"{c.learning_starts:,} env steps before learning resumes, so the resumed run is not "
-                      "an exact continuation.", flush=True)
-            elif not exact:
-                print("Resume is not exact (see the warning above).", flush=True)
-        runner.write_config(run_dir, dict(
-            runner.config_to_json(c), algo=ALGO, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
-            schedule=dataclasses.asdict(sched), env_backend_used="xla", versions=runner.versions(),
-            replay_ratio=c.updates_per_env_step, buffer_mib=nbytes / 2**20, buffer_in_checkpoints=save_buffer,
-            scale_out=dict(devices_per_process=n, processes=1, devices=n, num_agents=1, sweep=None),
-        ))
-        saved = "saved in checkpoints" if save_buffer else f"NOT saved in checkpoints ({_why_not_saved(c, nbytes)})"
-        print(f"DQN on {c.env} | {n} device(s) x {senv.local_envs} envs | dqn-preset {c.dqn_preset} | "
-              f"network {net_spec.torso} | loss {c.loss} | env backend xla | {jax.default_backend()} | "
-              f"run dir {run_dir}", flush=True)
-        print(f"Replay buffer: {c.buffer_size:,} transitions in {n} shard(s) of {c.buffer_size // n:,}, "
-              f"{nbytes / 2**20:,.1f} MiB, {saved} | {describe_replay_ratio(c)}, batch {c.batch_size} "
-              f"({c.batch_size // c.num_envs} per env)", flush=True)
+            exact = runner.restore_env(senv.group, run_dir, iterations, parallel.fetch(state.env.obs), c.num_envs,
+                                       logged_processes=old_processes, process_index=jax.process_index(),
+                                       process_count=processes)
+            if main:
+                print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,}.", flush=True)
+                if not old_devices:
+                    print(f"It was trained on the plain single-device path and continues on the data-parallel one "
+                          f"({n * processes} device(s)), whose minibatches and exploration keys differ: not the "
+                          "run a resume without --devices would give.", flush=True)
+                elif old_devices != n * processes:
+                    print(f"The checkpoint was written on {old_devices} device(s) and continues on {n * processes}: "
+                          "the same run to float tolerance, not bit for bit.", flush=True)
+                _say_if_not_exact(c, nbytes, save_buffer, exact)
+        if state.replay is None:  # a fresh run, or a resumed one whose buffer was not checkpointed
+            state = state.replace(replay=new_buffer(), buffer_iterations=rep(np.zeros((), np.int32)))
+        if main:
+            runner.write_config(run_dir, dict(
+                runner.config_to_json(c), algo=ALGO, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
+                schedule=dataclasses.asdict(sched), env_backend_used="xla", versions=runner.versions(),
+                replay_ratio=c.updates_per_env_step, buffer_mib=nbytes / 2**20, buffer_in_checkpoints=save_buffer,
+                scale_out=dict(devices_per_process=n, processes=processes, devices=n * processes, num_agents=1,
+                               sweep=None),
+                # the topology is given anew at each launch: a resume in one process must not wait for others
+                coordinator=None, num_processes=None, process_id=None,
+            ))
+            saved = ("saved in checkpoints" if save_buffer else
+                     f"NOT saved in checkpoints ({_why_not_saved(c, nbytes)})")
+            print(f"DQN on {c.env} | {n * processes} device(s) x {senv.local_envs} envs"
+                  f"{f' on {processes} processes' if processes > 1 else ''} | dqn-preset {c.dqn_preset} | "
+                  f"network {net_spec.torso} | loss {c.loss} | env backend xla | {jax.default_backend()} | "
+                  f"run dir {run_dir}", flush=True)
+            print(f"Replay buffer: {c.buffer_size:,} transitions in {n * processes} shard(s) of "
+                  f"{c.buffer_size // (n * processes):,}, {nbytes / 2**20:,.1f} MiB, {saved} | "
+                  f"{describe_replay_ratio(c)}, batch {c.batch_size} ({c.batch_size // c.num_envs} per env)",
+                  flush=True)
+        eval_fn = None
+        if c.eval_every:  # runs on process 0 only; the runner broadcasts the score
+            score = make_evaluator(c, qnet, env_options)
+            eval_fn = lambda params: score(jax.tree.map(parallel.fetch, params))  # noqa: E731
         chunk_fn = make_chunk_sharded(c, qnet, optimizer, senv, state, sched.updates_per_chunk)
         return runner.run(
             run_dir=run_dir, state=state, handle=senv.handle, chunk_fn=chunk_fn, schedule=sched,
             start_chunk=start_chunk, num_envs=c.num_envs,
             env_steps=lambda s: int(parallel.fetch(s.iteration)) * c.num_envs, policy_of=lambda s: s.params,
             checkpointer=ckpt if save_buffer else _WithoutBuffer(ckpt),
-            checkpoint_every=c.checkpoint_every, target_return=c.target_return, metric_columns=METRIC_COLUMNS,
-            meta=meta, tensorboard=c.tensorboard, resume_command=f"python scripts/dqn.py --resume {run_dir}",
-            fetch=parallel.fetch,
+            checkpoint_every=c.checkpoint_every, eval_fn=eval_fn, eval_every=c.eval_every,
+            target_return=c.target_return, metric_columns=METRIC_COLUMNS, meta=meta, tensorboard=c.tensorboard,
+            resume_command=f"python scripts/dqn.py --resume {run_dir}", is_main=main, fetch=parallel.fetch,
         )
 
 
@@ -972,9 +1040,6 @@ def train_population(c: Config) -> runner.RunResult:
     from jaxatari.checkpoint import Checkpointer
 
     name, values, K = parallel.parse_sweep(c.sweep, c, c.num_agents, SWEEPABLE)
-    if c.eval_every:
-        raise runner.ConfigError(f"--eval-every {c.eval_every} is not supported with --num-agents {K} yet; "
-                                 "evaluate the saved agents with scripts/evaluate.py instead.")
     c = dataclasses.replace(c, num_agents=K)
     env_options = envs.parse_env_options(c.env_option)
     seeds = parallel.agent_seeds(c.seed, K)
@@ -1018,12 +1083,7 @@ def train_population(c: Config) -> runner.RunResult:
             exact = runner.restore_env(env, run_dir, iterations, np.asarray(state.env.obs).reshape(
                 total_B, *spec.obs_shape), total_B)
             print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,} per agent.", flush=True)
-            if not save_buffer:
-                print(f"The replay buffers were not checkpointed ({_why_not_saved(c, nbytes)}): they refill for "
-                      f"{c.learning_starts:,} env steps before learning resumes, so the resumed run is not "
-                      "an exact continuation.", flush=True)
-            elif not exact:
-                print("Resume is not exact (see the warning above).", flush=True)
+            _say_if_not_exact(c, nbytes, save_buffer, exact, buffers=True)
         handle, step_fn, backend = envs.make_step_fn(env, dataclasses.replace(spec, num_envs=total_B),
                                                      c.env_backend)
         runner.write_config(run_dir, dict(
@@ -1041,14 +1101,22 @@ def train_population(c: Config) -> runner.RunResult:
               f"{describe_replay_ratio(c)}, batch {c.batch_size} per agent", flush=True)
         chunk_fn = make_chunk_population(c, qnet, parallel.population_step_fn(step_fn, K), spec.num_actions,
                                          sched.updates_per_chunk, name, values)
+        eval_fn = None
+        if c.eval_every:
+            score = make_evaluator(c, qnet, env_options)
+
+            def eval_fn(params):  # [K] scores: agent k as a lone run with its seed would score it
+                return [score(jax.tree.map(lambda x: np.asarray(x)[k], params), seed=ck.seed)
+                        for k, ck in enumerate(agents)]
+
         result = runner.run(
             run_dir=run_dir, state=state, handle=handle, chunk_fn=chunk_fn, schedule=sched,
             start_chunk=start_chunk, num_envs=total_B,
             env_steps=lambda s: int(np.asarray(s.iteration)[0]) * c.num_envs, policy_of=lambda s: s.params,
             checkpointer=ckpt if save_buffer else _WithoutBuffer(ckpt),
-            checkpoint_every=c.checkpoint_every, target_return=c.target_return, metric_columns=METRIC_COLUMNS,
-            meta=meta, tensorboard=c.tensorboard, resume_command=f"python scripts/dqn.py --resume {run_dir}",
-            num_agents=K,
+            checkpoint_every=c.checkpoint_every, eval_fn=eval_fn, eval_every=c.eval_every,
+            target_return=c.target_return, metric_columns=METRIC_COLUMNS, meta=meta, tensorboard=c.tensorboard,
+            resume_command=f"python scripts/dqn.py --resume {run_dir}", num_agents=K,
         )
     parallel.save_agents(run_dir, result.state.replace(replay=None), c, agents, ALGO, spec, net_spec, sched,
                          result.global_step)

@@ -16,11 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-import math
 from pathlib import Path
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +135,8 @@ class Config:
 
 #: Fields that may change when resuming (they do not change the learning problem).
 RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_episodes",
-             "tensorboard", "num_threads", "env_backend", "run_dir", "coordinator", "num_processes", "process_id")
+             "tensorboard", "num_threads", "env_backend", "run_dir", "devices", "coordinator", "num_processes",
+             "process_id")
 
 #: Float fields ``--sweep`` may vary across the agents of a population.
 SWEEPABLE = ("learning_rate", "ent_coef", "vf_coef", "gamma", "gae_lambda", "max_grad_norm", "clip_coef", "adam_eps")
@@ -281,17 +280,19 @@ def update(state: State, handle, *, c: Config, net: ActorCritic, optimizer, step
     return new_state, handle, metrics, traj.actions
 
 
-def update_sharded(state: State, handle, *, c: Config, net: ActorCritic, optimizer, step_fn, local_envs: int):
+def update_sharded(state: State, handle, *, c: Config, net: ActorCritic, optimizer, step_fn, local_envs: int,
+                   recurrent: bool = False):
     """:func:`update` inside ``shard_map`` over :data:`jaxatari.parallel.AXIS`:
-    this device's ``B/N`` envs, device-invariant sampling and minibatches, and
-    gradients and statistics summed over devices (see :mod:`jaxatari.parallel`)."""
+    this device's ``B/N`` envs (and their recurrent state), device-invariant
+    sampling and minibatches, and gradients and statistics summed over devices
+    (see :mod:`jaxatari.parallel`)."""
     key, k_roll, k_sgd = jax.random.split(state.key, 3)
     env_index = parallel.env_index(local_envs)
     handle, env_state, carry, traj, ep = rollout(
         net.apply, state.params, state.carry, parallel.env_state_in(state.env), handle, step_fn, k_roll,
         c.num_steps, env_index=env_index)
     new_state, metrics = learn(state, traj, ep, env_state, carry, key, k_sgd, c=c, net=net, optimizer=optimizer,
-                               recurrent=False, env_index=env_index)
+                               recurrent=recurrent, env_index=env_index)
     return new_state.replace(env=parallel.env_state_out(new_state.env)), handle, metrics, traj.actions
 
 
@@ -336,7 +337,11 @@ def learn(state: State, traj, ep, env_state, carry, key, k_sgd, *, c: Config, ne
         return (params, opt_state), (loss, info, optax.tree.norm(grads))
 
     def epoch(carry, k):
-        if sharded:
+        if sharded and recurrent:
+            (data, first), carry_mb = parallel.env_minibatches(
+                (batch._replace(extras=None), batch.extras[0]), carry0, k, c.num_minibatches, env_index)
+            mbs = data._replace(extras=(first, carry_mb))
+        elif sharded:
             mbs = parallel.time_minibatches(batch._replace(extras=None), k, c.num_minibatches, env_index)
         else:
             mbs = _minibatches(batch, k, c.num_minibatches, recurrent)
@@ -440,7 +445,7 @@ def make_chunk_sharded(c: Config, net: ActorCritic, optimizer, senv: parallel.Sh
     from jax.sharding import PartitionSpec as P
 
     upd = functools.partial(update_sharded, c=c, net=net, optimizer=optimizer, step_fn=senv.step_fn,
-                            local_envs=senv.local_envs)
+                            local_envs=senv.local_envs, recurrent=net.spec.recurrent)
     chunk = _chunk_of_updates(upd, c, updates_per_chunk, num_updates)
     specs = parallel.state_specs(state)
     out = runner.ChunkOutput(P(), P(None, parallel.AXIS))

@@ -208,8 +208,10 @@ def test_chunk_compiles_once(network):
     chunk = a2c.make_chunk(c, net, opt, step_fn, 4, 100)
     chex.clear_trace_counter()
     chunk = jax.jit(chex.assert_max_traces(chunk.__wrapped__, n=1), donate_argnames=("state",))
-    for _ in range(3):
-        state, handle, out = chunk(state, handle)
+    state, handle = jax.device_put((state, handle))
+    with jax.transfer_guard("disallow"):  # no implicit host<->device copy inside the training loop
+        for _ in range(3):
+            state, handle, out = chunk(state, handle)
     assert int(state.update) == 12
     m = jax.device_get(out.metrics)
     assert m["finite"].all() and list(m["env_steps"]) == [135, 150, 165, 180]

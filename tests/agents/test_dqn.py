@@ -139,8 +139,10 @@ def test_chunk_compiles_once_and_keeps_the_replay_ratio():
     traced = chex.assert_max_traces(chunk.__wrapped__, n=1)
     chunk = jax.jit(traced, donate_argnames=("state",))
     rows = []
+    state, handle = jax.device_put((state, handle))
     for _ in range(3):
-        state, handle, out = chunk(state, handle)
+        with jax.transfer_guard("disallow"):  # no implicit host<->device copy inside the training loop
+            state, handle, out = chunk(state, handle)
         rows.append(jax.device_get(out.metrics))
         assert out.actions.shape == (2 * c.iterations_per_row, 3) and out.actions.dtype == jnp.uint8
     iters = 3 * 2 * c.iterations_per_row  # 3 chunks of 2 rows of 4 iterations

@@ -121,6 +121,8 @@ def test_chunk_compiles_once():
     chunk = ppo.make_chunk(c, net, opt, step_fn, False, 2, 4)
     traced = chex.assert_max_traces(chunk.__wrapped__, n=1)
     chunk = jax.jit(traced, donate_argnames=("state",))
-    for _ in range(3):
-        state, handle, out = chunk(state, handle)
+    state, handle = jax.device_put((state, handle))
+    with jax.transfer_guard("disallow"):  # no implicit host<->device copy inside the training loop
+        for _ in range(3):
+            state, handle, out = chunk(state, handle)
     assert int(state.update) == 6
