@@ -242,3 +242,58 @@ def test_learning_fails_clearly(tmp_path, capsys):
     assert f"No training script {tmp_path.resolve() / 'nope.py'} for --algo nope" in err
     assert learning.main(["--algo", "nope", "--scripts-dir", str(tmp_path), "--", "--seed", "3"]) == 2
     assert "--seed is set by learning.py" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- breakdown
+
+import math  # noqa: E402
+
+from benchmarks import breakdown  # noqa: E402
+
+
+def test_quick_breakdown_writes_expected_structure(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/breakdown.py", "--quick", "--out-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kind = machine.kind(machine.describe())
+    doc = json.loads((tmp_path / f"breakdown_{kind}_quick.json").read_text())
+    assert MACHINE_KEYS <= set(doc["machine"]) and doc["kind"] == kind
+    assert doc["settings"]["quick"] is True and doc["settings"]["env"] == "CartPole-v1"
+    assert [r["name"] for r in doc["algorithms"]] == list(breakdown.DEFAULT_ALGOS)
+    for r in doc["algorithms"]:
+        assert r["status"] == "ok", r.get("reason")
+        assert set(r["components"]) == set(breakdown.COMPONENTS)
+        for name, f in r["components"].items():
+            assert math.isfinite(f["share"]) and 0 <= f["share"] <= 1.5, (r["name"], name, f)
+            assert f["us_per_env_step"] == pytest.approx(f["ms_per_update"] * 1e3 / r["steps_per_update"])
+        d = r["derived"]
+        assert set(d) == set(breakdown.DERIVED)
+        assert all(math.isfinite(d[k]["ms_per_update"]) and math.isfinite(d[k]["share"]) for k in d)
+        assert sum(d[k]["share"] for k in breakdown.DERIVED[:-1]) == pytest.approx(1.0)
+        c = r["components"]
+        assert d["total"]["ms_per_update"] == pytest.approx(c["chunk"]["ms_per_update"] + c["host"]["ms_per_update"])
+    md = (tmp_path / f"breakdown_{kind}_quick.md").read_text()
+    assert f"**Machine:** {doc['machine_summary']}" in md and "## How to read this" in md
+    assert all(f"| {name} |" in md for name in breakdown.DEFAULT_ALGOS)
+
+
+def test_breakdown_bad_input_and_derived_figures(capsys):
+    assert breakdown.main(["--algos", "ppo", "sac"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Unknown algorithm 'sac'" in err and "ppo-cfc" in err
+    assert breakdown.main(["--env", "Breakout-v4x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'Breakout-v4x'" in err and "Breakout-v5" in err
+    # 2 updates per call of 100 env steps each; host: 10 updates per training chunk.
+    timings = {name: {"call_s": [s, 3 * s], "compile_s": 1.0} for name, s in
+               (("env", 0.004), ("act", 0.010), ("learn", 0.006), ("chunk", 0.018))}  # fmt: skip
+    timings["host"] = {"chunk_s": [0.02, 0.02], "updates_per_training_chunk": 10}
+    comp, derived = breakdown.summarize(timings, {"updates_per_call": 2, "steps_per_update": 100})
+    assert comp["act"]["ms_per_update"] == pytest.approx(10.0) and comp["host"]["ms_per_update"] == pytest.approx(2.0)
+    assert comp["env"]["us_per_env_step"] == pytest.approx(40.0)  # median 8 ms per call of 2 x 100 steps
+    assert derived["total"]["ms_per_update"] == pytest.approx(20.0)
+    assert derived["inference"]["ms_per_update"] == pytest.approx(6.0)
+    assert derived["unexplained"]["ms_per_update"] == pytest.approx(18.0 - 10.0 - 6.0)
+    assert sum(derived[k]["share"] for k in breakdown.DERIVED[:-1]) == pytest.approx(1.0)
