@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,6 +40,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -110,6 +112,13 @@ def write_sequence(path: str | os.PathLike, obs: np.ndarray, actions: np.ndarray
     os.replace(tmp, path)
 
 
+#: NumPy parses .npy headers with ``ast.literal_eval``, which CPython before
+#: 3.12.1 (and 3.11.8) can break when threads call it at once ("SystemError: AST
+#: constructor recursion depth mismatch", CPython gh-106905); the loader's reader
+#: threads then take turns parsing. A no-op lock on fixed Pythons.
+_NPY_PARSE_LOCK = threading.Lock() if sys.version_info < (3, 12, 1) else contextlib.nullcontext()
+
+
 def read_sequence(
     path: str | os.PathLike, *, num_actions: int | None = None, channels_first: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -124,15 +133,16 @@ def read_sequence(
     path = Path(path)
     expected = "an .npz archive with obs uint8 [S, 84, 84, 4] and actions int64 [S] (the ncps layout)"
     try:
-        f = np.load(path, allow_pickle=False)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise DataError(f"{path} holds a single array, not {expected}.")
-        with f:
-            missing = [k for k in ("obs", "actions") if k not in f.files]
-            if missing:
-                raise DataError(f"{path} lacks {' and '.join(missing)} (it has {', '.join(f.files) or 'nothing'}); "
-                                f"expected {expected}.")
-            obs, actions = f["obs"], f["actions"]
+        with _NPY_PARSE_LOCK:
+            f = np.load(path, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} holds a single array, not {expected}.")
+            with f:
+                missing = [k for k in ("obs", "actions") if k not in f.files]
+                if missing:
+                    raise DataError(f"{path} lacks {' and '.join(missing)} (it has "
+                                    f"{', '.join(f.files) or 'nothing'}); expected {expected}.")
+                obs, actions = f["obs"], f["actions"]
     except DataError:
         raise
     except FileNotFoundError:
