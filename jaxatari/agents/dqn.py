@@ -73,7 +73,7 @@ import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -801,6 +801,31 @@ def make_evaluator(c: Config, qnet: QNetwork, env_options: dict[str, Any]):
     return score
 
 
+class _Prepared(NamedTuple):
+    config: Config  # with run_dir filled
+    net_spec: NetworkSpec
+    qnet: QNetwork
+    nbytes: int  # replay bytes, all buffers
+    save_buffer: bool  # the buffer goes into checkpoints
+    stored: dict  # the resumed run's config.json ({} for a new run)
+    schedule: runner.Schedule
+    run_dir: Path
+
+
+def _prepare(c: Config, spec: envs.EnvSpec, buffers: int = 1) -> _Prepared:
+    """What every training path (:func:`train`, :func:`train_sharded`,
+    :func:`train_population`) derives from the config and the env spec;
+    ``buffers``: replay buffers held (one per agent)."""
+    net_spec = network_spec(c, spec)
+    nbytes = buffers * buffer_nbytes(c, spec)
+    stored = runner.load_run_config(c.resume) if c.resume else {}
+    sched = runner.make_schedule(c.total_timesteps, c.steps_per_row, c.chunk_steps,
+                                 updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
+    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, ALGO, c.seed))
+    return _Prepared(dataclasses.replace(c, run_dir=str(run_dir)), net_spec, QNetwork(net_spec), nbytes,
+                     c.checkpoint_buffer and nbytes <= c.checkpoint_buffer_limit_gib * 2**30, stored, sched, run_dir)
+
+
 def train(config: Config) -> runner.RunResult:
     """Train DQN as configured; returns the final :class:`jaxatari.runner.RunResult`."""
     from jaxatari.checkpoint import Checkpointer
@@ -820,17 +845,9 @@ def train(config: Config) -> runner.RunResult:
     env_options = envs.parse_env_options(c.env_option)
     env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, options=env_options,
                           num_threads=c.num_threads)
-    net_spec = network_spec(c, spec)
-    qnet = QNetwork(net_spec)
-    nbytes = buffer_nbytes(c, spec)
-    save_buffer = c.checkpoint_buffer and nbytes <= c.checkpoint_buffer_limit_gib * 2**30
-    stored = runner.load_run_config(c.resume) if c.resume else {}
-    sched = runner.make_schedule(c.total_timesteps, c.steps_per_row, c.chunk_steps,
-                                 updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
+    c, net_spec, qnet, nbytes, save_buffer, stored, sched, run_dir = _prepare(c, spec)
     optimizer = make_optimizer(c)
 
-    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, ALGO, c.seed))
-    c = dataclasses.replace(c, run_dir=str(run_dir))
     obs, _ = env.reset()
     make_state = functools.partial(init, c, spec, qnet, optimizer, obs, jax.random.PRNGKey(c.seed))
 
@@ -945,16 +962,8 @@ def train_sharded(c: Config) -> runner.RunResult:
     senv = parallel.make_sharded_envs(c.env, c.num_envs, seed=c.seed, devices_per_process=n, preset=c.preset,
                                       options=env_options, num_threads=c.num_threads, backend=c.env_backend)
     spec, mesh = senv.spec, senv.mesh
-    net_spec = network_spec(c, spec)
-    qnet = QNetwork(net_spec)
-    nbytes = buffer_nbytes(c, spec)
-    save_buffer = c.checkpoint_buffer and nbytes <= c.checkpoint_buffer_limit_gib * 2**30
-    stored = runner.load_run_config(c.resume) if c.resume else {}
-    sched = runner.make_schedule(c.total_timesteps, c.steps_per_row, c.chunk_steps,
-                                 updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
+    c, net_spec, qnet, nbytes, save_buffer, stored, sched, run_dir = _prepare(c, spec)
     optimizer = make_optimizer(c)
-    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, ALGO, c.seed))
-    c = dataclasses.replace(c, run_dir=str(run_dir))
 
     local_obs = senv.initial_obs
     s0 = init(dataclasses.replace(c, num_envs=1, buffer_size=1), spec, qnet, optimizer, local_obs[:1],
@@ -1046,15 +1055,7 @@ def train_population(c: Config) -> runner.RunResult:
     agents = [dataclasses.replace(c, seed=s, **({name: values[k]} if name else {})) for k, s in enumerate(seeds)]
     env, spec = parallel.make_population_envs(c.env, c.num_envs, seeds, preset=c.preset, options=env_options,
                                               num_threads=c.num_threads)
-    net_spec = network_spec(c, spec)
-    qnet = QNetwork(net_spec)
-    nbytes = K * buffer_nbytes(c, spec)
-    save_buffer = c.checkpoint_buffer and nbytes <= c.checkpoint_buffer_limit_gib * 2**30
-    stored = runner.load_run_config(c.resume) if c.resume else {}
-    sched = runner.make_schedule(c.total_timesteps, c.steps_per_row, c.chunk_steps,
-                                 updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
-    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, ALGO, c.seed))
-    c = dataclasses.replace(c, run_dir=str(run_dir))
+    c, net_spec, qnet, nbytes, save_buffer, stored, sched, run_dir = _prepare(c, spec, buffers=K)
     total_B = K * c.num_envs
     obs, _ = env.reset()
     obs = obs.reshape(K, c.num_envs, *obs.shape[1:])
