@@ -120,7 +120,7 @@ class Args:
     threads: int | None = None
     """EnvPool worker threads (default: all usable cores; --quick min(2, cores))."""
     algos: tuple[str, ...] = DEFAULT_ALGOS
-    """Rows to measure, names from throughput.ALGORITHMS (ppo, ppo-cfc, ppo-cfc-nature, a2c, dqn)."""
+    """Rows to measure, names from throughput.ALGORITHMS (ppo, ppo-cfc, ppo-cfc-nature, a2c, dqn, ppo-g2, a2c-g2)."""
     repeats: int | None = None
     """Timed windows per part; the median is reported (default 3; --quick 1)."""
     window: float | None = None
@@ -277,7 +277,8 @@ def measure_actor_critic(module, c, s: Settings, log) -> Measured:
     from jaxatari.rollout import rollout
 
     is_ppo = module.ALGO == "ppo"
-    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads)
+    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads,
+                          groups=c.env_groups)
     try:
         net_spec = module.network_spec(c, spec)
         net = ActorCritic(net_spec)

@@ -96,6 +96,9 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "ppo-cfc-nature": AlgoSpec("jaxatari.agents.ppo", {"network": "cfc", "torso": "nature"}),
     "a2c": AlgoSpec("jaxatari.agents.a2c"),
     "dqn": AlgoSpec("jaxatari.agents.dqn"),
+    # Pipelined acting (--env-groups 2): each half of the envs emulates while the policy acts for the other.
+    "ppo-g2": AlgoSpec("jaxatari.agents.ppo", {"env_groups": 2}),
+    "a2c-g2": AlgoSpec("jaxatari.agents.a2c", {"env_groups": 2}),
 }
 """Registry of training rows: name -> module with a `benchmark()` and the overrides passed to it."""
 

@@ -225,6 +225,7 @@ def make(
     num_threads: int = 0,
     batch_size: int | None = None,
     render_mode: str | None = None,
+    groups: int = 1,
 ):
     """Build an EnvPool gymnasium batch. Returns ``(env, EnvSpec)``.
 
@@ -237,11 +238,23 @@ def make(
       num_threads: EnvPool worker threads (0 = EnvPool's default).
       batch_size: < ``num_envs`` selects EnvPool's async mode.
       render_mode: ``"rgb_array"`` enables ``env.render(env_ids=[...])`` (RGB frames, for video).
+      groups: > 1 builds :class:`EnvGroups`: ``groups`` pools of ``num_envs / groups``
+        envs (env ``i`` still seeded ``seed + i``), for pipelined acting
+        (:func:`jaxatari.rollout.rollout`). Each pool gets ``num_threads`` threads.
     """
     import envpool
 
     if num_envs < 1:
         raise EnvError(f"num_envs={num_envs} is not accepted: it must be >= 1.")
+    check_groups(num_envs, groups)
+    if groups > 1:
+        if batch_size not in (None, num_envs) or render_mode:
+            raise EnvError("env groups take neither batch_size (async mode) nor render_mode.")
+        m = num_envs // groups
+        made = [make(env_id, m, seed=seed + g * m, preset=preset, options=options, num_threads=num_threads)
+                for g in range(groups)]
+        spec = dataclasses.replace(made[0][1], num_envs=num_envs)
+        return EnvGroups([env for env, _ in made]), spec
     resolved = resolve_options(env_id, preset, options)
     env = envpool.make(
         env_id,
@@ -270,6 +283,72 @@ def make(
         atari=is_atari(env_id),
     )
     return env, spec
+
+
+def check_groups(num_envs: int, groups: int) -> None:
+    """Raise :class:`EnvError` unless ``groups`` splits ``num_envs`` evenly."""
+    if groups < 1 or num_envs % groups:
+        raise EnvError(f"--env-groups {groups} is not accepted with --num-envs {num_envs}: it must be >= 1 "
+                       "and divide the number of envs.")
+
+
+def groups_note(groups: int) -> str:
+    """`` (G env groups, pipelined)`` for a run's header line; empty for one pool."""
+    return f" ({groups} env groups, pipelined)" if groups > 1 else ""
+
+
+def _concat_info(infos: list[dict], offsets: list[int]) -> dict:
+    out = {}
+    for k, v in infos[0].items():
+        if isinstance(v, dict):
+            out[k] = _concat_info([i[k] for i in infos], offsets)
+        elif k == "env_id":
+            out[k] = np.concatenate([np.asarray(i[k]) + o for i, o in zip(infos, offsets)])
+        else:
+            out[k] = np.concatenate([np.asarray(i[k]) for i in infos])
+    return out
+
+
+class EnvGroups:
+    """``G`` EnvPools of ``M = B / G`` envs each, seen from the host as one batch of ``B``.
+
+    Group ``g`` holds envs ``g*M .. (g+1)*M - 1`` (env ``i`` seeded ``seed + i``,
+    exactly as in one pool of ``B``). :meth:`step` sends every group its actions
+    before receiving any, so the groups emulate concurrently. Inside ``jit``,
+    :func:`make_step_fn` turns it into a :class:`GroupedStep`, whose per-group
+    ``send``/``recv`` let the rollout act for one group while the others emulate.
+    """
+
+    def __init__(self, pools: list):
+        self.pools = list(pools)
+        self.groups = len(self.pools)
+        self.group_size = int(self.pools[0].config["num_envs"])
+        self.num_envs = self.groups * self.group_size
+        self.observation_space = self.pools[0].observation_space
+        self.action_space = self.pools[0].action_space
+        self._offsets = [g * self.group_size for g in range(self.groups)]
+
+    def _join(self, outs):
+        obs = np.concatenate([o[0] for o in outs])
+        rest = [np.concatenate([o[i] for o in outs]) for i in range(1, len(outs[0]) - 1)]
+        return (obs, *rest, _concat_info([o[-1] for o in outs], self._offsets))
+
+    def reset(self):
+        """``(obs [B, ...], info)`` of all groups."""
+        return self._join([p.reset() for p in self.pools])
+
+    def step(self, actions: np.ndarray):
+        """Step all ``B`` envs; returns EnvPool's ``(obs, reward, terminated, truncated, info)``."""
+        actions = np.asarray(actions)
+        if actions.shape[0] != self.num_envs:
+            raise EnvError(f"EnvGroups.step takes {self.num_envs} actions, got {actions.shape[0]}.")
+        for p, o in zip(self.pools, self._offsets):
+            p.send(actions[o:o + self.group_size])
+        return self._join([p.recv(reset=False, return_info=True) for p in self.pools])
+
+    def close(self) -> None:
+        for p in self.pools:
+            p.close()
 
 
 # ---------------------------------------------------------------------------
@@ -324,9 +403,13 @@ def make_step_fn(env, spec: EnvSpec, backend: str = "auto") -> tuple[jax.Array, 
       device, else ``callback`` with a log line saying why.
 
     The env must have been reset (``env.reset()``) before the first step.
+    For :class:`EnvGroups` the step is a :class:`GroupedStep` (``xla`` only) and
+    the handle a tuple of the groups' handles.
     """
     if backend not in ("auto", "xla", "callback"):
         raise EnvError(f"env backend {backend!r} is not accepted; use auto, xla or callback.")
+    if isinstance(env, EnvGroups):
+        return _grouped_step_fn(env, spec, backend)
     if backend in ("auto", "xla"):
         try:
             handle, _recv, _send, xla_step = env.xla()
@@ -347,6 +430,51 @@ def make_step_fn(env, spec: EnvSpec, backend: str = "auto") -> tuple[jax.Array, 
                 jax.default_backend(), type(e).__name__, e,
             )
     return _callback_step_fn(env, spec)
+
+
+class GroupedStep:
+    """The step of :class:`EnvGroups` inside ``jit``: ``(handles, actions [B]) ->
+    (handles, Timestep [B])`` like any :data:`StepFn` (every group sent its actions,
+    then every group received), plus per-group ``send[g](h, actions [M]) -> h`` and
+    ``recv[g](h) -> (h, Timestep [M])`` for pipelined acting."""
+
+    def __init__(self, sends, recvs, group_size: int):
+        self.send, self.recv = tuple(sends), tuple(recvs)
+        self.groups, self.group_size = len(self.send), group_size
+
+    def __call__(self, handles, actions):
+        M, hs = self.group_size, list(handles)
+        for g in range(self.groups):
+            hs[g] = self.send[g](hs[g], actions[g * M:(g + 1) * M])
+        parts = []
+        for g in range(self.groups):
+            hs[g], ts = self.recv[g](hs[g])
+            parts.append(ts)
+        return tuple(hs), jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def _grouped_step_fn(env: EnvGroups, spec: EnvSpec, backend: str) -> tuple[tuple, GroupedStep, str]:
+    if backend == "callback":
+        raise EnvError("env groups step the pools inside the compiled program (env.xla()); "
+                       "--env-backend callback is not accepted with --env-groups > 1.")
+    handles, sends, recvs = [], [], []
+    for pool in env.pools:
+        handle, recv, send, _ = pool.xla()
+
+        def recv_ts(h, recv=recv):
+            h, (obs, rew, term, trunc, info) = recv(h)
+            return h, _timestep_from_envpool(obs, rew, term, trunc, info, jnp)
+
+        handles.append(handle)
+        sends.append(send)
+        recvs.append(recv_ts)
+    step = GroupedStep(sends, recvs, env.group_size)
+    try:
+        jax.jit(step).lower(tuple(handles), jnp.zeros((spec.num_envs,), jnp.int32)).compile()
+    except Exception as e:  # noqa: BLE001
+        raise EnvError(f"env groups need EnvPool's xla() on backend {jax.default_backend()} "
+                       f"({type(e).__name__}: {e}); use --env-groups 1 here.") from None
+    return tuple(handles), step, "xla"
 
 
 def _callback_step_fn(env, spec: EnvSpec) -> tuple[jax.Array, StepFn, str]:
@@ -468,6 +596,25 @@ class EnvState:
     done: jax.Array
     first: jax.Array
     stats: EpisodeStats
+
+
+def env_state_rows(state: EnvState, rows: slice) -> EnvState:
+    """The envs ``rows`` of ``state``: per-env fields sliced, the shared window of
+    finished returns (and its count) kept whole."""
+    st = state.stats
+    return EnvState(obs=state.obs[rows], done=state.done[rows], first=state.first[rows],
+                    stats=EpisodeStats(returns=st.returns[rows], lengths=st.lengths[rows],
+                                       window=st.window, count=st.count))
+
+
+def env_state_set_rows(state: EnvState, rows: slice, sub: EnvState) -> EnvState:
+    """``state`` with envs ``rows`` (and the shared window) taken from ``sub``."""
+    st = state.stats
+    return EnvState(obs=state.obs.at[rows].set(sub.obs), done=state.done.at[rows].set(sub.done),
+                    first=state.first.at[rows].set(sub.first),
+                    stats=EpisodeStats(returns=st.returns.at[rows].set(sub.stats.returns),
+                                       lengths=st.lengths.at[rows].set(sub.stats.lengths),
+                                       window=sub.stats.window, count=sub.stats.count))
 
 
 def env_state_init(obs: np.ndarray, window: int = 100) -> EnvState:

@@ -592,6 +592,23 @@ def population_step_fn(step_fn: envs.StepFn, num_agents: int) -> Callable:
 # ---------------------------------------------------------------------------
 
 
+def check_env_groups(c) -> None:
+    """Validate ``--env-groups`` (pipelined acting, :mod:`jaxatari.rollout`) against
+    the flags it cannot be combined with; raises before anything compiles."""
+    g = c.env_groups
+    if g < 1 or c.num_envs % g:
+        raise ParallelError(f"--env-groups {g} is not accepted with --num-envs {c.num_envs}: it must be >= 1 and "
+                            "divide the number of envs.")
+    if g == 1:
+        return
+    if c.env_backend == "callback":
+        raise ParallelError(f"--env-groups {g} steps EnvPool inside the compiled program; it is not accepted with "
+                            "--env-backend callback (use auto or xla, or --env-groups 1).")
+    if c.num_agents > 1 or c.sweep or (c.devices or 1) > 1 or c.sharded or c.num_processes not in (None, 1):
+        raise ParallelError(f"--env-groups {g} runs on the single-device path; it is not accepted with "
+                            "--devices > 1, --sharded, --num-agents/--sweep or several processes.")
+
+
 def setup(c) -> tuple[Any, int, bool]:
     """Initialise ``jax.distributed`` if asked, resolve ``--devices`` and the
     population. Returns ``(config, devices_per_process, scaled)``; ``scaled``
@@ -610,6 +627,9 @@ def setup(c) -> tuple[Any, int, bool]:
     c = dataclasses.replace(c, devices=n)
     c = dataclasses.replace(c, sharded=resume_sharded(c))
     scaled = n > 1 or c.sharded or c.num_agents > 1 or bool(c.sweep) or jax.process_count() > 1
+    if scaled and getattr(c, "env_groups", 1) > 1:
+        raise ParallelError(f"--env-groups {c.env_groups} runs on the single-device path, and this run would use "
+                            f"{n} device(s) x {jax.process_count()} process(es); add --devices 1.")
     return c, n, scaled
 
 

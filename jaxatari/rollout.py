@@ -3,6 +3,15 @@
 A rollout runs ``num_steps`` env steps inside ``lax.scan``: sample an action
 from the policy, step EnvPool (``env.xla()`` or the host callback), update the
 episode statistics. Everything is time-major ``[T, B, ...]``.
+
+Pipelined acting. With :class:`jaxatari.envs.EnvGroups` (``--env-groups G``)
+the envs are ``G`` pools stepped in turn: receive group ``g``'s observations,
+act for it, send its actions, then the same for group ``g + 1`` while group
+``g`` emulates. The emulator's time then overlaps the policy's (on a GPU, or
+wherever the two do not share the same cores). Every env still takes exactly
+the actions a one-pool rollout with per-env sampling keys (``env_index``)
+would take: the result equals :func:`rollout` on one pool with
+``env_index=arange(B)``.
 """
 
 from __future__ import annotations
@@ -82,7 +91,13 @@ def rollout(
     Returns:
       ``(handle, env_state, carry, trajectory, episode_metrics)`` where ``carry``
       is the state after the last step (to continue the next rollout).
+
+    With a :class:`jaxatari.envs.GroupedStep` ``step_fn`` (env groups) the
+    rollout is pipelined (see the module docstring) and always samples per env
+    (``env_index`` defaults to ``arange(B)``).
     """
+    if isinstance(step_fn, envs.GroupedStep):
+        return _rollout_grouped(policy_fn, params, carry, env_state, handle, step_fn, key, num_steps, env_index)
 
     def body(c, k):
         handle, env_state, carry = c
@@ -104,6 +119,77 @@ def rollout(
     keys = jax.random.split(key, num_steps)
     (handle, env_state, carry), (traj, outcomes) = jax.lax.scan(body, (handle, env_state, carry), keys)
     return handle, env_state, carry, traj, episode_metrics(outcomes)
+
+
+def _rollout_grouped(policy_fn, params, carry, env_state, handles, gstep, key, num_steps, env_index):
+    G, M = gstep.groups, gstep.group_size
+    B = G * M
+    if env_index is None:
+        env_index = jnp.arange(B, dtype=jnp.int32)
+    rows = [slice(g * M, (g + 1) * M) for g in range(G)]
+    keys = jax.random.split(key, num_steps)
+
+    def act(g, state, carry, k):
+        """Policy and sampling for group ``g``: ``(carry, action, log_prob, value)``, each ``[M]``."""
+        view = envs.env_state_rows(state, rows[g])
+        sub = jax.tree.map(lambda x: x[rows[g]], carry)
+        sub, logits, value = policy_fn(params, sub, view.obs[None], view.first[None])
+        carry = jax.tree.map(lambda x, y: x.at[rows[g]].set(y), carry, sub)
+        logits = logits[0]
+        action = jax.vmap(lambda i, l: jax.random.categorical(jax.random.fold_in(k, i), l))(
+            env_index[rows[g]], logits).astype(jnp.int32)
+        return carry, (action, categorical_log_prob(logits, action), value[0])
+
+    def observe(g, state, ts, pending):
+        """Group ``g``'s bookkeeping of the step just received: ``(state, Trajectory [M], outcome [M])``."""
+        action, log_prob, value = pending
+        _, view, tr, outcome = envs.env_step(lambda h, a: (h, ts), None, envs.env_state_rows(state, rows[g]), action)
+        step = Trajectory(
+            obs=tr.obs, first=tr.first, valid=tr.valid, actions=action, log_probs=log_prob, values=value,
+            rewards=tr.reward, terminated=tr.terminated, truncated=tr.truncated,
+        )
+        return envs.env_state_set_rows(state, rows[g], view), step, outcome
+
+    def after(hs, g):
+        """Order group ``g+1``'s (or, wrapping, group 0's) env call after group ``g``'s send."""
+        n = (g + 1) % G
+        hs[g], hs[n] = jax.lax.optimization_barrier((hs[g], hs[n]))
+
+    def receive_all(hs, state, carry, pending, k):
+        """Receive, record and (if ``k`` is given) act again for each group in turn."""
+        steps, outcomes = [], []
+        for g in range(G):
+            hs[g], ts = gstep.recv[g](hs[g])
+            state, step, outcome = observe(g, state, ts, pending[g])
+            steps.append(step)
+            outcomes.append(outcome)
+            if k is not None:
+                carry, pending[g] = act(g, state, carry, k)
+                hs[g] = gstep.send[g](hs[g], pending[g][0])
+            after(hs, g)
+        join = lambda *xs: jnp.concatenate(xs)  # noqa: E731
+        return state, carry, jax.tree.map(join, *steps), jax.tree.map(join, *outcomes)
+
+    hs, pending = list(handles), [None] * G
+    for g in range(G):  # step 0: act and send for every group
+        carry, pending[g] = act(g, env_state, carry, keys[0])
+        hs[g] = gstep.send[g](hs[g], pending[g][0])
+        after(hs, g)
+
+    def body(c, k):
+        hs, state, carry, pending = c
+        hs, pending = list(hs), list(pending)
+        state, carry, step, outcome = receive_all(hs, state, carry, pending, k)
+        return (tuple(hs), state, carry, tuple(pending)), (step, outcome)
+
+    (hs, state, carry, pending), (traj, outcomes) = jax.lax.scan(
+        body, (tuple(hs), env_state, carry, tuple(pending)), keys[1:])
+    hs, pending = list(hs), list(pending)
+    state, carry, last, last_outcome = receive_all(hs, state, carry, pending, None)
+    cat = lambda a, b: jnp.concatenate([a, b[None]])  # noqa: E731
+    traj = jax.tree.map(cat, traj, last)
+    outcomes = jax.tree.map(cat, outcomes, last_outcome)
+    return tuple(hs), state, carry, traj, episode_metrics(outcomes)
 
 
 def bootstrap_value(policy_fn: PolicyFn, params, carry, env_state: envs.EnvState) -> jax.Array:

@@ -93,6 +93,10 @@ class Config:
     """EnvPool worker threads (0: EnvPool's default)."""
     env_backend: str = "auto"
     """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
+    env_groups: int = 1
+    """Pipelined acting: split the envs into this many EnvPools and act for one while the others emulate
+    (1: one pool, stepped synchronously). Pays where the emulator's time is comparable to the policy's (GPU,
+    many envs); samples with per-env keys, so a run differs from --env-groups 1 (see README, Performance)."""
     chunk_steps: int = 50_000
     """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C."""
     checkpoint_every: int | None = None
@@ -170,6 +174,7 @@ def resolve(config: Config) -> Config:
         )
     if c.cfc_mode not in ("default", "no_gate", "pure"):
         raise runner.ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
+    parallel.check_env_groups(c)
     return c
 
 
@@ -495,7 +500,7 @@ def train(config: Config) -> runner.RunResult:
         return parallel.train(sys.modules[__name__], c, devices)
     env_options = envs.parse_env_options(c.env_option)
     env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, options=env_options,
-                          num_threads=c.num_threads)
+                          num_threads=c.num_threads, groups=c.env_groups)
     net_spec = network_spec(c, spec)
     net = ActorCritic(net_spec)
     stored = runner.load_run_config(c.resume) if c.resume else {}
@@ -519,7 +524,8 @@ def train(config: Config) -> runner.RunResult:
             schedule=dataclasses.asdict(sched), env_backend_used=backend, versions=runner.versions(),
         ))
         print(f"PPO on {c.env} (preset {c.preset}: {spec.options}) | {c.num_envs} envs x {c.num_steps} steps | "
-              f"network {net_spec.torso}{'+cfc' if net_spec.recurrent else ''} | env backend {backend} | "
+              f"network {net_spec.torso}{'+cfc' if net_spec.recurrent else ''} | "
+              f"env backend {backend}{envs.groups_note(c.env_groups)} | "
               f"{jax.default_backend()} | run dir {run_dir}", flush=True)
 
         eval_fn = None
@@ -545,7 +551,8 @@ def benchmark(env_id: str, num_envs: int, num_threads: int, seconds: float, **ov
     import time
 
     c = resolve(Config(env=env_id, num_envs=num_envs, num_threads=num_threads, total_timesteps=10**9, **overrides))
-    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads)
+    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads,
+                          groups=c.env_groups)
     net_spec = network_spec(c, spec)
     net = ActorCritic(net_spec)
     optimizer = make_optimizer(c, 10**6)

@@ -1,18 +1,14 @@
 """PPO: config errors, learning on CartPole, the script on Breakout, resume and determinism."""
 
 import csv
-import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import chex
 import jax
-import numpy as np
 import pytest
 
 from jaxatari import runner
@@ -48,7 +44,6 @@ def test_zero_envs_rejected():
 
 
 def test_script_rejects_bad_env_id_quickly():
-    t0 = time.time()
     r = run_script("scripts/ppo.py", "--env", "Breakuot-v5", "--total-timesteps", "100")
     assert r.returncode == 2
     assert "Breakuot-v5" in r.stderr and "Breakout-v5" in r.stderr
