@@ -38,10 +38,9 @@ def _read(path: str) -> str | None:
 
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask), falling back to os.cpu_count()."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    from jaxatari.envs import usable_cores as cores
+
+    return cores()
 
 
 def _cpu() -> dict[str, Any]:

@@ -621,6 +621,8 @@ def setup(c) -> tuple[Any, int, bool]:
             raise ParallelError(f"--num-agents {c.num_agents} runs on one device of one process; "
                                 f"drop --devices {c.devices} (or run one population per device).")
         n = 1
+    elif getattr(c, "env_groups", 1) > 1 and c.devices is None:
+        n = 1  # pipelined acting runs on one device: the default "all local devices" means 1 here
     else:
         n = resolve_devices(c.devices, c.num_envs if jax.process_count() == 1 else
                             c.num_envs // max(jax.process_count(), 1))

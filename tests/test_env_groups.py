@@ -93,13 +93,14 @@ def leaves(result):
     (ppo, dict(num_steps=32, network="cfc", cfc_units=8, num_minibatches=2)),
     (a2c, dict(num_steps=5)),
 ])
-def test_env_groups_training_resumes_exactly(tmp_path, mod, extra):
+def test_env_groups_training_resumes_exactly(tmp_path, capsys, mod, extra):
     """Half a run with --env-groups 2, resumed (envs replayed from the action log)
     to the full length: the same params and metrics as one uninterrupted run."""
     steps = 4 * extra["num_steps"] * 8
     base = mod.Config(env="CartPole-v1", num_envs=4, env_groups=2, total_timesteps=steps,
                       chunk_steps=steps // 2, anneal_lr=False, tensorboard=False, devices=1, **extra)
     full = mod.train(dataclasses.replace(base, run_dir=str(tmp_path / "full")))
+    assert "(2 env groups, pipelined)" in capsys.readouterr().out
     half = mod.train(dataclasses.replace(base, total_timesteps=steps // 2, run_dir=str(tmp_path / "half")))
     assert half.global_step == steps // 2
     resumed = mod.train(dataclasses.replace(base, run_dir=str(tmp_path / "half"), resume=str(tmp_path / "half")))
@@ -121,3 +122,55 @@ def test_bad_env_groups_are_named_before_compiling(mod, kwargs, message):
     c = mod.Config(env="CartPole-v1", **{"num_envs": 4, **kwargs})
     with pytest.raises(parallel.ParallelError, match=message):
         mod.resolve(c)
+
+
+@pytest.mark.parametrize("mod", [ppo, a2c])
+def test_grouped_chunk_compiles_once_without_host_transfers(mod):
+    """The training chunk with env groups traces once, and repeated calls move
+    nothing between host and device beyond EnvPool's own custom calls."""
+    import chex
+
+    from jaxatari.networks import ActorCritic
+
+    c = mod.resolve(mod.Config(env="CartPole-v1", num_envs=4, num_steps=8, env_groups=2, devices=1))
+    env, spec = envs.make(c.env, c.num_envs, seed=0, groups=c.env_groups)
+    state = None
+    try:
+        ns = mod.network_spec(c, spec)
+        net, opt = ActorCritic(ns), mod.make_optimizer(c, 100)
+        obs, _ = env.reset()
+        state = mod.init(c, spec, ns, opt, obs, jax.random.PRNGKey(0))
+        handle, step_fn, _ = envs.make_step_fn(env, spec)
+        assert isinstance(handle, tuple) and len(handle) == 2
+        args = (c, net, opt, step_fn, False, 2, 100) if mod is ppo else (c, net, opt, step_fn, 2, 100)
+        chunk = mod.make_chunk(*args)
+        chex.clear_trace_counter()
+        chunk = jax.jit(chex.assert_max_traces(chunk.__wrapped__, n=1), donate_argnames=("state",))
+        state, handle = jax.device_put((state, handle))
+        with jax.transfer_guard("disallow"):
+            for _ in range(3):
+                state, handle, out = chunk(state, handle)
+        assert int(state.update) == 6
+        assert out.actions.shape == (2 * 8, 4)
+        assert jax.device_get(out.metrics["finite"]).all()
+    finally:
+        jax.block_until_ready(state)  # the pools must outlive every call that steps them
+        env.close()
+
+
+def test_env_groups_default_to_one_device_where_there_are_several():
+    """--devices defaults to all local devices; with --env-groups it means one
+    (pipelined acting is single-device), and an explicit --devices 2 is refused."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from jaxatari import parallel; from jaxatari.agents import ppo\n"
+            "c = ppo.resolve(ppo.Config(env='CartPole-v1', num_envs=4, env_groups=2))\n"
+            "c, n, scaled = parallel.setup(c)\n"
+            "print('RESULT', n, scaled, c.devices)\n"
+            "import jax; print('DEVICES', jax.local_device_count())\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RESULT 1 False 1" in r.stdout and "DEVICES 2" in r.stdout

@@ -95,8 +95,9 @@ class Config:
     """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
     env_groups: int = 1
     """Pipelined acting: split the envs into this many EnvPools and act for one while the others emulate
-    (1: one pool, stepped synchronously). Pays where the emulator's time is comparable to the policy's (GPU,
-    many envs); samples with per-env keys, so a run differs from --env-groups 1 (see README, Performance)."""
+    (1: one pool, stepped synchronously); the --num-threads are shared out between the pools. Pays where the
+    emulator's time is comparable to the policy's (GPU, many envs); samples with per-env keys, so a run differs
+    from --env-groups 1 (see README, Performance). Single device only."""
     chunk_steps: int = 50_000
     """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C."""
     checkpoint_every: int | None = None
@@ -512,13 +513,14 @@ def train(config: Config) -> runner.RunResult:
     c = dataclasses.replace(c, run_dir=str(run_dir))
     obs, _ = env.reset()
     state = init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))
+    # Before a resume replays the action log: a backend that cannot step these envs fails here, at once.
+    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
 
     with Checkpointer(run_dir, keep=c.keep) as ckpt:
         start_chunk, meta = 0, {}
         if c.resume:
             state, meta, start_chunk = runner.resume_training(
                 ckpt, state, run_dir=run_dir, env=env, schedule=sched, num_envs=c.num_envs, num_steps=c.num_steps)
-        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
         runner.write_config(run_dir, dict(
             runner.config_to_json(c), algo=ALGO, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
             schedule=dataclasses.asdict(sched), env_backend_used=backend, versions=runner.versions(),
