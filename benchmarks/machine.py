@@ -38,9 +38,10 @@ def _read(path: str) -> str | None:
 
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask), falling back to os.cpu_count()."""
-    from jaxatari.envs import usable_cores as cores
-
-    return cores()
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _cpu() -> dict[str, Any]:

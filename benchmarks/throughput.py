@@ -539,6 +539,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
         for r in doc["algorithms"]:
             frac = "-" if r.get("fraction_of_ceiling") is None else f"{r['fraction_of_ceiling']:.0%}"
             note = (r.get("reason") or "").replace("|", "/")
+            groups = (r.get("overrides") or {}).get("env_groups", 1)
+            if groups > 1 and not note:
+                note = f"{groups} EnvPools x {r['num_threads']} threads, pipelined acting"
             lines.append(
                 f"| {r['name']} | {r['num_envs']} | {r['num_threads']} | {r['status']} | {_n(r.get('sps'))} | "
                 f"{_n(r.get('compile_s'), 1)} | {frac} | {r.get('ceiling_row') or '-'} | {note} |"

@@ -96,7 +96,7 @@ class Config:
     """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
     env_groups: int = 1
     """Pipelined acting: split the envs into this many EnvPools and act for one while the others emulate
-    (1: one pool, stepped synchronously); the --num-threads are shared out between the pools. Pays where the
+    (1: one pool, stepped synchronously); each pool gets --num-threads workers. Pays where the
     emulator's time is comparable to the policy's (GPU, many envs); samples with per-env keys, so a run differs
     from --env-groups 1 (see README, Performance). Single device only."""
     chunk_steps: int = 50_000
