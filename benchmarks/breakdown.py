@@ -120,7 +120,8 @@ class Args:
     threads: int | None = None
     """EnvPool worker threads (default: all usable cores; --quick min(2, cores))."""
     algos: tuple[str, ...] = DEFAULT_ALGOS
-    """Rows to measure, names from throughput.ALGORITHMS (ppo, ppo-cfc, ppo-cfc-nature, a2c, dqn, ppo-g2, a2c-g2)."""
+    """Rows to measure, names from throughput.ALGORITHMS (ppo, ppo-cfc, ppo-cfc-nature, a2c, dqn, ppo-g2, a2c-g2,
+    dqn-ov)."""
     repeats: int | None = None
     """Timed windows per part; the median is reported (default 3; --quick 1)."""
     window: float | None = None
@@ -361,7 +362,7 @@ def measure_dqn(module, c, s: Settings, log) -> Measured:
         optimizer = dqn.make_optimizer(c)
         obs, _ = env.reset()
         state = dqn.init(c, spec, qnet, optimizer, obs, jax.random.PRNGKey(c.seed))
-        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
+        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend, split=c.overlap_learning)
         A, B = spec.num_actions, c.num_envs
         K = max(1, s.call_steps // c.steps_per_row)  # rows per call
         I = K * c.iterations_per_row  # iterations per call  # noqa: E741

@@ -21,6 +21,8 @@ after learning has started, so that every timed step pays for learning):
   compiled agent); the target is synced by step count with a jitted copy.
 * **compiled, B envs**: `jaxatari.agents.dqn.benchmark`: act, EnvPool step
   (`env.xla()`), buffer insert, sampling and updates in one compiled chunk.
+* **compiled, overlap** (`--overlap`): the same with `--overlap-learning`, the
+  gradient steps taken between EnvPool's send and recv.
 
 Both use the `--dqn-preset` hyperparameters (network, batch, loss, optimizer,
 `gradient_steps / train_frequency` updates per env step) with epsilon held at
@@ -79,6 +81,8 @@ class Args:
     """Timed seconds per row, after compilation and warm-up."""
     threads: int = 0
     """EnvPool threads of the compiled rows (0: min(num_envs, usable cores)); the Python loop uses 1."""
+    overlap: bool = False
+    """Also time each compiled row with --overlap-learning (gradient steps while the envs step)."""
     baseline: bool = True
     """Measure the one-env Python-loop baseline."""
     out_dir: str = str(RESULTS_DIR)
@@ -192,10 +196,12 @@ def measure(a: Args, log=print) -> dict[str, Any]:
         log(f"  {r['sps']:,.0f} SPS, {r['updates_per_s']:,.1f} updates/s")
     for b in a.num_envs:
         threads = a.threads or min(b, cores)
-        log(f"compiled DQN, {b} envs, {threads} threads on {a.env} ...")
-        r = dqn.benchmark(a.env, b, threads, a.seconds, **_overrides(a))
-        doc["rows"].append(dict(kind="compiled", num_envs=b, threads=threads, **r))
-        log(f"  {r['sps']:,.0f} SPS, {r['updates_per_s']:,.1f} updates/s (compiled in {r['compile_s']:.1f}s)")
+        variants = [("compiled", {})] + ([("compiled, overlap", dict(overlap_learning=True))] if a.overlap else [])
+        for kind, extra in variants:
+            log(f"{kind} DQN, {b} envs, {threads} threads on {a.env} ...")
+            r = dqn.benchmark(a.env, b, threads, a.seconds, **_overrides(a), **extra)
+            doc["rows"].append(dict(kind=kind, num_envs=b, threads=threads, **r))
+            log(f"  {r['sps']:,.0f} SPS, {r['updates_per_s']:,.1f} updates/s (compiled in {r['compile_s']:.1f}s)")
     base = next((r["sps"] for r in doc["rows"] if r["kind"] == "python-loop"), None)
     for r in doc["rows"]:
         r["speedup"] = r["sps"] / base if base else None
@@ -238,6 +244,8 @@ def write_results(doc: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"dqn_throughput_{machine.kind(doc['machine'])}_{doc['env'].lower().replace('-', '_')}"
+    if any("overlap" in r["kind"] for r in doc["rows"]):
+        stem += "_overlap"  # --overlap: its own files, the plain run's are kept
     js, md = out / f"{stem}.json", out / f"{stem}.md"
     js.write_text(json.dumps(doc, indent=2, default=str))
     md.write_text(to_markdown(doc))

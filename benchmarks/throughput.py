@@ -99,8 +99,15 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     # Pipelined acting (--env-groups 2): each half of the envs emulates while the policy acts for the other.
     "ppo-g2": AlgoSpec("jaxatari.agents.ppo", {"env_groups": 2}),
     "a2c-g2": AlgoSpec("jaxatari.agents.a2c", {"env_groups": 2}),
+    # DQN's gradient steps between EnvPool's send and recv (--overlap-learning).
+    "dqn-ov": AlgoSpec("jaxatari.agents.dqn", {"overlap_learning": True}),
 }
 """Registry of training rows: name -> module with a `benchmark()` and the overrides passed to it."""
+QUICK_ALGOS = ("ppo", "ppo-cfc", "a2c", "dqn")
+"""The rows of ``--quick``: one per algorithm, so that it stays under two minutes on 2 cores."""
+QUICK_OVERRIDES: dict[str, dict[str, Any]] = {"jaxatari.agents.dqn": {"log_every": 100}}
+"""Extra overrides under ``--quick``, per module (recorded in the row): DQN's benchmark times whole metric
+rows, and its default 1,000-step row takes ~16 s of learning on 2 CPU cores, longer than a quick row's budget."""
 
 
 # ----------------------------------------------------------------------------- ceiling
@@ -308,8 +315,9 @@ class Args:
     """Timed windows per ceiling row; the median is reported (default 3; --quick 1)."""
     warmup: float | None = None
     """Seconds stepped and discarded before timing a ceiling row (default 1; --quick 0.25)."""
-    algos: tuple[str, ...] = tuple(ALGORITHMS)
-    """Training rows to measure (names from the ALGORITHMS registry); pass none to skip the section."""
+    algos: tuple[str, ...] | None = None
+    """Training rows to measure (names from the ALGORITHMS registry; default: all of them, --quick: the four
+    algorithms ppo, ppo-cfc, a2c, dqn); pass none to skip the section."""
     algo_envs: tuple[int, ...] | None = None
     """Env counts for the training rows (default max(8, algo-threads); --quick 4)."""
     algo_threads: int | None = None
@@ -358,7 +366,7 @@ def resolve(args: Args, cores: int) -> Settings:
         seconds=pick(args.seconds, 5.0, 0.5),
         repeats=pick(args.repeats, 3, 1),
         warmup=pick(args.warmup, 1.0, 0.25),
-        algos=tuple(args.algos),
+        algos=tuple(args.algos) if args.algos is not None else (QUICK_ALGOS if q else tuple(ALGORITHMS)),
         algo_envs=tuple(args.algo_envs or ((4,) if q else (max(8, algo_threads),))),
         algo_threads=algo_threads,
         algo_seconds=pick(args.algo_seconds, 30.0, 2.0),
@@ -423,10 +431,13 @@ def run(s: Settings, log=print) -> dict[str, Any]:
         ceiling.append(row)
     algorithms = []
     for name in s.algos:
+        spec = ALGORITHMS[name]
+        if s.quick:
+            spec = AlgoSpec(spec.module, {**QUICK_OVERRIDES.get(spec.module, {}), **spec.overrides})
         for n in s.algo_envs:
             row = run_algorithm(
                 name,
-                ALGORITHMS[name],
+                spec,
                 env_id=s.env,
                 num_envs=n,
                 num_threads=s.algo_threads,
@@ -538,10 +549,15 @@ def to_markdown(doc: dict[str, Any]) -> str:
         ]
         for r in doc["algorithms"]:
             frac = "-" if r.get("fraction_of_ceiling") is None else f"{r['fraction_of_ceiling']:.0%}"
-            note = (r.get("reason") or "").replace("|", "/")
-            groups = (r.get("overrides") or {}).get("env_groups", 1)
-            if groups > 1 and not note:
-                note = f"{groups} EnvPools x {r['num_threads']} threads, pipelined acting"
+            overrides = r.get("overrides") or {}
+            notes = [(r.get("reason") or "").replace("|", "/")]
+            if overrides.get("env_groups", 1) > 1:
+                notes.append(f"{overrides['env_groups']} EnvPools x {r['num_threads']} threads, pipelined acting")
+            if overrides.get("overlap_learning"):
+                notes.append("gradient steps while the envs step (--overlap-learning)")
+            if "log_every" in overrides:
+                notes.append(f"{overrides['log_every']}-step metric rows (--quick)")
+            note = "; ".join(n for n in notes if n)
             lines.append(
                 f"| {r['name']} | {r['num_envs']} | {r['num_threads']} | {r['status']} | {_n(r.get('sps'))} | "
                 f"{_n(r.get('compile_s'), 1)} | {frac} | {r.get('ceiling_row') or '-'} | {note} |"

@@ -391,7 +391,7 @@ def _timestep_from_envpool(obs, reward, term, trunc, info, xnp) -> Timestep:
     )
 
 
-def make_step_fn(env, spec: EnvSpec, backend: str = "auto") -> tuple[jax.Array, StepFn, str]:
+def make_step_fn(env, spec: EnvSpec, backend: str = "auto", split: bool = False) -> tuple[jax.Array, StepFn, str]:
     """A step function usable inside ``jax.jit`` / ``lax.scan``.
 
     Returns ``(handle, step, backend_used)`` with ``step(handle, actions[B]) ->
@@ -405,13 +405,16 @@ def make_step_fn(env, spec: EnvSpec, backend: str = "auto") -> tuple[jax.Array, 
       device, else ``callback`` with a log line saying why.
 
     The env must have been reset (``env.reset()``) before the first step.
-    For :class:`EnvGroups` the step is a :class:`GroupedStep` (``xla`` only) and
-    the handle a tuple of the groups' handles.
+    For :class:`EnvGroups`, or a single pool with ``split=True`` (one group), the
+    step is a :class:`GroupedStep` (``xla`` only, with separate ``send`` and
+    ``recv``) and the handle a tuple of the groups' handles.
     """
     if backend not in ("auto", "xla", "callback"):
         raise EnvError(f"env backend {backend!r} is not accepted; use auto, xla or callback.")
     if isinstance(env, EnvGroups):
-        return _grouped_step_fn(env, spec, backend)
+        return _grouped_step_fn(env.pools, env.group_size, spec, backend)
+    if split:
+        return _grouped_step_fn([env], spec.num_envs, spec, backend)
     if backend in ("auto", "xla"):
         try:
             handle, _recv, _send, xla_step = env.xla()
@@ -455,12 +458,12 @@ class GroupedStep:
         return tuple(hs), jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def _grouped_step_fn(env: EnvGroups, spec: EnvSpec, backend: str) -> tuple[tuple, GroupedStep, str]:
+def _grouped_step_fn(pools: list, group_size: int, spec: EnvSpec, backend: str) -> tuple[tuple, GroupedStep, str]:
     if backend == "callback":
-        raise EnvError("env groups step the pools inside the compiled program (env.xla()); "
-                       "--env-backend callback is not accepted with --env-groups > 1.")
+        raise EnvError("a split env step (env groups, DQN's --overlap-learning) runs EnvPool inside the "
+                       "compiled program (env.xla()); --env-backend callback is not accepted with it.")
     handles, sends, recvs = [], [], []
-    for pool in env.pools:
+    for pool in pools:
         handle, recv, send, _ = pool.xla()
 
         def recv_ts(h, recv=recv):
@@ -470,12 +473,13 @@ def _grouped_step_fn(env: EnvGroups, spec: EnvSpec, backend: str) -> tuple[tuple
         handles.append(handle)
         sends.append(send)
         recvs.append(recv_ts)
-    step = GroupedStep(sends, recvs, env.group_size)
+    step = GroupedStep(sends, recvs, group_size)
     try:
         jax.jit(step).lower(tuple(handles), jnp.zeros((spec.num_envs,), jnp.int32)).compile()
     except Exception as e:  # noqa: BLE001
-        raise EnvError(f"env groups need EnvPool's xla() on backend {jax.default_backend()} "
-                       f"({type(e).__name__}: {e}); use --env-groups 1 here.") from None
+        raise EnvError(f"a split env step (env groups, DQN's --overlap-learning) needs EnvPool's xla() on backend "
+                       f"{jax.default_backend()} ({type(e).__name__}: {e}); use --env-groups 1 or drop "
+                       "--overlap-learning here.") from None
     return tuple(handles), step, "xla"
 
 

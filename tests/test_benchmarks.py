@@ -74,7 +74,7 @@ def test_quick_throughput_writes_expected_structure(tmp_path):
         assert r["sps"] > 0 and r["fps"] == pytest.approx(r["sps"] * r["frame_skip"])
         assert (r["batch_size"] == r["num_envs"]) == (r["mode"] == "sync")
     names = [r["name"] for r in doc["algorithms"]]
-    assert sorted(set(names)) == sorted(throughput.ALGORITHMS)
+    assert sorted(set(names)) == sorted(throughput.QUICK_ALGOS)
     for r in doc["algorithms"]:
         assert r["status"] in ("ok", "not available", "failed", "timed out")
         if r["status"] == "ok":
@@ -83,6 +83,9 @@ def test_quick_throughput_writes_expected_structure(tmp_path):
             assert r["reason"] and r["fraction_of_ceiling"] is None
     md = (tmp_path / f"throughput_{kind}_quick.md").read_text()
     assert doc["machine_summary"] in md and "| async |" in md and "| ppo |" in md
+    dqn_row = next(r for r in doc["algorithms"] if r["name"] == "dqn")  # --quick's shorter DQN rows, recorded
+    assert dqn_row["overrides"] == throughput.QUICK_OVERRIDES["jaxatari.agents.dqn"] == {"log_every": 100}
+    assert "100-step metric rows (--quick)" in md
 
 
 FAKE_ALGOS = {
@@ -123,6 +126,9 @@ def test_algorithm_rows_from_the_registry_contract(tmp_path, monkeypatch):
 def test_settings_defaults_and_validation():
     quick = throughput.resolve(throughput.Args(quick=True), cores=16)
     assert quick.threads == (2,) and quick.repeats == 1 and quick.algo_envs == (4,)
+    assert quick.algos == throughput.QUICK_ALGOS and set(quick.algos) <= set(throughput.ALGORITHMS)
+    assert throughput.resolve(throughput.Args(), cores=16).algos == tuple(throughput.ALGORITHMS)
+    assert throughput.resolve(throughput.Args(quick=True, algos=("dqn-ov",)), cores=2).algos == ("dqn-ov",)
     full = throughput.resolve(throughput.Args(), cores=16)
     assert full.threads == (16,) and full.algo_threads == 16 and full.algo_envs == (16,)
     assert throughput.resolve(throughput.Args(threads=(1, 2)), cores=2).algo_envs == (8,)
@@ -297,3 +303,26 @@ def test_breakdown_bad_input_and_derived_figures(capsys):
     assert derived["inference"]["ms_per_update"] == pytest.approx(6.0)
     assert derived["unexplained"]["ms_per_update"] == pytest.approx(18.0 - 10.0 - 6.0)
     assert sum(derived[k]["share"] for k in breakdown.DERIVED[:-1]) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- dqn_throughput
+
+from benchmarks import dqn_throughput  # noqa: E402
+
+
+def test_dqn_throughput_rows_and_files(tmp_path):
+    """Python-loop baseline, compiled and --overlap rows on CartPole; an --overlap run
+    writes its own files, so the plain run's results are kept."""
+    a = dqn_throughput.Args(env="CartPole-v1", num_envs=(2,), seconds=0.3, buffer_size=2_000, learning_starts=200,
+                            overlap=True, out_dir=str(tmp_path))
+    doc = dqn_throughput.measure(a, log=lambda *_: None)
+    assert [(r["kind"], r.get("num_envs")) for r in doc["rows"]] == [
+        ("python-loop", 1), ("compiled", 2), ("compiled, overlap", 2)]
+    for r in doc["rows"]:
+        assert r["sps"] > 0 and r["updates_per_s"] > 0 and r["replay_ratio"] == doc["rows"][0]["replay_ratio"]
+        assert r["speedup"] == pytest.approx(r["sps"] / doc["rows"][0]["sps"])
+    js, md = dqn_throughput.write_results(doc, tmp_path)
+    assert js.name == f"dqn_throughput_{machine.kind(doc['machine'])}_cartpole_v1_overlap.json"
+    assert "| compiled, overlap | 2 |" in md.read_text() and json.loads(js.read_text())["rows"] == doc["rows"]
+    plain = dict(doc, rows=doc["rows"][:2])
+    assert dqn_throughput.write_results(plain, tmp_path)[0].name.endswith("_cartpole_v1.json")

@@ -89,6 +89,13 @@ def test_replay_ratio_is_kept_for_any_env_count(num_envs, freq, grad_steps, peri
     (dict(optimizer="sgd"), r"--optimizer 'sgd' .* adam, rmsprop"),
     (dict(end_e=1.5), r"--end-e 1.5 .* \[0, 1\]"),
     (dict(train_frequency=0), r"--train-frequency 0"),
+    (dict(overlap_learning=True, env_backend="callback"), r"--overlap-learning .* --env-backend callback"),
+    (dict(overlap_learning=True, num_agents=2), r"--overlap-learning runs on the single-device path.* --num-agents 2 "),
+    (dict(overlap_learning=True, devices=2), r"single-device path; it is not accepted with --devices 2 "),
+    (dict(overlap_learning=True, sharded=True), r"single-device path; it is not accepted with --sharded "),
+    (dict(overlap_learning=True, sweep="learning_rate=1e-4,2e-4"), r"single-device path.* --sweep learning_rate="),
+    (dict(overlap_learning=True, num_processes=2, coordinator="localhost:1234"),
+     r"single-device path.* --num-processes 2 "),
 ])
 def test_bad_config_names_the_value(kw, match):
     with pytest.raises(runner.ConfigError, match=match):
@@ -124,18 +131,47 @@ def test_target_update_hard_and_polyak():
 # ---------------------------------------------------------------------------
 
 
-def test_chunk_compiles_once_and_keeps_the_replay_ratio():
-    # 3 envs, one update per 2 env steps: 3 updates every 2 iterations, from env step 30 on.
-    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=3, train_frequency=2, learning_starts=30,
-                               buffer_size=300, batch_size=16, log_every=12, target_network_frequency=7,
-                               mlp_hidden=(16,), total_timesteps=10_000))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_chunk_updates_the_buffer_in_place(overlap):
+    """No copy of the replay frames in the optimized program, with or without
+    --overlap-learning (learning on the buffer before inserting into it made XLA
+    copy the whole buffer every iteration)."""
+    import re
+
+    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=2, buffer_size=512, learning_starts=1, batch_size=8,
+                               mlp_hidden=(8,), total_timesteps=10_000, log_every=8, overlap_learning=overlap))
     env, spec = envs.make(c.env, c.num_envs, seed=0)
     qnet = QNetwork(dqn.network_spec(c, spec))
     opt = dqn.make_optimizer(c)
     obs, _ = env.reset()
     state = dqn.init(c, spec, qnet, opt, obs, jax.random.PRNGKey(0))
-    handle, step_fn, _ = envs.make_step_fn(env, spec)
+    handle, step_fn, _ = envs.make_step_fn(env, spec, split=overlap)
+    chunk = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=1)
+    hlo = chunk.lower(state, handle).compile().as_text()
+    env.close()
+    frames = state.replay.frames
+    shape = f"{jnp.dtype(frames.dtype).name.replace('float', 'f')}[{','.join(map(str, frames.shape))}]"
+    assert shape in hlo, shape  # the buffer is in the program
+    copies = re.findall(rf"= {re.escape(shape)}(?:{{[^}}]*}})? copy\(", hlo)
+    assert not copies, f"{len(copies)} copies of the replay frames {shape} per iteration"
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_chunk_compiles_once_and_keeps_the_replay_ratio(overlap):
+    # 3 envs, one update per 2 env steps: 3 updates every 2 iterations, from env step 30 on. With
+    # --overlap-learning an iteration learns on the buffer before its own 3 transitions (one iteration later).
+    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=3, train_frequency=2, learning_starts=30,
+                               buffer_size=300, batch_size=16, log_every=12, target_network_frequency=7,
+                               mlp_hidden=(16,), total_timesteps=10_000, overlap_learning=overlap))
+    env, spec = envs.make(c.env, c.num_envs, seed=0)
+    qnet = QNetwork(dqn.network_spec(c, spec))
+    opt = dqn.make_optimizer(c)
+    obs, _ = env.reset()
+    state = dqn.init(c, spec, qnet, opt, obs, jax.random.PRNGKey(0))
+    handle, step_fn, _ = envs.make_step_fn(env, spec, split=overlap)
+    assert isinstance(step_fn, envs.GroupedStep) == overlap
     chunk = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=2)
+    chex.clear_trace_counter()
     traced = chex.assert_max_traces(chunk.__wrapped__, n=1)
     chunk = jax.jit(traced, donate_argnames=("state",))
     rows = []
@@ -147,7 +183,8 @@ def test_chunk_compiles_once_and_keeps_the_replay_ratio():
         assert out.actions.shape == (2 * c.iterations_per_row, 3) and out.actions.dtype == jnp.uint8
     iters = 3 * 2 * c.iterations_per_row  # 3 chunks of 2 rows of 4 iterations
     assert int(state.iteration) == iters
-    expected = 3 * sum(1 for it in range(1, iters + 1) if it * 3 >= 30 and it % 2 == 0)
+    stored = (lambda it: it - 1) if overlap else (lambda it: it)  # iterations in the buffer it learns on
+    expected = 3 * sum(1 for it in range(1, iters + 1) if stored(it) * 3 >= 30 and it % 2 == 0)
     assert int(state.updates) == expected
     m = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     np.testing.assert_array_equal(m["env_steps"], np.arange(1, 7) * c.steps_per_row)
@@ -164,11 +201,13 @@ def test_chunk_compiles_once_and_keeps_the_replay_ratio():
 
 
 @pytest.mark.slow
-def test_cartpole_learns(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--overlap-learning"]])
+def test_cartpole_learns(tmp_path, extra):
     d = tmp_path / "run"
     r = run_script("scripts/dqn.py", "--env", "CartPole-v1", "--target-return", "400", "--run-dir", str(d),
-                   "--no-tensorboard")
+                   "--no-tensorboard", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert ("learning overlaps env steps" in r.stdout) == bool(extra)
     assert "Target return 400.0 reached" in r.stdout
     rows = read_csv(d / "metrics.csv")
     assert int(rows[-1]["global_step"]) <= 500_000
@@ -247,3 +286,39 @@ def test_resume_is_exact_with_the_buffer_and_refills_without(tmp_path, capsys):
     # The first row after the resume holds only the refilled transitions, with no learning yet.
     assert float(rows[3]["buffer_size"]) <= 200 and rows[3]["loss"] in ("", "nan")
     assert rows[-1]["loss"] not in ("", "nan")
+
+
+@pytest.mark.slow
+def test_overlapped_learning_resumes_exactly_and_differs_from_the_default(tmp_path):
+    """--overlap-learning: half a run resumed equals the whole run; the run is
+    not the default one (its gradient steps see the buffer one iteration later)."""
+    common = ["--env", "CartPole-v1", "--num-envs", "2", "--buffer-size", "1000", "--learning-starts", "300",
+              "--exploration-steps", "1000", "--log-every", "200", "--chunk-steps", "600",
+              "--checkpoint-every", "600", "--mlp-hidden", "32", "--no-tensorboard"]
+    full, part, plain = tmp_path / "full", tmp_path / "part", tmp_path / "plain"
+    _train(common + ["--overlap-learning", "--total-timesteps", "1200", "--run-dir", str(full)])
+    _train(common + ["--overlap-learning", "--total-timesteps", "600", "--run-dir", str(part)])
+    assert _train(["--resume", str(part), "--total-timesteps", "1200"]).global_step == 1200
+    assert _rows(part / "metrics.csv") == _rows(full / "metrics.csv")
+    assert json.loads((part / "config.json").read_text())["overlap_learning"] is True
+    _train(common + ["--total-timesteps", "1200", "--run-dir", str(plain)])
+    got, want = _rows(full / "metrics.csv"), _rows(plain / "metrics.csv")
+    assert [r["global_step"] for r in got] == [r["global_step"] for r in want]
+    assert [r["loss"] for r in got] != [r["loss"] for r in want]
+
+    # Without the buffer in the checkpoint it refills from scratch, pending transitions included.
+    nobuf = tmp_path / "nobuf"
+    _train(common + ["--overlap-learning", "--total-timesteps", "600", "--run-dir", str(nobuf),
+                     "--no-checkpoint-buffer"])
+    assert _train(["--resume", str(nobuf), "--total-timesteps", "1200"]).global_step == 1200
+    rows = read_csv(nobuf / "metrics.csv")
+    assert float(rows[3]["buffer_size"]) < 200 and rows[3]["loss"] in ("", "nan")
+    assert rows[-1]["loss"] not in ("", "nan")
+
+
+def test_overlapped_learning_refuses_several_processes(monkeypatch):
+    """Several processes given through the environment (not --num-processes) are refused too."""
+    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=4, overlap_learning=True))
+    monkeypatch.setattr(dqn.jax, "process_count", lambda: 2)
+    with pytest.raises(runner.ConfigError, match=r"--overlap-learning .* 2 processes"):
+        dqn.resolve_devices(c)
