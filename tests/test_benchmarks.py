@@ -271,10 +271,11 @@ def test_quick_breakdown_writes_expected_structure(tmp_path):
     for r in doc["algorithms"]:
         assert r["status"] == "ok", r.get("reason")
         assert set(r["components"]) == set(breakdown.COMPONENTS)
-        for name, f in r["components"].items():
-            assert math.isfinite(f["share"]) and 0 <= f["share"] <= 1.5, (r["name"], name, f)
-            assert f["us_per_env_step"] == pytest.approx(f["ms_per_update"] * 1e3 / r["steps_per_update"])
         d = r["derived"]
+        for name, f in r["components"].items():  # structure, not timing: one quick window can put a part above 100%
+            assert f["ms_per_update"] >= 0 and f["share"] == pytest.approx(
+                f["ms_per_update"] / d["total"]["ms_per_update"]), (r["name"], name, f)
+            assert f["us_per_env_step"] == pytest.approx(f["ms_per_update"] * 1e3 / r["steps_per_update"])
         assert set(d) == set(breakdown.DERIVED)
         assert all(math.isfinite(d[k]["ms_per_update"]) and math.isfinite(d[k]["share"]) for k in d)
         assert sum(d[k]["share"] for k in breakdown.DERIVED[:-1]) == pytest.approx(1.0)
