@@ -423,11 +423,10 @@ class State:
 def empty_transition(obs: jax.Array, num_envs: int) -> envs.Transition:
     """``B`` transitions that :func:`replay.add` skips (``valid`` all False):
     the pending transitions of ``--overlap-learning`` before the first step.
-    Run it under ``jax.jit`` where the result is donated (its flags share one
-    array when run eagerly)."""
-    no = jnp.zeros((num_envs,), jnp.bool_)
-    return envs.Transition(obs=jnp.zeros_like(obs), first=no, valid=no, action=jnp.zeros((num_envs,), jnp.int32),
-                           reward=jnp.zeros((num_envs,), jnp.float32), terminated=no, truncated=no,
+    Every leaf is its own array, so the result can be donated."""
+    no = lambda: jnp.zeros((num_envs,), jnp.bool_)  # noqa: E731
+    return envs.Transition(obs=jnp.zeros_like(obs), first=no(), valid=no(), action=jnp.zeros((num_envs,), jnp.int32),
+                           reward=jnp.zeros((num_envs,), jnp.float32), terminated=no(), truncated=no(),
                            next_obs=jnp.zeros_like(obs))
 
 
@@ -943,7 +942,7 @@ def train(config: Config) -> runner.RunResult:
             if not save_buffer:  # refill from scratch (with --overlap-learning, nothing pending either)
                 state = state.replace(replay=create_buffer(c, spec), buffer_iterations=jnp.zeros((), jnp.int32),
                                       pending=None if state.pending is None else
-                                      jax.jit(empty_transition, static_argnums=1)(state.pending.obs, c.num_envs))
+                                      empty_transition(state.pending.obs, c.num_envs))
             iterations = int(state.iteration)
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
                 raise runner.ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")

@@ -131,6 +131,17 @@ def test_target_update_hard_and_polyak():
 # ---------------------------------------------------------------------------
 
 
+def _chunk_parts(c):
+    """``(env, spec, qnet, optimizer, state, handle, step_fn)`` for :func:`dqn.make_chunk` on config ``c``."""
+    env, spec = envs.make(c.env, c.num_envs, seed=0)
+    qnet = QNetwork(dqn.network_spec(c, spec))
+    opt = dqn.make_optimizer(c)
+    obs, _ = env.reset()
+    state = dqn.init(c, spec, qnet, opt, obs, jax.random.PRNGKey(0))
+    handle, step_fn, _ = envs.make_step_fn(env, spec, split=c.overlap_learning)
+    return env, spec, qnet, opt, state, handle, step_fn
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_the_chunk_updates_the_buffer_in_place(overlap):
     """No copy of the replay frames in the optimized program, with or without
@@ -140,12 +151,7 @@ def test_the_chunk_updates_the_buffer_in_place(overlap):
 
     c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=2, buffer_size=512, learning_starts=1, batch_size=8,
                                mlp_hidden=(8,), total_timesteps=10_000, log_every=8, overlap_learning=overlap))
-    env, spec = envs.make(c.env, c.num_envs, seed=0)
-    qnet = QNetwork(dqn.network_spec(c, spec))
-    opt = dqn.make_optimizer(c)
-    obs, _ = env.reset()
-    state = dqn.init(c, spec, qnet, opt, obs, jax.random.PRNGKey(0))
-    handle, step_fn, _ = envs.make_step_fn(env, spec, split=overlap)
+    env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c)
     chunk = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=1)
     hlo = chunk.lower(state, handle).compile().as_text()
     env.close()
@@ -163,12 +169,7 @@ def test_chunk_compiles_once_and_keeps_the_replay_ratio(overlap):
     c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=3, train_frequency=2, learning_starts=30,
                                buffer_size=300, batch_size=16, log_every=12, target_network_frequency=7,
                                mlp_hidden=(16,), total_timesteps=10_000, overlap_learning=overlap))
-    env, spec = envs.make(c.env, c.num_envs, seed=0)
-    qnet = QNetwork(dqn.network_spec(c, spec))
-    opt = dqn.make_optimizer(c)
-    obs, _ = env.reset()
-    state = dqn.init(c, spec, qnet, opt, obs, jax.random.PRNGKey(0))
-    handle, step_fn, _ = envs.make_step_fn(env, spec, split=overlap)
+    env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c)
     assert isinstance(step_fn, envs.GroupedStep) == overlap
     chunk = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=2)
     chex.clear_trace_counter()
