@@ -101,6 +101,10 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "a2c-g2": AlgoSpec("jaxatari.agents.a2c", {"env_groups": 2}),
     # DQN's gradient steps between EnvPool's send and recv (--overlap-learning).
     "dqn-ov": AlgoSpec("jaxatari.agents.dqn", {"overlap_learning": True}),
+    # PPO's SGD steps on the previous rollout between EnvPool's send and recv (--overlap-learning): whole
+    # minibatches, and split into 8 micro-batches (one per env step at the defaults).
+    "ppo-ov": AlgoSpec("jaxatari.agents.ppo", {"overlap_learning": True}),
+    "ppo-ov8": AlgoSpec("jaxatari.agents.ppo", {"overlap_learning": True, "overlap_microbatches": 8}),
 }
 """Registry of training rows: name -> module with a `benchmark()` and the overrides passed to it."""
 QUICK_ALGOS = ("ppo", "ppo-cfc", "a2c", "dqn")
@@ -554,7 +558,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
             if overrides.get("env_groups", 1) > 1:
                 notes.append(f"{overrides['env_groups']} EnvPools x {r['num_threads']} threads, pipelined acting")
             if overrides.get("overlap_learning"):
-                notes.append("gradient steps while the envs step (--overlap-learning)")
+                k = overrides.get("overlap_microbatches", 1)
+                notes.append("gradient steps while the envs step (--overlap-learning"
+                             + (f", {k} micro-batches)" if k > 1 else ")"))
             if "log_every" in overrides:
                 notes.append(f"{overrides['log_every']}-step metric rows (--quick)")
             note = "; ".join(n for n in notes if n)

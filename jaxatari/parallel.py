@@ -621,18 +621,26 @@ def setup(c) -> tuple[Any, int, bool]:
             raise ParallelError(f"--num-agents {c.num_agents} runs on one device of one process; "
                                 f"drop --devices {c.devices} (or run one population per device).")
         n = 1
-    elif getattr(c, "env_groups", 1) > 1 and c.devices is None:
-        n = 1  # pipelined acting runs on one device: the default "all local devices" means 1 here
+    elif single_device_flag(c) and c.devices is None:
+        n = 1  # pipelined acting / overlapped learning runs on one device: "all local devices" means 1 here
     else:
         n = resolve_devices(c.devices, c.num_envs if jax.process_count() == 1 else
                             c.num_envs // max(jax.process_count(), 1))
     c = dataclasses.replace(c, devices=n)
     c = dataclasses.replace(c, sharded=resume_sharded(c))
     scaled = n > 1 or c.sharded or c.num_agents > 1 or bool(c.sweep) or jax.process_count() > 1
-    if scaled and getattr(c, "env_groups", 1) > 1:
-        raise ParallelError(f"--env-groups {c.env_groups} runs on the single-device path, and this run would use "
-                            f"{n} device(s) x {jax.process_count()} process(es); add --devices 1.")
+    if scaled and single_device_flag(c):
+        raise ParallelError(f"{single_device_flag(c)} runs on the single-device path, and this run would use "
+                            f"{n} device(s) x {jax.process_count()} process(es); add --devices 1 (one process).")
     return c, n, scaled
+
+
+def single_device_flag(c) -> str:
+    """The flag that keeps this run on the single-device path (``--env-groups G``,
+    ``--overlap-learning``), or ``''``."""
+    if getattr(c, "env_groups", 1) > 1:
+        return f"--env-groups {c.env_groups}"
+    return "--overlap-learning" if getattr(c, "overlap_learning", False) else ""
 
 
 def resume_sharded(c) -> bool:

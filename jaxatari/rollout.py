@@ -12,6 +12,10 @@ wherever the two do not share the same cores). Every env still takes exactly
 the actions a one-pool rollout with per-env sampling keys (``env_index``)
 would take: the result equals :func:`rollout` on one pool with
 ``env_index=arange(B)``.
+
+Work while the envs emulate. :func:`rollout_with_work` runs a given compiled
+function in the same gap, after the last send and before the next recv, on a
+static schedule (PPO's ``--overlap-learning`` runs its learner there).
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def rollout(
     (``env_index`` defaults to ``arange(B)``).
     """
     if isinstance(step_fn, envs.GroupedStep):
-        return _rollout_grouped(policy_fn, params, carry, env_state, handle, step_fn, key, num_steps, env_index)
+        return _rollout_grouped(policy_fn, params, carry, env_state, handle, step_fn, key, num_steps, env_index)[:5]
 
     def body(c, k):
         handle, env_state, carry = c
@@ -121,7 +125,47 @@ def rollout(
     return handle, env_state, carry, traj, episode_metrics(outcomes)
 
 
-def _rollout_grouped(policy_fn, params, carry, env_state, handles, gstep, key, num_steps, env_index):
+WorkFn = Callable[[Any, jax.Array], Any]
+
+
+def rollout_with_work(
+    policy_fn: PolicyFn,
+    params,
+    carry,
+    env_state: envs.EnvState,
+    handles: tuple,
+    step_fn: envs.GroupedStep,
+    key: jax.Array,
+    num_steps: int,
+    work: WorkFn,
+    work_state,
+    every: int = 1,
+    env_index: jax.Array | None = None,
+) -> tuple[tuple, envs.EnvState, Any, Trajectory, EpisodeMetrics, Any]:
+    """:func:`rollout` that runs ``work`` while the envs emulate.
+
+    At env steps ``t = n * every`` (``n = 0 .. num_steps / every - 1``), after
+    the last group's actions are sent and before the first group's next
+    observations are received, ``work_state = work(work_state, n)``: compiled
+    work placed where the program would otherwise wait for EnvPool (PPO's
+    ``--overlap-learning`` puts its learner there). ``n`` is traced; the
+    schedule is static (nested scans, no conditionals). ``work`` must not
+    depend on the rollout. ``step_fn`` is a :class:`jaxatari.envs.GroupedStep`
+    (``make_step_fn(..., split=True)`` for one pool); the rollout itself is
+    :func:`rollout`'s with that step (per-env sampling keys).
+
+    Returns :func:`rollout`'s tuple plus the final ``work_state``.
+    """
+    if not isinstance(step_fn, envs.GroupedStep):
+        raise TypeError("rollout_with_work needs a split env step (envs.make_step_fn(..., split=True)); "
+                        f"got {type(step_fn).__name__}.")
+    if every < 1 or num_steps % every:
+        raise ValueError(f"every={every} must be >= 1 and divide num_steps={num_steps}.")
+    return _rollout_grouped(policy_fn, params, carry, env_state, handles, step_fn, key, num_steps, env_index,
+                            (work, work_state, every))
+
+
+def _rollout_grouped(policy_fn, params, carry, env_state, handles, gstep, key, num_steps, env_index, work=None):
     G, M = gstep.groups, gstep.group_size
     B = G * M
     if env_index is None:
@@ -155,6 +199,15 @@ def _rollout_grouped(policy_fn, params, carry, env_state, handles, gstep, key, n
         n = (g + 1) % G
         hs[g], hs[n] = jax.lax.optimization_barrier((hs[g], hs[n]))
 
+    work_fn, w, every = work if work is not None else (None, None, 1)
+
+    def do_work(hs, w, n):
+        """``work`` after every group has sent (ordered after the last send through ``n``)."""
+        if work_fn is None:
+            return w
+        hs[G - 1], n = jax.lax.optimization_barrier((hs[G - 1], n))
+        return work_fn(w, n)
+
     def receive_all(hs, state, carry, pending, k):
         """Receive, record and (if ``k`` is given) act again for each group in turn."""
         steps, outcomes = [], []
@@ -175,21 +228,37 @@ def _rollout_grouped(policy_fn, params, carry, env_state, handles, gstep, key, n
         carry, pending[g] = act(g, env_state, carry, keys[0])
         hs[g] = gstep.send[g](hs[g], pending[g][0])
         after(hs, g)
+    w = do_work(hs, w, jnp.zeros((), jnp.int32))
 
-    def body(c, k):
-        hs, state, carry, pending = c
+    def step(c, k, n=None):
+        hs, state, carry, pending, w = c
         hs, pending = list(hs), list(pending)
-        state, carry, step, outcome = receive_all(hs, state, carry, pending, k)
-        return (tuple(hs), state, carry, tuple(pending)), (step, outcome)
+        state, carry, st, outcome = receive_all(hs, state, carry, pending, k)
+        if n is not None:
+            w = do_work(hs, w, n)
+        return (tuple(hs), state, carry, tuple(pending), w), (st, outcome)
 
-    (hs, state, carry, pending), (traj, outcomes) = jax.lax.scan(
-        body, (tuple(hs), env_state, carry, tuple(pending)), keys[1:])
+    def block(c, xs):
+        """Env steps ``n * every .. (n + 1) * every - 1``: the first with the work."""
+        k0, ks, n = xs
+        c, first = step(c, k0, n)
+        c, rest = jax.lax.scan(step, c, ks)
+        return c, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+
+    # Steps 1 .. every - 1, then blocks n = 1 .. num_steps / every - 1 (without work: every = 1, one block per step).
+    c = (tuple(hs), env_state, carry, tuple(pending), w)
+    c, head = jax.lax.scan(step, c, keys[1:every])
+    rest = keys[every:].reshape(num_steps // every - 1, every, *keys.shape[1:])
+    c, blocks = jax.lax.scan(block, c, (rest[:, 0], rest[:, 1:], jnp.arange(1, num_steps // every, dtype=jnp.int32)))
+    flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), blocks)
+    traj, outcomes = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, flat)
+    hs, state, carry, pending, w = c
     hs, pending = list(hs), list(pending)
     state, carry, last, last_outcome = receive_all(hs, state, carry, pending, None)
     cat = lambda a, b: jnp.concatenate([a, b[None]])  # noqa: E731
     traj = jax.tree.map(cat, traj, last)
     outcomes = jax.tree.map(cat, outcomes, last_outcome)
-    return tuple(hs), state, carry, traj, episode_metrics(outcomes)
+    return tuple(hs), state, carry, traj, episode_metrics(outcomes), w
 
 
 def bootstrap_value(policy_fn: PolicyFn, params, carry, env_state: envs.EnvState) -> jax.Array:

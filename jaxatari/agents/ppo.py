@@ -9,6 +9,12 @@ a recurrent policy carries its state across rollouts, stores it at the start of
 each rollout for the update, resets it where an episode starts, and its
 minibatches split along envs so that sequences stay whole (truncated BPTT at the
 rollout length).
+
+``--overlap-learning`` (:func:`update_overlapped`) learns on the previous
+rollout while the envs emulate the next one: the same SGD steps
+(:func:`sgd_by_microbatches`, equal to :func:`learn`'s to float rounding),
+placed between EnvPool's send and recv, with the acting policy one update
+behind the learner.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import dataclasses
 import functools
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +33,8 @@ from flax import struct
 
 from jaxatari import envs, parallel, runner
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry, resolve_network_spec
-from jaxatari.ops import PPOBatch, gae, ppo_loss
-from jaxatari.rollout import bootstrap_value, rollout, rollout_population
+from jaxatari.ops import PPOBatch, PPOLossInfo, gae, ppo_loss
+from jaxatari.rollout import bootstrap_value, rollout, rollout_population, rollout_with_work
 
 ALGO = "ppo"
 
@@ -98,6 +104,17 @@ class Config:
     (1: one pool, stepped synchronously); each pool gets --num-threads workers. Pays where the
     emulator's time is comparable to the policy's (GPU, many envs); samples with per-env keys, so a run differs
     from --env-groups 1 (see README, Performance). Single device only."""
+    overlap_learning: bool = False
+    """Learn on the previous rollout while the envs emulate the next one: the update's SGD steps run between
+    EnvPool's send and recv, spread over the rollout's env steps, so the policy acting lags the learner by one
+    update (the PPO ratio is taken against the policy that acted, as always). Pays where the emulator's and the
+    learner's time do not share the same cores (GPU). Needs --num-steps divisible by
+    --update-epochs x --num-minibatches; single device only (see README, Performance)."""
+    overlap_microbatches: int = 1
+    """With --overlap-learning: split each minibatch's gradient into this many micro-batches, one per env step
+    (accumulated, then one optimizer step: the same update to float rounding), to spread the learner more evenly.
+    Must divide the env steps per SGD step (--num-steps / (--update-epochs x --num-minibatches)) and, with
+    --network cfc, the envs per minibatch."""
     chunk_steps: int = 50_000
     """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C."""
     checkpoint_every: int | None = None
@@ -176,7 +193,45 @@ def resolve(config: Config) -> Config:
     if c.cfc_mode not in ("default", "no_gate", "pure"):
         raise runner.ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
     parallel.check_env_groups(c)
+    check_overlap(c)
     return c
+
+
+def check_overlap(c: Config) -> None:
+    """Validate ``--overlap-learning`` and ``--overlap-microbatches``; raises before anything compiles."""
+    k = c.overlap_microbatches
+    if not c.overlap_learning:
+        if k != 1:
+            raise runner.ConfigError(f"--overlap-microbatches {k} is only accepted with --overlap-learning.")
+        return
+    if c.env_backend == "callback":
+        raise runner.ConfigError("--overlap-learning steps EnvPool inside the compiled program; it is not "
+                                 "accepted with --env-backend callback (use auto or xla).")
+    bad = [flag for flag, on in (
+        (f"--num-agents {c.num_agents}", c.num_agents > 1), (f"--sweep {c.sweep}", bool(c.sweep)),
+        (f"--devices {c.devices}", (c.devices or 1) > 1), ("--sharded", c.sharded),
+        (f"--num-processes {c.num_processes}", c.num_processes not in (None, 1))) if on]
+    if bad:
+        raise runner.ConfigError(f"--overlap-learning runs on the single-device path; it is not accepted with "
+                                 f"{', '.join(bad)} (it refuses --devices > 1, --sharded, --num-agents/--sweep "
+                                 "and several processes).")
+    sgd_steps = c.update_epochs * c.num_minibatches
+    if c.num_steps % sgd_steps:
+        raise runner.ConfigError(
+            f"--overlap-learning spreads the --update-epochs x --num-minibatches = {c.update_epochs} x "
+            f"{c.num_minibatches} = {sgd_steps} SGD steps over the rollout's env steps: --num-steps {c.num_steps} "
+            f"must be a multiple of {sgd_steps}.")
+    per_step = c.num_steps // sgd_steps
+    if k < 1 or per_step % k:
+        raise runner.ConfigError(f"--overlap-microbatches {k} is not accepted: it must be >= 1 and divide the env "
+                                 f"steps per SGD step (--num-steps / {sgd_steps} = {per_step}).")
+    # A feed-forward minibatch (num_envs x update_epochs x per_step samples) then splits evenly; a recurrent one
+    # splits along envs.
+    if c.network == "cfc" and (c.num_envs // c.num_minibatches) % k:
+        raise runner.ConfigError(
+            f"--overlap-microbatches {k} is not accepted with --network cfc here: a recurrent minibatch splits "
+            f"along envs, and the envs per minibatch (--num-envs / --num-minibatches = "
+            f"{c.num_envs // c.num_minibatches}) must be divisible by it.")
 
 
 def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
@@ -204,6 +259,11 @@ class State:
     carry: Any  # recurrent state per env, () when feed-forward
     key: jax.Array
     update: jax.Array  # updates done so far (int32)
+    pending: PPOBatch | None = None
+    """``--overlap-learning`` only: the last rollout, ready to learn on (``[T, B]``,
+    ``extras = (first, carry at its start)``), learned on during the next one."""
+    has_pending: jax.Array | None = None
+    """``--overlap-learning`` only: False until the first rollout is pending."""
 
 
 def make_optimizer(c: Config, num_updates: int) -> optax.GradientTransformation:
@@ -215,6 +275,7 @@ def make_optimizer(c: Config, num_updates: int) -> optax.GradientTransformation:
 def init(c: Config, spec: envs.EnvSpec, net_spec: NetworkSpec, optimizer, obs: np.ndarray, key: jax.Array) -> State:
     k_params, k_train = jax.random.split(key)
     _, params = init_actor_critic(net_spec, k_params, spec.obs_shape, spec.obs_dtype)
+    overlap = c.overlap_learning
     return State(
         params=params,
         opt_state=optimizer.init(params),
@@ -222,7 +283,18 @@ def init(c: Config, spec: envs.EnvSpec, net_spec: NetworkSpec, optimizer, obs: n
         carry=initial_carry(net_spec, c.num_envs),
         key=k_train,
         update=jnp.zeros((), jnp.int32),
+        pending=empty_batch(c, spec, net_spec) if overlap else None,
+        has_pending=jnp.zeros((), bool) if overlap else None,
     )
+
+
+def empty_batch(c: Config, spec: envs.EnvSpec, net_spec: NetworkSpec) -> PPOBatch:
+    """An all-masked ``[T, B]`` :class:`PPOBatch` shaped like a rollout's (each leaf its own array)."""
+    T, B = c.num_steps, c.num_envs
+    f32 = lambda: jnp.zeros((T, B), jnp.float32)  # noqa: E731
+    return PPOBatch(obs=jnp.zeros((T, B, *spec.obs_shape), spec.obs_dtype), actions=jnp.zeros((T, B), jnp.int32),
+                    log_probs=f32(), values=f32(), advantages=f32(), returns=f32(), mask=jnp.zeros((T, B), bool),
+                    extras=(jnp.zeros((T, B), bool), initial_carry(net_spec, B)))
 
 
 # ---------------------------------------------------------------------------
@@ -309,14 +381,10 @@ def learn(state: State, traj, ep, env_state, carry, key, k_sgd, *, c: Config, ne
     ``env_index`` (global env indices ``[B/N]``) selects the sharded form: global
     advantage normalisation and masked means, gradients summed over devices.
     """
-    policy_fn = net.apply
     carry0 = state.carry
     sharded = env_index is not None
-    last_value = bootstrap_value(policy_fn, state.params, carry, env_state)
-    adv, ret = gae(traj.rewards, traj.values, traj.dones, last_value,
-                   gamma=c.gamma, gae_lambda=c.gae_lambda, truncations=traj.truncated)
-    batch = PPOBatch(obs=traj.obs, actions=traj.actions, log_probs=traj.log_probs, values=traj.values,
-                     advantages=adv, returns=ret, mask=traj.valid, extras=(traj.first, carry0))
+    batch = rollout_batch(net.apply, state.params, traj, carry0, carry, env_state, c)
+    ret = batch.returns
 
     loss_fn = functools.partial(ppo_loss, apply_fn=make_apply(net, recurrent), clip_eps=c.clip_coef,
                                 vf_coef=c.vf_coef, ent_coef=c.ent_coef, clip_value=c.clip_vloss,
@@ -356,34 +424,213 @@ def learn(state: State, traj, ep, env_state, carry, key, k_sgd, *, c: Config, ne
     (params, opt_state), (loss, info, gnorm) = jax.lax.scan(
         epoch, (state.params, state.opt_state), jax.random.split(k_sgd, c.update_epochs))
 
-    mask = traj.valid.astype(jnp.float32)
     if sharded:
+        mask = traj.valid.astype(jnp.float32)
         var_y = parallel.psum_masked_var(ret, traj.valid)
         explained_var = 1.0 - parallel.psum_masked_var(ret - traj.values, traj.valid) / jnp.maximum(var_y, 1e-8)
         ep = jax.lax.psum(ep, parallel.AXIS)
-        return_mean100 = parallel.global_window_mean(env_state.stats)
-        value_mean = parallel.psum_masked_mean(traj.values, mask)
-        return_target_mean = parallel.psum_masked_mean(ret, mask)
+        stats = dict(return_mean100=parallel.global_window_mean(env_state.stats), explained_variance=explained_var,
+                     value_mean=parallel.psum_masked_mean(traj.values, mask),
+                     return_target_mean=parallel.psum_masked_mean(ret, mask))
     else:
-        var_y = jnp.var(ret, where=traj.valid)
-        explained_var = 1.0 - jnp.var(ret - traj.values, where=traj.valid) / jnp.maximum(var_y, 1e-8)
-        return_mean100 = envs.window_mean(env_state.stats)
-        value_mean = (traj.values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-        return_target_mean = (ret * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        stats = batch_stats(batch, env_state)
     new_state = state.replace(params=params, opt_state=opt_state, env=env_state, carry=carry,
                               key=key, update=state.update + 1)
-    metrics = dict(
-        update=new_state.update,
-        env_steps=new_state.update * (c.num_envs * c.num_steps),
-        episode_return_sum=ep.return_sum, episode_length_sum=ep.length_sum, episode_count=ep.count,
-        return_mean100=return_mean100,
-        finite=jnp.isfinite(loss).all() & _tree_finite(params),
-        loss=loss.mean(), policy_loss=info.policy_loss.mean(), value_loss=info.value_loss.mean(),
-        entropy=info.entropy.mean(), approx_kl=info.approx_kl.mean(), clip_fraction=info.clip_fraction.mean(),
-        grad_norm=gnorm.mean(), explained_variance=explained_var,
-        value_mean=value_mean, return_target_mean=return_target_mean,
+    return new_state, _metrics(c, new_state, ep, stats, loss.mean(), jax.tree.map(jnp.mean, info), gnorm.mean())
+
+
+def rollout_batch(policy_fn, params, traj, carry0, carry, env_state: envs.EnvState, c: Config) -> PPOBatch:
+    """The ``[T, B]`` :class:`PPOBatch` of a rollout: GAE with the bootstrap value
+    of ``params`` (the policy that acted), ``extras = (first, carry0)``."""
+    last_value = bootstrap_value(policy_fn, params, carry, env_state)
+    adv, ret = gae(traj.rewards, traj.values, traj.dones, last_value,
+                   gamma=c.gamma, gae_lambda=c.gae_lambda, truncations=traj.truncated)
+    return PPOBatch(obs=traj.obs, actions=traj.actions, log_probs=traj.log_probs, values=traj.values,
+                    advantages=adv, returns=ret, mask=traj.valid, extras=(traj.first, carry0))
+
+
+def batch_stats(batch: PPOBatch, env_state: envs.EnvState) -> dict[str, jax.Array]:
+    """Value-fit diagnostics of a rollout's batch and the 100-episode return window."""
+    ret, values, valid = batch.returns, batch.values, batch.mask
+    mask = valid.astype(jnp.float32)
+    var_y = jnp.var(ret, where=valid)
+    return dict(
+        return_mean100=envs.window_mean(env_state.stats),
+        explained_variance=1.0 - jnp.var(ret - values, where=valid) / jnp.maximum(var_y, 1e-8),
+        value_mean=(values * mask).sum() / jnp.maximum(mask.sum(), 1.0),
+        return_target_mean=(ret * mask).sum() / jnp.maximum(mask.sum(), 1.0),
     )
-    return new_state, metrics
+
+
+def _metrics(c: Config, state: State, ep, stats, loss, info, gnorm) -> dict[str, jax.Array]:
+    """One update's metric row (``loss``, ``info``, ``gnorm``: means over its SGD steps)."""
+    return dict(
+        update=state.update,
+        env_steps=state.update * (c.num_envs * c.num_steps),
+        episode_return_sum=ep.return_sum, episode_length_sum=ep.length_sum, episode_count=ep.count,
+        finite=jnp.isfinite(loss) & _tree_finite(state.params),
+        loss=loss, policy_loss=info.policy_loss, value_loss=info.value_loss,
+        entropy=info.entropy, approx_kl=info.approx_kl, clip_fraction=info.clip_fraction,
+        grad_norm=gnorm, **stats,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Overlapped learning (--overlap-learning)
+# ---------------------------------------------------------------------------
+
+
+class SGDPlan(NamedTuple):
+    """Which samples each micro-batch of each SGD step of one batch takes, drawn
+    up front so that the SGD steps can run one micro-batch at a time.
+
+    ``E`` epochs, ``M`` minibatches, ``K`` micro-batches of ``u`` units each
+    (samples; envs if recurrent). The draws are :func:`learn`'s: epoch ``e``
+    permutes with ``split(key, E)[e]``, minibatch ``m`` takes block ``m``.
+    """
+
+    batch: PPOBatch
+    """The batch: flat ``[N, ...]`` (feed-forward) or ``[T, B, ...]`` (recurrent)."""
+    index: jax.Array
+    """``[E, M, K, u]`` units of each micro-batch."""
+    advantages: jax.Array
+    """``[E, M, K, u]`` (recurrent ``[E, M, K, T, u]``): advantages, normalised per minibatch if ``norm_adv``."""
+    weight: jax.Array
+    """``[E, M, K]``: valid samples in the micro-batch over those in its minibatch."""
+
+
+def sgd_plan(batch: PPOBatch, key: jax.Array, *, epochs: int, minibatches: int, microbatches: int,
+             recurrent: bool, norm_adv: bool) -> SGDPlan:
+    """Draw the :class:`SGDPlan` of a ``[T, B]`` batch (see :func:`micro_batch`)."""
+    E, M, K = epochs, minibatches, microbatches
+    if recurrent:
+        data = batch
+        units = batch.actions.shape[1]
+    else:
+        data = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch._replace(extras=None))
+        units = data.actions.shape[0]
+    perms = jax.vmap(lambda k: jax.random.permutation(k, units))(jax.random.split(key, E))
+    index = perms.reshape(E, M, K, units // (M * K))
+    if recurrent:  # [T, E, M, K, u] -> [E, M, K, T, u]; a minibatch is axes (K, T, u)
+        adv, mask = (jnp.moveaxis(x[:, index], 0, 3) for x in (batch.advantages, batch.mask))
+        axes = (2, 3, 4)
+    else:
+        adv, mask = data.advantages[index], data.mask[index]
+        axes = (2, 3)
+    mask = mask.astype(jnp.float32)
+    n_minibatch = jnp.maximum(mask.sum(axis=axes, keepdims=True), 1.0)
+    if norm_adv:  # as ppo_loss normalises each minibatch
+        mean = (adv * mask).sum(axis=axes, keepdims=True) / n_minibatch
+        std = jnp.sqrt((((adv - mean) ** 2) * mask).sum(axis=axes, keepdims=True) / n_minibatch)
+        adv = (adv - mean) / (std + 1e-8)
+    weight = mask.sum(axis=axes[1:]) / n_minibatch.reshape(E, M, 1)
+    return SGDPlan(batch=data, index=index, advantages=adv, weight=weight)
+
+
+def micro_batch(plan: SGDPlan, j: jax.Array, i: jax.Array, *, minibatches: int) -> tuple[PPOBatch, jax.Array]:
+    """Micro-batch ``i`` of SGD step ``j`` (epoch ``j // M``, minibatch ``j % M``)
+    and its weight: the minibatch's loss (masked means) is the weighted sum of
+    its micro-batches' losses, and so is its gradient."""
+    e, m = j // minibatches, j % minibatches
+    idx = plan.index[e, m, i]
+    adv = plan.advantages[e, m, i]
+    if plan.batch.extras is None:  # feed-forward: flat samples
+        mb = jax.tree.map(lambda x: x[idx], plan.batch)
+    else:
+        first, carry0 = plan.batch.extras
+        mb = jax.tree.map(lambda x: x[:, idx], plan.batch._replace(extras=None))
+        mb = mb._replace(extras=(first[:, idx], jax.tree.map(lambda x: x[idx], carry0)))
+    return mb._replace(advantages=adv), plan.weight[e, m, i]
+
+
+class Learner(NamedTuple):
+    """The learner's carry through the micro-steps of one update."""
+
+    params: Any
+    opt_state: Any
+    grads: Any
+    """Gradient accumulated over the current SGD step's micro-batches."""
+    loss: jax.Array
+    info: Any
+    gnorm: jax.Array
+    """Sums over the SGD steps done (the update's metrics are their means)."""
+
+
+def learner_init(params, opt_state) -> Learner:
+    z = jnp.zeros((), jnp.float32)
+    return Learner(params=params, opt_state=opt_state, grads=jax.tree.map(jnp.zeros_like, params), loss=z,
+                   info=PPOLossInfo(z, z, z, z, z), gnorm=z)
+
+
+def learner_step(w: Learner, n: jax.Array, *, plan: SGDPlan, c: Config, net: ActorCritic, optimizer,
+                 recurrent: bool) -> Learner:
+    """Micro-step ``n`` (``0 .. E*M*K - 1``): accumulate micro-batch ``n % K`` of SGD
+    step ``n // K``, then, after its last micro-batch, the optimizer step."""
+    K = c.overlap_microbatches
+    loss_fn = functools.partial(ppo_loss, apply_fn=make_apply(net, recurrent), clip_eps=c.clip_coef,
+                                vf_coef=c.vf_coef, ent_coef=c.ent_coef, clip_value=c.clip_vloss,
+                                normalize_advantages=False)
+
+    def weighted(params, mb, weight):
+        loss, info = loss_fn(params, mb)
+        return loss * weight, jax.tree.map(lambda x: x * weight, info)
+
+    mb, weight = micro_batch(plan, n // K, n % K, minibatches=c.num_minibatches)
+    (loss, info), g = jax.value_and_grad(weighted, has_aux=True)(w.params, mb, weight)
+    w = w._replace(grads=jax.tree.map(jnp.add, w.grads, g), loss=w.loss + loss,
+                   info=jax.tree.map(jnp.add, w.info, info))
+
+    def apply(w: Learner) -> Learner:
+        updates, opt_state = optimizer.update(w.grads, w.opt_state, w.params)
+        return w._replace(params=optax.apply_updates(w.params, updates), opt_state=opt_state,
+                          grads=jax.tree.map(jnp.zeros_like, w.grads), gnorm=w.gnorm + optax.tree.norm(w.grads))
+
+    if K == 1:
+        return apply(w)
+    return jax.lax.cond(n % K == K - 1, apply, lambda w: w, w)
+
+
+def sgd_by_microbatches(params, opt_state, batch: PPOBatch, key: jax.Array, *, c: Config, net: ActorCritic,
+                        optimizer, recurrent: bool) -> Learner:
+    """What the overlapped learner computes for one batch, without envs: the
+    ``E*M*K`` micro-steps of :func:`learner_step` in a row. Equals :func:`learn`'s
+    epochs of SGD to float rounding (tested)."""
+    plan = sgd_plan(batch, key, epochs=c.update_epochs, minibatches=c.num_minibatches,
+                    microbatches=c.overlap_microbatches, recurrent=recurrent, norm_adv=c.norm_adv)
+    step = functools.partial(learner_step, plan=plan, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
+    n = c.update_epochs * c.num_minibatches * c.overlap_microbatches
+    w, _ = jax.lax.scan(lambda w, i: (step(w, i), None), learner_init(params, opt_state),
+                        jnp.arange(n, dtype=jnp.int32))
+    return w
+
+
+def update_overlapped(state: State, handle, *, c: Config, net: ActorCritic, optimizer, step_fn: envs.GroupedStep,
+                      recurrent: bool):
+    """One ``--overlap-learning`` iteration: collect a rollout with ``state.params``
+    while learning on ``state.pending`` (the previous rollout) between EnvPool's
+    send and recv, one micro-step every ``num_steps / (E*M*K)`` env steps; the
+    new rollout becomes pending. Returns :func:`update`'s tuple; the learning
+    metrics are the pending batch's (zeros on the first update, which has
+    nothing to learn on)."""
+    key, k_roll, k_sgd = jax.random.split(state.key, 3)
+    K = c.overlap_microbatches
+    micro_steps = c.update_epochs * c.num_minibatches * K
+    plan = sgd_plan(state.pending, k_sgd, epochs=c.update_epochs, minibatches=c.num_minibatches, microbatches=K,
+                    recurrent=recurrent, norm_adv=c.norm_adv)
+    work = functools.partial(learner_step, plan=plan, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
+    handle, env_state, carry, traj, ep, w = rollout_with_work(
+        net.apply, state.params, state.carry, state.env, handle, step_fn, k_roll, c.num_steps,
+        work, learner_init(state.params, state.opt_state), every=c.num_steps // micro_steps)
+    batch = rollout_batch(net.apply, state.params, traj, state.carry, carry, env_state, c)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(state.has_pending, a, b), new, old)  # noqa: E731
+    sgd_steps = c.update_epochs * c.num_minibatches
+    new_state = state.replace(params=keep(w.params, state.params), opt_state=keep(w.opt_state, state.opt_state),
+                              env=env_state, carry=carry, key=key, update=state.update + 1, pending=batch,
+                              has_pending=jnp.ones((), bool))
+    mean = lambda x: jnp.where(state.has_pending, x / sgd_steps, 0.0)  # noqa: E731
+    metrics = _metrics(c, new_state, ep, batch_stats(batch, env_state), mean(w.loss), jax.tree.map(mean, w.info),
+                       mean(w.gnorm))
+    return new_state, handle, metrics, traj.actions
 
 
 def update_population(state: State, handle, *, c: Config, net: ActorCritic, step_fn, recurrent: bool,
@@ -420,12 +667,13 @@ def _chunk_of_updates(upd, c: Config, updates_per_chunk: int, num_updates: int):
     learning rate each update used; shared by :func:`make_chunk` and
     :func:`make_chunk_sharded`."""
     sgd_steps = c.update_epochs * c.num_minibatches
+    lag = 1 if getattr(c, "overlap_learning", False) else 0  # the overlapped learner is one update behind
 
     def chunk(state: State, handle):
         def body(carry, _):
             s, h = carry
             s, h, m, a = upd(s, h)
-            frac = 1.0 - (s.update - 1) * sgd_steps / (num_updates * sgd_steps)
+            frac = 1.0 - jnp.maximum(s.update - 1 - lag, 0) * sgd_steps / (num_updates * sgd_steps)
             m["learning_rate"] = c.learning_rate * (frac if c.anneal_lr else 1.0)
             return (s, h), (m, a)
 
@@ -438,8 +686,10 @@ def _chunk_of_updates(upd, c: Config, updates_per_chunk: int, num_updates: int):
 
 def make_chunk(c: Config, net: ActorCritic, optimizer, step_fn, recurrent: bool, updates_per_chunk: int, num_updates: int):
     """A jitted ``chunk(state, handle) -> (state, handle, ChunkOutput)`` of
-    ``updates_per_chunk`` updates; ``state`` is donated."""
-    upd = functools.partial(update, c=c, net=net, optimizer=optimizer, step_fn=step_fn, recurrent=recurrent)
+    ``updates_per_chunk`` updates; ``state`` is donated. With ``--overlap-learning``
+    the updates are :func:`update_overlapped` (``step_fn`` split: send and recv)."""
+    upd = functools.partial(update_overlapped if c.overlap_learning else update, c=c, net=net, optimizer=optimizer,
+                            step_fn=step_fn, recurrent=recurrent)
     chunk = _chunk_of_updates(upd, c, updates_per_chunk, num_updates)
     return jax.jit(chunk, donate_argnames=("state",))
 
@@ -491,6 +741,15 @@ def make_chunk_population(c: Config, net: ActorCritic, step_fn, recurrent: bool,
 # ---------------------------------------------------------------------------
 
 
+def overlap_note(c: Config) -> str:
+    """The run header's words for ``--overlap-learning`` ('' without it)."""
+    if not c.overlap_learning:
+        return ""
+    k = c.overlap_microbatches
+    return (f" | learning overlaps env steps ({k} micro-batch{'es' if k > 1 else ''} per SGD step, "
+            "policy one update behind)")
+
+
 def train(config: Config) -> runner.RunResult:
     """Train PPO as configured; returns the final :class:`jaxatari.runner.RunResult`."""
     from jaxatari.checkpoint import Checkpointer
@@ -514,7 +773,7 @@ def train(config: Config) -> runner.RunResult:
     obs, _ = env.reset()
     state = init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))
     # Before a resume replays the action log: a backend that cannot step these envs fails here, at once.
-    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
+    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend, split=c.overlap_learning)
 
     with Checkpointer(run_dir, keep=c.keep) as ckpt:
         start_chunk, meta = 0, {}
@@ -527,7 +786,7 @@ def train(config: Config) -> runner.RunResult:
         ))
         print(f"PPO on {c.env} (preset {c.preset}: {spec.options}) | {c.num_envs} envs x {c.num_steps} steps | "
               f"network {net_spec.torso}{'+cfc' if net_spec.recurrent else ''} | "
-              f"env backend {backend}{envs.groups_note(c.env_groups)} | "
+              f"env backend {backend}{envs.groups_note(c.env_groups)}{overlap_note(c)} | "
               f"{jax.default_backend()} | run dir {run_dir}", flush=True)
 
         eval_fn = None
@@ -560,7 +819,7 @@ def benchmark(env_id: str, num_envs: int, num_threads: int, seconds: float, **ov
     optimizer = make_optimizer(c, 10**6)
     obs, _ = env.reset()
     state = init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))
-    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
+    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend, split=c.overlap_learning)
     chunk = make_chunk(c, net, optimizer, step_fn, net_spec.recurrent, 1, 10**6)
     t0 = time.perf_counter()
     compiled = chunk.lower(state, handle).compile()
