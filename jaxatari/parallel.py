@@ -599,14 +599,24 @@ def check_env_groups(c) -> None:
     if g < 1 or c.num_envs % g:
         raise ParallelError(f"--env-groups {g} is not accepted with --num-envs {c.num_envs}: it must be >= 1 and "
                             "divide the number of envs.")
-    if g == 1:
-        return
+    if g > 1:
+        check_in_graph_single_device(c, f"--env-groups {g}")
+
+
+def check_in_graph_single_device(c, flag: str) -> None:
+    """Refuse, naming them, what ``flag`` (a feature that steps EnvPool inside the
+    compiled program of one device: env groups, ``--overlap-learning``) cannot be
+    combined with: the callback env backend and every scale-out flag."""
     if c.env_backend == "callback":
-        raise ParallelError(f"--env-groups {g} steps EnvPool inside the compiled program; it is not accepted with "
-                            "--env-backend callback (use auto or xla, or --env-groups 1).")
-    if c.num_agents > 1 or c.sweep or (c.devices or 1) > 1 or c.sharded or c.num_processes not in (None, 1):
-        raise ParallelError(f"--env-groups {g} runs on the single-device path; it is not accepted with "
-                            "--devices > 1, --sharded, --num-agents/--sweep or several processes.")
+        raise ParallelError(f"{flag} steps EnvPool inside the compiled program; it is not accepted with "
+                            "--env-backend callback (use auto or xla).")
+    bad = [name for name, on in (
+        (f"--num-agents {c.num_agents}", c.num_agents > 1), (f"--sweep {c.sweep}", bool(c.sweep)),
+        (f"--devices {c.devices}", (c.devices or 1) > 1), ("--sharded", c.sharded),
+        (f"--num-processes {c.num_processes}", c.num_processes not in (None, 1))) if on]
+    if bad:
+        raise ParallelError(f"{flag} runs on the single-device path; it is not accepted with {', '.join(bad)} "
+                            "(it refuses --devices > 1, --sharded, --num-agents/--sweep and several processes).")
 
 
 def setup(c) -> tuple[Any, int, bool]:

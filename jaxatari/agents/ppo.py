@@ -204,17 +204,7 @@ def check_overlap(c: Config) -> None:
         if k != 1:
             raise runner.ConfigError(f"--overlap-microbatches {k} is only accepted with --overlap-learning.")
         return
-    if c.env_backend == "callback":
-        raise runner.ConfigError("--overlap-learning steps EnvPool inside the compiled program; it is not "
-                                 "accepted with --env-backend callback (use auto or xla).")
-    bad = [flag for flag, on in (
-        (f"--num-agents {c.num_agents}", c.num_agents > 1), (f"--sweep {c.sweep}", bool(c.sweep)),
-        (f"--devices {c.devices}", (c.devices or 1) > 1), ("--sharded", c.sharded),
-        (f"--num-processes {c.num_processes}", c.num_processes not in (None, 1))) if on]
-    if bad:
-        raise runner.ConfigError(f"--overlap-learning runs on the single-device path; it is not accepted with "
-                                 f"{', '.join(bad)} (it refuses --devices > 1, --sharded, --num-agents/--sweep "
-                                 "and several processes).")
+    parallel.check_in_graph_single_device(c, "--overlap-learning")
     sgd_steps = c.update_epochs * c.num_minibatches
     if c.num_steps % sgd_steps:
         raise runner.ConfigError(

@@ -4,9 +4,11 @@ update's, the rollout around it is the plain (split-step) rollout, the policy
 lags by exactly one update, runs resume exactly, CartPole learns, and bad
 combinations are refused before anything compiles."""
 
+import contextlib
 import csv
 import dataclasses
 import functools
+import types
 
 import chex
 import jax
@@ -146,27 +148,35 @@ def small_run(network="mlp", **kw):
                       overlap_learning=True, devices=1, tensorboard=False, **{**extra, **kw})
 
 
+@contextlib.contextmanager
+def training(c: ppo.Config):
+    """The run's EnvPool (closed on exit), network, optimizer, initial state and split step."""
+    env, spec = envs.make(c.env, c.num_envs, seed=0, groups=c.env_groups)
+    try:
+        ns = ppo.network_spec(c, spec)
+        net, opt = ActorCritic(ns), ppo.make_optimizer(c, 100)
+        obs, _ = env.reset()
+        state = ppo.init(c, spec, ns, opt, obs, jax.random.PRNGKey(0))
+        handle, step_fn, _ = envs.make_step_fn(env, spec, split=True)
+        yield types.SimpleNamespace(ns=ns, net=net, opt=opt, state=state, handle=handle, step_fn=step_fn)
+    finally:
+        env.close()
+
+
 @pytest.mark.parametrize("network,K", [("mlp", 2), ("cfc", 1)])
 def test_overlapped_update_learns_the_previous_rollout_with_a_one_update_lag(network, K):
     """Update 1 only collects; update k + 1 collects with update k's params and
     takes exactly the SGD of rollout k (sgd_by_microbatches on the pending batch)."""
     c = ppo.resolve(small_run(network, overlap_microbatches=K))
-    env, spec = envs.make(c.env, c.num_envs, seed=0)
-    try:
-        ns = ppo.network_spec(c, spec)
-        net, opt = ActorCritic(ns), ppo.make_optimizer(c, 100)
-        obs, _ = env.reset()
-        s0 = ppo.init(c, spec, ns, opt, obs, jax.random.PRNGKey(0))
-        handle, step_fn, _ = envs.make_step_fn(env, spec, split=True)
-        upd = jax.jit(lambda s, h: ppo.update_overlapped(s, h, c=c, net=net, optimizer=opt, step_fn=step_fn,
+    with training(c) as t:
+        ns, net, opt, s0 = t.ns, t.net, t.opt, t.state
+        upd = jax.jit(lambda s, h: ppo.update_overlapped(s, h, c=c, net=net, optimizer=opt, step_fn=t.step_fn,
                                                          recurrent=ns.recurrent))
-        s1, handle, m1, _ = upd(s0, handle)
+        s1, handle, m1, _ = upd(s0, t.handle)
         s1_copy = jax.tree.map(jnp.copy, s1)
         s2, handle, m2, _ = upd(s1, handle)
-        jax.block_until_ready((s1_copy, s2, m1, m2))
+        jax.block_until_ready((s1_copy, s2, m1, m2))  # before the pool closes
         s1 = s1_copy
-    finally:
-        env.close()
     chex.assert_trees_all_equal(s1.params, s0.params)  # nothing pending yet: no learning
     assert bool(s1.has_pending) and not bool(s0.has_pending)
     assert float(m1["loss"]) == 0.0 and float(m2["loss"]) != 0.0
@@ -190,29 +200,25 @@ def _log_probs(net, recurrent, params, batch):
     return categorical_log_prob(logits, batch.actions.reshape(logits.shape[:-1])).reshape(batch.actions.shape)
 
 
-@pytest.mark.parametrize("network", ["mlp", "cfc"])
-def test_overlapped_chunk_compiles_once_without_host_transfers(network):
-    c = ppo.resolve(small_run(network))
-    env, spec = envs.make(c.env, c.num_envs, seed=0)
-    state = None
-    try:
-        ns = ppo.network_spec(c, spec)
-        net, opt = ActorCritic(ns), ppo.make_optimizer(c, 100)
-        obs, _ = env.reset()
-        state = ppo.init(c, spec, ns, opt, obs, jax.random.PRNGKey(0))
-        handle, step_fn, _ = envs.make_step_fn(env, spec, split=True)
-        chunk = ppo.make_chunk(c, net, opt, step_fn, ns.recurrent, 2, 100)
+@pytest.mark.parametrize("network,groups", [("mlp", 1), ("cfc", 1), ("mlp", 2)])
+def test_overlapped_chunk_compiles_once_without_host_transfers(network, groups):
+    """Also with --env-groups 2: the learner then runs after the second group's send."""
+    c = ppo.resolve(small_run(network, env_groups=groups))
+    with training(c) as t:
+        state, handle = t.state, t.handle
+        assert len(handle) == groups
+        chunk = ppo.make_chunk(c, t.net, t.opt, t.step_fn, t.ns.recurrent, 2, 100)
         chex.clear_trace_counter()
         chunk = jax.jit(chex.assert_max_traces(chunk.__wrapped__, n=1), donate_argnames=("state",))
-        state, handle = jax.device_put((state, handle))
-        with jax.transfer_guard("disallow"):
-            for _ in range(3):
-                state, handle, out = chunk(state, handle)
-        assert int(state.update) == 6 and out.actions.shape == (2 * 16, 4)
-        assert jax.device_get(out.metrics["finite"]).all()
-    finally:
-        jax.block_until_ready(state)  # the pool must outlive every call that steps it
-        env.close()
+        try:
+            state, handle = jax.device_put((state, handle))
+            with jax.transfer_guard("disallow"):
+                for _ in range(3):
+                    state, handle, out = chunk(state, handle)
+            assert int(state.update) == 6 and out.actions.shape == (2 * 16, 4)
+            assert jax.device_get(out.metrics["finite"]).all()
+        finally:
+            jax.block_until_ready(state)  # the pool must outlive every call that steps it
 
 
 def rows(run_dir):
