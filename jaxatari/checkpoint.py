@@ -632,10 +632,16 @@ def _read_step(reader: _StepReader, step_dir: Path, *, state_target, policy_targ
         if item not in fmt["items"]:
             raise CheckpointError(f"Checkpoint {step_dir} has no {item}: it was saved without {item}=.")
         saved_keys = fmt["typed_keys"].get(item, {})
-        abstract = _data_target(target, item, saved_keys, reader.tree_metadata(step_dir, item), step_dir)
+        saved_tree = reader.tree_metadata(step_dir, item)
+        abstract = _data_target(target, item, saved_keys, saved_tree, step_dir)
+        # Restore in the saved tree's own structure, matched to the target leaf by leaf name: the containers
+        # may differ where no leaf does (a field added since, holding None in this run: e.g. PPO's pending
+        # rollout, only set with --overlap-learning, must not make older checkpoints unreadable).
+        by_name = _flat(abstract)
+        on_disk = jax.tree_util.tree_map_with_path(lambda path, _: by_name[_path_name(path)], saved_tree)
+        data = _flat(reader.tree(step_dir, item, on_disk))
         trees[item] = jax.tree_util.tree_map_with_path(
-            lambda path, x: _rewrap(x, saved_keys.get(_path_name(path))), reader.tree(step_dir, item, abstract)
-        )
+            lambda path, _: _rewrap(data[_path_name(path)], saved_keys.get(_path_name(path))), abstract)
     return Restored(int(meta["step"]), trees["state"], trees["policy"], meta)
 
 

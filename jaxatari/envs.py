@@ -458,9 +458,27 @@ class GroupedStep:
         return tuple(hs), jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
+def after(dep: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` (an integer array, e.g. an EnvPool handle) given a data dependency on
+    ``dep``, so that what is computed from the result runs after what produced
+    ``dep`` (an EnvPool send; a learner's loss). ``lax.optimization_barrier`` alone
+    does not order them: XLA expands barriers before scheduling, and the compiled
+    program then ran part of the learner before the send (seen in the optimized
+    HLO; tests pin the order). The added term is always 0, ``min(bits & 0x7FFFFFFF,
+    0)`` of ``dep``'s sum, which the compiler does not fold (``|loss| < 0`` it does).
+    """
+    total = jnp.sum(dep)
+    if jnp.issubdtype(total.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type(total.astype(jnp.float32), jnp.int32)
+    else:
+        bits = total.astype(jnp.int32)
+    zero = jnp.minimum(bits & 0x7FFFFFFF, 0)
+    return x + zero.astype(x.dtype)
+
+
 def _grouped_step_fn(pools: list, group_size: int, spec: EnvSpec, backend: str) -> tuple[tuple, GroupedStep, str]:
     if backend == "callback":
-        raise EnvError("a split env step (env groups, DQN's --overlap-learning) runs EnvPool inside the "
+        raise EnvError("a split env step (env groups, --overlap-learning) runs EnvPool inside the "
                        "compiled program (env.xla()); --env-backend callback is not accepted with it.")
     handles, sends, recvs = [], [], []
     for pool in pools:
@@ -477,7 +495,7 @@ def _grouped_step_fn(pools: list, group_size: int, spec: EnvSpec, backend: str) 
     try:
         jax.jit(step).lower(tuple(handles), jnp.zeros((spec.num_envs,), jnp.int32)).compile()
     except Exception as e:  # noqa: BLE001
-        raise EnvError(f"a split env step (env groups, DQN's --overlap-learning) needs EnvPool's xla() on backend "
+        raise EnvError(f"a split env step (env groups, --overlap-learning) needs EnvPool's xla() on backend "
                        f"{jax.default_backend()} ({type(e).__name__}: {e}); use --env-groups 1 or drop "
                        "--overlap-learning here.") from None
     return tuple(handles), step, "xla"

@@ -149,7 +149,9 @@ def rollout_with_work(
     observations are received, ``work_state = work(work_state, n)``: compiled
     work placed where the program would otherwise wait for EnvPool (PPO's
     ``--overlap-learning`` puts its learner there). ``n`` is traced; the
-    schedule is static (nested scans, no conditionals). ``work`` must not
+    schedule is static (nested scans, no conditionals), and the work's
+    data depend on the last send's handle (:func:`jaxatari.envs.after`), so XLA
+    cannot schedule it before the send. ``work`` must not
     depend on the rollout. ``step_fn`` is a :class:`jaxatari.envs.GroupedStep`
     (``make_step_fn(..., split=True)`` for one pool); the rollout itself is
     :func:`rollout`'s with that step (per-env sampling keys).
@@ -195,9 +197,10 @@ def _rollout_grouped(policy_fn, params, carry, env_state, handles, gstep, key, n
         return envs.env_state_set_rows(state, rows[g], view), step, outcome
 
     def after(hs, g):
-        """Order group ``g+1``'s (or, wrapping, group 0's) env call after group ``g``'s send."""
+        """Order group ``g+1``'s (or, wrapping, group 0's) env call after group ``g``'s send: a data
+        dependency (an optimization barrier alone let XLA receive every group before any send)."""
         n = (g + 1) % G
-        hs[g], hs[n] = jax.lax.optimization_barrier((hs[g], hs[n]))
+        hs[n] = envs.after(hs[g], hs[n])
 
     work_fn, w, every = work if work is not None else (None, None, 1)
 
@@ -205,8 +208,7 @@ def _rollout_grouped(policy_fn, params, carry, env_state, handles, gstep, key, n
         """``work`` after every group has sent (ordered after the last send through ``n``)."""
         if work_fn is None:
             return w
-        hs[G - 1], n = jax.lax.optimization_barrier((hs[G - 1], n))
-        return work_fn(w, n)
+        return work_fn(w, envs.after(hs[G - 1], n))
 
     def receive_all(hs, state, carry, pending, k):
         """Receive, record and (if ``k`` is given) act again for each group in turn."""

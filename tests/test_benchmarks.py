@@ -290,6 +290,9 @@ def test_breakdown_bad_input_and_derived_figures(capsys):
     assert breakdown.main(["--algos", "ppo", "sac"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Unknown algorithm 'sac'" in err and "ppo-cfc" in err
+    assert breakdown.main(["--algos", "ppo", "ppo-ov8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--algos ppo-ov8 is not accepted here" in err and "throughput.py --algos ppo ppo-ov8" in err
     assert breakdown.main(["--env", "Breakout-v4x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'Breakout-v4x'" in err and "Breakout-v5" in err

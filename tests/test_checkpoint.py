@@ -403,6 +403,31 @@ def test_structure_mismatch_is_a_clear_error(tmp_path, change, expected):
         assert step_dirs(tmp_path / "checkpoints" / "latest") == ["1", "2"]  # a mismatch is not corruption
 
 
+@flax.struct.dataclass
+class NewerTrainState(TrainState):
+    """TrainState with a field added since the checkpoint was written, None in this run
+    (like PPO's pending rollout, only set with --overlap-learning)."""
+
+    pending: dict | None = None
+
+
+def test_a_field_added_since_that_holds_none_restores_older_checkpoints(tmp_path):
+    """Containers may differ where no leaf does: the saved leaves restore by name."""
+    state = make_state(4)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, state)
+        target = NewerTrainState(**{f: getattr(make_state(0), f) for f in TrainState.__dataclass_fields__})
+        restored = ckpt.restore_latest(abstract(target)).state
+        assert type(restored) is NewerTrainState and restored.pending is None
+        assert_trees_equal(TrainState(**{f: getattr(restored, f) for f in TrainState.__dataclass_fields__}), state)
+        # ... and a checkpoint of the newer class (the field None) restores into the older one.
+        ckpt.save(4, NewerTrainState(**{f: getattr(state, f) for f in TrainState.__dataclass_fields__}))
+        assert_trees_equal(ckpt.restore_latest(abstract(make_state(0))).state, state)
+        # A leaf the target has and the checkpoint lacks is still a clear error.
+        with pytest.raises(CheckpointError, match=r"'pending/x' is missing from the checkpoint"):
+            ckpt.restore_latest(abstract(target.replace(pending={"x": jnp.zeros(3)})))
+
+
 # ----------------------------------------------------------------------------- restore_policy
 
 

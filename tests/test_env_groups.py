@@ -158,6 +158,31 @@ def test_grouped_chunk_compiles_once_without_host_transfers(mod):
         env.close()
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_groups_are_pipelined_in_the_compiled_program(groups):
+    """In the optimized, scheduled rollout step each group is received, acted for
+    and sent before the next group is received (with optimization barriers alone,
+    XLA received every group first and sent them all at the end: no pipelining)."""
+    from hlo_order import env_step_orders
+
+    from jaxatari.networks import ActorCritic
+
+    c = ppo.resolve(ppo.Config(env="CartPole-v1", num_envs=2 * groups, num_steps=8, env_groups=groups, devices=1))
+    env, spec = envs.make(c.env, c.num_envs, seed=0, groups=groups)
+    try:
+        ns = ppo.network_spec(c, spec)
+        net, opt = ActorCritic(ns), ppo.make_optimizer(c, 100)
+        obs, _ = env.reset()
+        state = ppo.init(c, spec, ns, opt, obs, jax.random.PRNGKey(0))
+        handle, step_fn, _ = envs.make_step_fn(env, spec)
+        hlo = ppo.make_chunk(c, net, opt, step_fn, False, 1, 100).lower(state, handle).compile().as_text()
+    finally:
+        env.close()
+    steps = [o for o in env_step_orders(hlo) if o and o[0].startswith("R")]  # the loop body: receive first
+    pipelined = [tok for g in range(groups) for tok in (f"R{g}", f"S{g}")]
+    assert steps and all(o == pipelined for o in steps), env_step_orders(hlo)
+
+
 def test_env_groups_default_to_one_device_where_there_are_several():
     """--devices defaults to all local devices; with --env-groups it means one
     (pipelined acting is single-device), and an explicit --devices 2 is refused."""

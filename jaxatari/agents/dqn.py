@@ -636,13 +636,13 @@ def iteration_overlapped(state: State, handle, *, c: Config, qnet: QNetwork, opt
     state = state.replace(replay=store(state.replay, state.pending))
     action, key, k_train, epsilon = act(state, c=c, qnet=qnet, num_actions=num_actions)
     h = step_fn.send[0](handle[0], action)
-    # Order: learn after the send (through its key) and before the recv (through its loss sum, the cond's
-    # output): small values carry the order, not the params or the buffer.
-    h, k_train = jax.lax.optimization_barrier((h, k_train))
+    # Order: learn after the send (the cond's predicate depends on the handle it returns) and before the recv
+    # (its handle depends on the loss sum, the cond's output): data dependencies on small values, which XLA keeps
+    # when it schedules (an optimization barrier would not order them).
     do_train = train_due(c, state.iteration + 1, state.buffer_iterations)
+    do_train = envs.after(h, do_train.astype(jnp.int32)) > 0
     learned = learn_if_due(state, state.replay, k_train, do_train, c=c, qnet=qnet, optimizer=optimizer)
-    h, _ = jax.lax.optimization_barrier((h, learned[2].loss))
-    h, ts = step_fn.recv[0](h)
+    h, ts = step_fn.recv[0](envs.after(learned[2].loss, h))
     _, env_state, tr, outcome = envs.env_step(lambda hh, a: (hh, ts), None, state.env, action)
     state, sums = observe(state, env_state, tr, key, k_train, c=c, qnet=qnet, optimizer=optimizer, learned=learned)
     return state, (h,), (action, outcome, sums, epsilon)

@@ -111,8 +111,9 @@ class Config:
     learner's time do not share the same cores (GPU). Needs --num-steps divisible by
     --update-epochs x --num-minibatches; single device only (see README, Performance)."""
     overlap_microbatches: int = 1
-    """With --overlap-learning: split each minibatch's gradient into this many micro-batches, one per env step
-    (accumulated, then one optimizer step: the same update to float rounding), to spread the learner more evenly.
+    """With --overlap-learning: split each minibatch's gradient into this many micro-batches, taken at K evenly
+    spaced env steps (accumulated, then one optimizer step, a conditional after every K-th: the same update to
+    float rounding), to spread the learner more evenly; K = the env steps per SGD step puts one at every env step.
     Must divide the env steps per SGD step (--num-steps / (--update-epochs x --num-minibatches)) and, with
     --network cfc, the envs per minibatch."""
     chunk_steps: int = 50_000
@@ -257,7 +258,8 @@ class State:
 
 
 def make_optimizer(c: Config, num_updates: int) -> optax.GradientTransformation:
-    steps = num_updates * c.update_epochs * c.num_minibatches
+    # With --overlap-learning the first update has nothing to learn on: one update fewer takes SGD steps.
+    steps = max(num_updates - _lag(c), 1) * c.update_epochs * c.num_minibatches
     lr = optax.linear_schedule(c.learning_rate, 0.0, steps) if c.anneal_lr else c.learning_rate
     return optax.chain(optax.clip_by_global_norm(c.max_grad_norm), optax.adam(lr, eps=c.adam_eps))
 
@@ -555,7 +557,8 @@ def learner_init(params, opt_state) -> Learner:
 def learner_step(w: Learner, n: jax.Array, *, plan: SGDPlan, c: Config, net: ActorCritic, optimizer,
                  recurrent: bool) -> Learner:
     """Micro-step ``n`` (``0 .. E*M*K - 1``): accumulate micro-batch ``n % K`` of SGD
-    step ``n // K``, then, after its last micro-batch, the optimizer step."""
+    step ``n // K``, then, after its last micro-batch, the optimizer step (with
+    ``K > 1`` a ``lax.cond``; ``K = 1`` has no conditional)."""
     K = c.overlap_microbatches
     loss_fn = functools.partial(ppo_loss, apply_fn=make_apply(net, recurrent), clip_eps=c.clip_coef,
                                 vf_coef=c.vf_coef, ent_coef=c.ent_coef, clip_value=c.clip_vloss,
@@ -599,9 +602,11 @@ def update_overlapped(state: State, handle, *, c: Config, net: ActorCritic, opti
     """One ``--overlap-learning`` iteration: collect a rollout with ``state.params``
     while learning on ``state.pending`` (the previous rollout) between EnvPool's
     send and recv, one micro-step every ``num_steps / (E*M*K)`` env steps; the
-    new rollout becomes pending. Returns :func:`update`'s tuple; the learning
-    metrics are the pending batch's (zeros on the first update, which has
-    nothing to learn on)."""
+    new rollout becomes pending. Returns :func:`update`'s tuple. Its metric row
+    mixes two rollouts: the SGD metrics (loss, KL, clip fraction, grad norm) are
+    the pending batch's (zeros on the first update, which has nothing to learn
+    on); episodes, returns and the value-fit columns (explained variance, value
+    and target means) are the new rollout's."""
     key, k_roll, k_sgd = jax.random.split(state.key, 3)
     K = c.overlap_microbatches
     micro_steps = c.update_epochs * c.num_minibatches * K
@@ -651,19 +656,23 @@ METRIC_COLUMNS = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "
 
 
 
+def _lag(c: Config) -> int:
+    """Updates the learner is behind the acting policy: 1 with ``--overlap-learning``."""
+    return 1 if getattr(c, "overlap_learning", False) else 0
+
+
 def _chunk_of_updates(upd, c: Config, updates_per_chunk: int, num_updates: int):
     """``chunk(state, handle)``: a ``lax.scan`` of ``updates_per_chunk`` calls of
     ``upd(state, handle) -> (state, handle, metrics, actions [T, B])``, logging the
     learning rate each update used; shared by :func:`make_chunk` and
     :func:`make_chunk_sharded`."""
-    sgd_steps = c.update_epochs * c.num_minibatches
-    lag = 1 if getattr(c, "overlap_learning", False) else 0  # the overlapped learner is one update behind
+    lag = _lag(c)  # the overlapped learner is one update behind
 
     def chunk(state: State, handle):
         def body(carry, _):
             s, h = carry
             s, h, m, a = upd(s, h)
-            frac = 1.0 - jnp.maximum(s.update - 1 - lag, 0) * sgd_steps / (num_updates * sgd_steps)
+            frac = 1.0 - jnp.maximum(s.update - 1 - lag, 0) / max(num_updates - lag, 1)
             m["learning_rate"] = c.learning_rate * (frac if c.anneal_lr else 1.0)
             return (s, h), (m, a)
 

@@ -162,6 +162,21 @@ def test_the_chunk_updates_the_buffer_in_place(overlap):
     assert not copies, f"{len(copies)} copies of the replay frames {shape} per iteration"
 
 
+def test_overlapped_learning_runs_between_send_and_recv():
+    """In the optimized, scheduled program the learning conditional sits after
+    EnvPool's send and before its recv (with optimization barriers alone, XLA
+    scheduled it before the send: no overlap at all)."""
+    from hlo_order import env_step_orders
+
+    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=2, buffer_size=512, learning_starts=1, batch_size=8,
+                               mlp_hidden=(8,), total_timesteps=10_000, log_every=8, overlap_learning=True))
+    env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c)
+    hlo = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=1).lower(state, handle)
+    hlo = hlo.compile().as_text()
+    env.close()
+    assert env_step_orders(hlo, lambda line: " conditional(" in line) == [["S0", "W", "R0"]]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_chunk_compiles_once_and_keeps_the_replay_ratio(overlap):
     # 3 envs, one update per 2 env steps: 3 updates every 2 iterations, from env step 30 on. With

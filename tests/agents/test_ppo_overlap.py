@@ -86,9 +86,9 @@ def test_sgd_plan_covers_every_sample_once_per_epoch():
     np.testing.assert_allclose(np.asarray(plan.weight.sum(-1)), 1.0, rtol=1e-6)  # micro shares of a minibatch
 
 
-def test_rollout_with_work_runs_work_between_send_and_recv_on_schedule():
-    """The rollout is the split-step rollout's whatever the work does; the work runs
-    at env steps 0, every, 2*every, ... with n = 0, 1, 2, ..."""
+def test_rollout_with_work_calls_the_work_on_schedule():
+    """The work runs once per block of ``every`` env steps with n = 0, 1, 2, ...
+    (where in the program: test_the_learner_runs_after_the_send)."""
     B, T, every = 4, 12, 3
     env, spec = envs.make("CartPole-v1", B, seed=3)
     try:
@@ -144,8 +144,9 @@ def test_rollout_with_work_equals_the_rollout_without_it():
 
 def small_run(network="mlp", **kw):
     extra = dict(network="cfc", cfc_units=8) if network == "cfc" else {}
-    return ppo.Config(env="CartPole-v1", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=2,
-                      overlap_learning=True, devices=1, tensorboard=False, **{**extra, **kw})
+    base = dict(env="CartPole-v1", num_envs=4, num_steps=16, num_minibatches=2, update_epochs=2,
+                overlap_learning=True, devices=1, tensorboard=False)
+    return ppo.Config(**{**base, **extra, **kw})
 
 
 @contextlib.contextmanager
@@ -217,8 +218,32 @@ def test_overlapped_chunk_compiles_once_without_host_transfers(network, groups):
                     state, handle, out = chunk(state, handle)
             assert int(state.update) == 6 and out.actions.shape == (2 * 16, 4)
             assert jax.device_get(out.metrics["finite"]).all()
+            # Updates 2..6 took SGD steps (update 1 had nothing to learn on); the rate anneals over the 99
+            # updates of 100 that learn, and each row logs the rate its SGD steps used.
+            counts = {int(x) for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.integer)}
+            assert counts == {5 * c.update_epochs * c.num_minibatches}
+            np.testing.assert_allclose(out.metrics["learning_rate"], c.learning_rate * (1 - np.array([3, 4]) / 99),
+                                       rtol=1e-6)
         finally:
             jax.block_until_ready(state)  # the pool must outlive every call that steps it
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_the_learner_runs_after_the_send(K):
+    """In the optimized, scheduled program no learner instruction (backward pass;
+    constant broadcasts aside) runs before the send of its env step (with an
+    optimization barrier alone, XLA scheduled part of it between recv and send)."""
+    from hlo_order import env_step_orders
+
+    c = ppo.resolve(small_run(num_steps=32, overlap_microbatches=K))
+    with training(c) as t:
+        chunk = ppo.make_chunk(c, t.net, t.opt, t.step_fn, False, 2, 100)
+        hlo = chunk.lower(t.state, t.handle).compile().as_text()
+    orders = env_step_orders(hlo, lambda line: "transpose(jvp" in line and "broadcast" not in line)
+    with_work = [o for o in orders if "W" in o]
+    assert with_work, orders
+    for order in with_work:
+        assert "S0" in order and order.index("W") > order.index("S0"), orders
 
 
 def rows(run_dir):
