@@ -124,26 +124,31 @@ def test_bad_env_groups_are_named_before_compiling(mod, kwargs, message):
         mod.resolve(c)
 
 
+def grouped_chunk(mod, c, env, spec, updates_per_chunk):
+    """``(state, handle, jitted chunk)`` of ``mod`` (PPO or A2C) on the grouped pool ``env``."""
+    from jaxatari.networks import ActorCritic
+
+    ns = mod.network_spec(c, spec)
+    net, opt = ActorCritic(ns), mod.make_optimizer(c, 100)
+    obs, _ = env.reset()
+    state = mod.init(c, spec, ns, opt, obs, jax.random.PRNGKey(0))
+    handle, step_fn, _ = envs.make_step_fn(env, spec)
+    args = (c, net, opt, step_fn, False) if mod is ppo else (c, net, opt, step_fn)
+    return state, handle, mod.make_chunk(*args, updates_per_chunk, 100)
+
+
 @pytest.mark.parametrize("mod", [ppo, a2c])
 def test_grouped_chunk_compiles_once_without_host_transfers(mod):
     """The training chunk with env groups traces once, and repeated calls move
     nothing between host and device beyond EnvPool's own custom calls."""
     import chex
 
-    from jaxatari.networks import ActorCritic
-
     c = mod.resolve(mod.Config(env="CartPole-v1", num_envs=4, num_steps=8, env_groups=2, devices=1))
     env, spec = envs.make(c.env, c.num_envs, seed=0, groups=c.env_groups)
     state = None
     try:
-        ns = mod.network_spec(c, spec)
-        net, opt = ActorCritic(ns), mod.make_optimizer(c, 100)
-        obs, _ = env.reset()
-        state = mod.init(c, spec, ns, opt, obs, jax.random.PRNGKey(0))
-        handle, step_fn, _ = envs.make_step_fn(env, spec)
+        state, handle, chunk = grouped_chunk(mod, c, env, spec, 2)
         assert isinstance(handle, tuple) and len(handle) == 2
-        args = (c, net, opt, step_fn, False, 2, 100) if mod is ppo else (c, net, opt, step_fn, 2, 100)
-        chunk = mod.make_chunk(*args)
         chex.clear_trace_counter()
         chunk = jax.jit(chex.assert_max_traces(chunk.__wrapped__, n=1), donate_argnames=("state",))
         state, handle = jax.device_put((state, handle))
@@ -165,17 +170,11 @@ def test_groups_are_pipelined_in_the_compiled_program(groups):
     XLA received every group first and sent them all at the end: no pipelining)."""
     from hlo_order import env_step_orders
 
-    from jaxatari.networks import ActorCritic
-
     c = ppo.resolve(ppo.Config(env="CartPole-v1", num_envs=2 * groups, num_steps=8, env_groups=groups, devices=1))
     env, spec = envs.make(c.env, c.num_envs, seed=0, groups=groups)
     try:
-        ns = ppo.network_spec(c, spec)
-        net, opt = ActorCritic(ns), ppo.make_optimizer(c, 100)
-        obs, _ = env.reset()
-        state = ppo.init(c, spec, ns, opt, obs, jax.random.PRNGKey(0))
-        handle, step_fn, _ = envs.make_step_fn(env, spec)
-        hlo = ppo.make_chunk(c, net, opt, step_fn, False, 1, 100).lower(state, handle).compile().as_text()
+        state, handle, chunk = grouped_chunk(ppo, c, env, spec, 1)
+        hlo = chunk.lower(state, handle).compile().as_text()
     finally:
         env.close()
     steps = [o for o in env_step_orders(hlo) if o and o[0].startswith("R")]  # the loop body: receive first
