@@ -33,7 +33,7 @@ from flax import struct
 
 from jaxatari import envs, parallel, runner
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry, resolve_network_spec
-from jaxatari.ops import A2CBatch, a2c_loss, gae, masked_mean, n_step_returns
+from jaxatari.ops import A2CBatch, a2c_loss, gae, masked_mean, n_step_returns, weighted_loss
 from jaxatari.rollout import Trajectory, bootstrap_value, rollout, rollout_population
 
 ALGO = "a2c"
@@ -315,12 +315,10 @@ def learn(state: State, traj: Trajectory, ep, env_state, carry, key, *, c: Confi
 
     loss_fn = functools.partial(a2c_loss, apply_fn=make_apply(net), vf_coef=c.vf_coef, ent_coef=c.ent_coef)
     if sharded:
-        local_loss = loss_fn
+        local_loss = weighted_loss(loss_fn)
 
         def loss_fn(params, b):
-            w = parallel.global_weight(b.mask)
-            loss, info = local_loss(params, b)
-            return loss * w, jax.tree.map(lambda x: x * w, info)
+            return local_loss(params, b, parallel.global_weight(b.mask))
 
     (loss, info), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     if sharded:

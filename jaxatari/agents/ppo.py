@@ -33,7 +33,7 @@ from flax import struct
 
 from jaxatari import envs, parallel, runner
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry, resolve_network_spec
-from jaxatari.ops import PPOBatch, PPOLossInfo, gae, ppo_loss
+from jaxatari.ops import PPOBatch, PPOLossInfo, gae, ppo_loss, weighted_loss
 from jaxatari.rollout import bootstrap_value, rollout, rollout_population, rollout_with_work
 
 ALGO = "ppo"
@@ -333,6 +333,13 @@ def _minibatches(batch: PPOBatch, key, num_minibatches: int, recurrent: bool) ->
     return jax.tree.map(lambda x: x[perm].reshape(num_minibatches, N // num_minibatches, *x.shape[1:]), flat)
 
 
+def make_loss_fn(c: Config, net: ActorCritic, recurrent: bool, *, normalize_advantages: bool):
+    """``loss_fn(params, batch) -> (loss, PPOLossInfo)``: :func:`ppo_loss` with this config."""
+    return functools.partial(ppo_loss, apply_fn=make_apply(net, recurrent), clip_eps=c.clip_coef,
+                             vf_coef=c.vf_coef, ent_coef=c.ent_coef, clip_value=c.clip_vloss,
+                             normalize_advantages=normalize_advantages)
+
+
 def _tree_finite(tree) -> jax.Array:
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
@@ -378,18 +385,14 @@ def learn(state: State, traj, ep, env_state, carry, key, k_sgd, *, c: Config, ne
     batch = rollout_batch(net.apply, state.params, traj, carry0, carry, env_state, c)
     ret = batch.returns
 
-    loss_fn = functools.partial(ppo_loss, apply_fn=make_apply(net, recurrent), clip_eps=c.clip_coef,
-                                vf_coef=c.vf_coef, ent_coef=c.ent_coef, clip_value=c.clip_vloss,
-                                normalize_advantages=c.norm_adv and not sharded)
+    loss_fn = make_loss_fn(c, net, recurrent, normalize_advantages=c.norm_adv and not sharded)
     if sharded:
-        local_loss = loss_fn
+        local_loss = weighted_loss(loss_fn)
 
         def loss_fn(params, mb):
             if c.norm_adv:
                 mb = mb._replace(advantages=parallel.normalize_advantages(mb.advantages, mb.mask))
-            w = parallel.global_weight(mb.mask)
-            loss, info = local_loss(params, mb)
-            return loss * w, jax.tree.map(lambda x: x * w, info)
+            return local_loss(params, mb, parallel.global_weight(mb.mask))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -560,16 +563,9 @@ def learner_step(w: Learner, n: jax.Array, *, plan: SGDPlan, c: Config, net: Act
     step ``n // K``, then, after its last micro-batch, the optimizer step (with
     ``K > 1`` a ``lax.cond``; ``K = 1`` has no conditional)."""
     K = c.overlap_microbatches
-    loss_fn = functools.partial(ppo_loss, apply_fn=make_apply(net, recurrent), clip_eps=c.clip_coef,
-                                vf_coef=c.vf_coef, ent_coef=c.ent_coef, clip_value=c.clip_vloss,
-                                normalize_advantages=False)
-
-    def weighted(params, mb, weight):
-        loss, info = loss_fn(params, mb)
-        return loss * weight, jax.tree.map(lambda x: x * weight, info)
-
+    loss_fn = weighted_loss(make_loss_fn(c, net, recurrent, normalize_advantages=False))  # normalised in the plan
     mb, weight = micro_batch(plan, n // K, n % K, minibatches=c.num_minibatches)
-    (loss, info), g = jax.value_and_grad(weighted, has_aux=True)(w.params, mb, weight)
+    (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(w.params, mb, weight)
     w = w._replace(grads=jax.tree.map(jnp.add, w.grads, g), loss=w.loss + loss,
                    info=jax.tree.map(jnp.add, w.info, info))
 
@@ -588,13 +584,18 @@ def sgd_by_microbatches(params, opt_state, batch: PPOBatch, key: jax.Array, *, c
     """What the overlapped learner computes for one batch, without envs: the
     ``E*M*K`` micro-steps of :func:`learner_step` in a row. Equals :func:`learn`'s
     epochs of SGD to float rounding (tested)."""
-    plan = sgd_plan(batch, key, epochs=c.update_epochs, minibatches=c.num_minibatches,
-                    microbatches=c.overlap_microbatches, recurrent=recurrent, norm_adv=c.norm_adv)
-    step = functools.partial(learner_step, plan=plan, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
+    step = learner_for(batch, key, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
     n = c.update_epochs * c.num_minibatches * c.overlap_microbatches
     w, _ = jax.lax.scan(lambda w, i: (step(w, i), None), learner_init(params, opt_state),
                         jnp.arange(n, dtype=jnp.int32))
     return w
+
+
+def learner_for(batch: PPOBatch, key: jax.Array, *, c: Config, net: ActorCritic, optimizer, recurrent: bool):
+    """``step(learner, n) -> learner``: :func:`learner_step` on the :class:`SGDPlan` of ``batch`` drawn with ``key``."""
+    plan = sgd_plan(batch, key, epochs=c.update_epochs, minibatches=c.num_minibatches,
+                    microbatches=c.overlap_microbatches, recurrent=recurrent, norm_adv=c.norm_adv)
+    return functools.partial(learner_step, plan=plan, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
 
 
 def update_overlapped(state: State, handle, *, c: Config, net: ActorCritic, optimizer, step_fn: envs.GroupedStep,
@@ -608,11 +609,8 @@ def update_overlapped(state: State, handle, *, c: Config, net: ActorCritic, opti
     on); episodes, returns and the value-fit columns (explained variance, value
     and target means) are the new rollout's."""
     key, k_roll, k_sgd = jax.random.split(state.key, 3)
-    K = c.overlap_microbatches
-    micro_steps = c.update_epochs * c.num_minibatches * K
-    plan = sgd_plan(state.pending, k_sgd, epochs=c.update_epochs, minibatches=c.num_minibatches, microbatches=K,
-                    recurrent=recurrent, norm_adv=c.norm_adv)
-    work = functools.partial(learner_step, plan=plan, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
+    micro_steps = c.update_epochs * c.num_minibatches * c.overlap_microbatches
+    work = learner_for(state.pending, k_sgd, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
     handle, env_state, carry, traj, ep, w = rollout_with_work(
         net.apply, state.params, state.carry, state.env, handle, step_fn, k_roll, c.num_steps,
         work, learner_init(state.params, state.opt_state), every=c.num_steps // micro_steps)

@@ -10,6 +10,7 @@ from jaxatari.ops.losses import (
     categorical_log_prob,
     masked_mean,
     ppo_loss,
+    weighted_loss,
 )
 from jaxatari.ops.returns import gae, n_step_returns
 from jaxatari.ops.td import (
@@ -39,4 +40,5 @@ __all__ = [
     "ppo_loss",
     "q_learning_target",
     "td_loss",
+    "weighted_loss",
 ]

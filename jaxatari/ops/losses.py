@@ -24,6 +24,19 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
+def weighted_loss(loss_fn: Callable) -> Callable:
+    """``(params, batch, weight) -> (loss * weight, info * weight)`` for a
+    masked-mean ``loss_fn(params, batch) -> (loss, info)``. With ``weight`` = the
+    batch's valid samples over those of a larger batch it is made from, the
+    weighted losses (and their gradients) sum to the larger batch's: the shards
+    of a data-parallel step, the micro-batches of a minibatch."""
+    def fn(params, batch, weight):
+        loss, info = loss_fn(params, batch)
+        return loss * weight, jax.tree.map(lambda x: x * weight, info)
+
+    return fn
+
+
 def categorical_log_prob(logits: jax.Array, actions: jax.Array) -> jax.Array:
     """``log pi(a | s)`` for integer ``actions`` of shape ``logits.shape[:-1]``."""
     logp = jax.nn.log_softmax(logits)
