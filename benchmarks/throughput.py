@@ -37,6 +37,16 @@ the machine description.
    the same thread count. A missing module or function marks the row
    "not available"; an exception marks it "failed" with the error.
 
+   --quick measures one row per algorithm (`QUICK_ALGOS`: ppo, ppo-cfc, a2c,
+   dqn) with 4 envs and 2 s of training each, ~80 s in all on 2 idle CPU
+   cores. Rows are cut down to fit, never skipped: ppo and ppo-cfc collect
+   shorter rollouts (`QUICK_ROW_OVERRIDES`; ppo-cfc's default torso, the ncps
+   conv block, trains at ~10 SPS there, so one default 128-step rollout of
+   4 envs would take ~50 s) and dqn logs 100-step metric rows
+   (`QUICK_OVERRIDES`); each is recorded in the row's `overrides` and the
+   Markdown's note column. Each row's timeout is `QUICK_TIMEOUT`, or its entry
+   in `QUICK_TIMEOUTS` (ppo-cfc: longer), unless --algo-timeout is given.
+
    The contract each algorithm module implements:
 
        jaxatari.agents.<algo>.benchmark(
@@ -112,6 +122,21 @@ QUICK_ALGOS = ("ppo", "ppo-cfc", "a2c", "dqn")
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {"jaxatari.agents.dqn": {"log_every": 100}}
 """Extra overrides under ``--quick``, per module (recorded in the row): DQN's benchmark times whole metric
 rows, and its default 1,000-step row takes ~16 s of learning on 2 CPU cores, longer than a quick row's budget."""
+QUICK_ROW_OVERRIDES: dict[str, dict[str, Any]] = {"ppo": {"num_steps": 32}, "ppo-cfc": {"num_steps": 8}}
+"""Extra overrides under ``--quick``, per row (recorded in the row), applied last. PPO's benchmark runs one
+update to warm up and at least one timed, whole rollouts of num_envs x num_steps env steps. On 2 CPU cores
+``ppo`` trains at ~80-160 SPS, so a default 128-step rollout of 4 envs takes 3-6 s per update, a 32-step one
+~1 s; ``ppo-cfc`` (the ncps conv block) at ~6-11 SPS: ~50 s per default update, ~3-5 s per 8-step one. The
+learning per env step is the same (every sample goes through --update-epochs passes); the rollout, the
+minibatches and, for ppo-cfc, the BPTT window are shorter."""
+QUICK_TIMEOUT = 40.0
+"""``--quick``'s --algo-timeout for rows not in `QUICK_TIMEOUTS`. ppo, a2c and dqn each take 15-22 s on 2 idle
+CPU cores (import, env, network init, compile, one warm-up call, 2 s timed) and up to ~33 s while other work
+shares the cores; 20 s timed rows out on a shared machine."""
+QUICK_TIMEOUTS: dict[str, float] = {"ppo-cfc": 60.0}
+"""Per-row ``--quick`` timeouts, in seconds, where `QUICK_TIMEOUT` is too short: ``ppo-cfc`` initialises and
+compiles the conv block, then runs two 8-step updates: ~24 s on 2 idle cores, up to ~43 s on shared ones. If
+every row ran into its timeout the run would take ~3 min, still inside the test suite's 240-s limit."""
 
 
 # ----------------------------------------------------------------------------- ceiling
@@ -254,6 +279,7 @@ def run_algorithm(
         "num_envs": num_envs,
         "num_threads": num_threads,
         "seconds": seconds,
+        "timeout": timeout,
         "status": None,
         "sps": None,
         "compile_s": None,
@@ -284,7 +310,7 @@ def run_algorithm(
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired:
-            row.update(status="timed out", reason=f"no result within --algo-timeout {timeout:g} s")
+            row.update(status="timed out", reason=f"no result within its timeout of {timeout:g} s (--algo-timeout)")
             return row
         row["process_s"] = time.perf_counter() - t0
         if not result_file.is_file():
@@ -329,8 +355,8 @@ class Args:
     algo_seconds: float | None = None
     """Wall-clock seconds each algorithm trains after compiling (default 30; --quick 2)."""
     algo_timeout: float | None = None
-    """Seconds before an algorithm's subprocess is stopped and marked timed out (default 1800; --quick 20,
-    so that four algorithms plus the ceiling stay under two minutes)."""
+    """Seconds before an algorithm's subprocess is stopped and marked timed out, for every row (default 1800;
+    --quick 40, and 60 for ppo-cfc: about twice what each row needs on 2 idle CPU cores)."""
     quick: bool = False
     """Short measurements, one small thread count, for the test suite: under two minutes on 2 CPU cores."""
     out_dir: str = str(RESULTS_DIR)
@@ -353,6 +379,9 @@ class Settings:
     algo_threads: int
     algo_seconds: float
     algo_timeout: float
+    """Timeout of the rows without an entry in `algo_timeouts`."""
+    algo_timeouts: dict[str, float]
+    """Per-row timeouts (--quick's `QUICK_TIMEOUTS` for the rows measured, unless --algo-timeout was given)."""
     quick: bool
 
 
@@ -362,6 +391,8 @@ def resolve(args: Args, cores: int) -> Settings:
     threads = args.threads or ((min(2, cores),) if q else (cores,))
     algo_threads = args.algo_threads or max(threads)
     pick = lambda value, normal, quick: value if value is not None else (quick if q else normal)  # noqa: E731
+    algos = tuple(args.algos) if args.algos is not None else (QUICK_ALGOS if q else tuple(ALGORITHMS))
+    own_timeouts = q and args.algo_timeout is None
     s = Settings(
         env=args.env,
         threads=tuple(threads),
@@ -370,11 +401,12 @@ def resolve(args: Args, cores: int) -> Settings:
         seconds=pick(args.seconds, 5.0, 0.5),
         repeats=pick(args.repeats, 3, 1),
         warmup=pick(args.warmup, 1.0, 0.25),
-        algos=tuple(args.algos) if args.algos is not None else (QUICK_ALGOS if q else tuple(ALGORITHMS)),
+        algos=algos,
         algo_envs=tuple(args.algo_envs or ((4,) if q else (max(8, algo_threads),))),
         algo_threads=algo_threads,
         algo_seconds=pick(args.algo_seconds, 30.0, 2.0),
-        algo_timeout=pick(args.algo_timeout, 1800.0, 20.0),
+        algo_timeout=pick(args.algo_timeout, 1800.0, QUICK_TIMEOUT),
+        algo_timeouts={a: QUICK_TIMEOUTS[a] for a in algos if a in QUICK_TIMEOUTS} if own_timeouts else {},
         quick=q,
     )
     for flag, values in (("--threads", s.threads), ("--algo-envs", s.algo_envs), ("--algo-threads", (s.algo_threads,))):
@@ -394,6 +426,21 @@ def resolve(args: Args, cores: int) -> Settings:
     if unknown:
         raise ValueError(f"Unknown algorithm {unknown[0]!r} in --algos; known: {', '.join(ALGORITHMS)}.")
     return s
+
+
+def algo_spec(name: str, s: Settings) -> AlgoSpec:
+    """Row `name`'s registry entry, with --quick's overrides: per module first, then the row's own, then per row."""
+    spec = ALGORITHMS[name]
+    if not s.quick:
+        return spec
+    overrides = {**QUICK_OVERRIDES.get(spec.module, {}), **spec.overrides, **QUICK_ROW_OVERRIDES.get(name, {})}
+    return AlgoSpec(spec.module, overrides)
+
+
+def _timeouts_text(s: dict[str, Any]) -> str:
+    """'1800 s' or '40 s (ppo-cfc 60 s)': the rows' timeouts, from the settings recorded in the JSON."""
+    extra = ", ".join(f"{a} {t:g} s" for a, t in s["algo_timeouts"].items())
+    return f"{s['algo_timeout']:g} s" + (f" ({extra})" if extra else "")
 
 
 def check_env_id(env_id: str) -> None:
@@ -435,9 +482,7 @@ def run(s: Settings, log=print) -> dict[str, Any]:
         ceiling.append(row)
     algorithms = []
     for name in s.algos:
-        spec = ALGORITHMS[name]
-        if s.quick:
-            spec = AlgoSpec(spec.module, {**QUICK_OVERRIDES.get(spec.module, {}), **spec.overrides})
+        spec = algo_spec(name, s)
         for n in s.algo_envs:
             row = run_algorithm(
                 name,
@@ -446,7 +491,7 @@ def run(s: Settings, log=print) -> dict[str, Any]:
                 num_envs=n,
                 num_threads=s.algo_threads,
                 seconds=s.algo_seconds,
-                timeout=s.algo_timeout,
+                timeout=s.algo_timeouts.get(name, s.algo_timeout),
             )
             ref = best_ceiling(ceiling, s.algo_threads)
             row["ceiling_sps"] = ref["sps"] if ref else None
@@ -545,7 +590,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     else:
         lines += [
             f"Each algorithm's `benchmark()` in its own process, {s['algo_seconds']:g} s of training after "
-            f"compilation (compile time separate; rows stopped after {s['algo_timeout']:g} s are 'timed out'). "
+            f"compilation (compile time separate; rows stopped after {_timeouts_text(s)} are 'timed out'). "
             f"Fraction = training SPS / best ceiling row at the same thread count.",
             "",
             "| algorithm | envs | threads | status | SPS | compile (s) | fraction of ceiling | ceiling row | note |",
@@ -563,6 +608,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
                              + (f", {k} micro-batches)" if k > 1 else ")"))
             if "log_every" in overrides:
                 notes.append(f"{overrides['log_every']}-step metric rows (--quick)")
+            if "num_steps" in overrides:
+                notes.append(f"{overrides['num_steps']}-step rollouts (--quick)")
             note = "; ".join(n for n in notes if n)
             lines.append(
                 f"| {r['name']} | {r['num_envs']} | {r['num_threads']} | {r['status']} | {_n(r.get('sps'))} | "

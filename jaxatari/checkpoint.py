@@ -63,6 +63,7 @@ import math
 import operator
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -191,7 +192,7 @@ class Checkpointer:
                 return path
             raise CheckpointError(
                 f"Cannot save step {step} in {path.parent}: it already holds the newer step "
-                f"{newest}; resume from it with restore_latest() or use a new run directory."
+                f"{newest}; continue that run (--resume, or restore_latest() from Python) or use a new run directory."
             )
         self._write(self._latest, step, state, policy, _meta(step, meta))
         return path
@@ -589,10 +590,37 @@ def _data_target(target, item: str, saved_keys: dict, saved_tree, where: Path):
 # -- reading ---------------------------------------------------------------
 
 
+_quiet_installed = False
+
+
+def _quiet_abandoned_reads() -> None:
+    """When a read fails, orbax's event loop is closed while tensorstore still
+    completes the step's other reads; each then reports ``RuntimeError: Event
+    loop is closed`` as an unraisable exception, tens of tracebacks on stderr
+    after the one-line warning. Installs (once per process) a
+    ``sys.unraisablehook`` that drops exactly those and passes everything else on."""
+    global _quiet_installed
+    if _quiet_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if (isinstance(e, RuntimeError) and str(e) == "Event loop is closed") or \
+                "_read_array_index_and_device_put" in repr(unraisable.object):
+            log.debug("Dropped an abandoned checkpoint read: %r", e)
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _quiet_installed = True
+
+
 class _StepReader:
     """Reads items of step directories with orbax's standard handlers (no pickle)."""
 
     def __enter__(self):
+        _quiet_abandoned_reads()  # before any read: the noise can start while a failure is still propagating
         self._ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_registry()))
         self._tree_handler = ocp.StandardCheckpointHandler()
         return self

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import warnings
 from typing import Callable, Sequence
 
 
@@ -13,10 +15,13 @@ def main(config_cls, train: Callable, *, resumable: Sequence[str], description: 
 
     Bad input (:class:`~jaxatari.runner.ConfigError`, :class:`~jaxatari.envs.EnvError`,
     :class:`~jaxatari.checkpoint.CheckpointError`) prints one sentence and exits 2;
-    an interrupted run exits 130 (SIGINT) or 143 (SIGTERM) after saving.
+    an interrupted run exits 130 (SIGINT) or 143 (SIGTERM) after saving; a
+    ``--resume`` of a run that is already complete says so and exits 0.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # gymnasium's note on EnvPool's float64 classic-control bounds: harmless, and printed at every start.
+    warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32", category=UserWarning)
     from jaxatari import envs, runner
 
     try:
@@ -26,6 +31,9 @@ def main(config_cls, train: Callable, *, resumable: Sequence[str], description: 
     try:
         config = runner.cli(config_cls, resumable=resumable, description=description)
         result = train(config)
+    except runner.AlreadyComplete as e:
+        print(e, flush=True)
+        sys.exit(0)
     except (runner.ConfigError, envs.EnvError, CheckpointError, runner.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -33,4 +41,4 @@ def main(config_cls, train: Callable, *, resumable: Sequence[str], description: 
         print("\nAborted (no checkpoint written since the last one).", file=sys.stderr)
         sys.exit(130)
     if result.status == "interrupted":
-        sys.exit(130)
+        sys.exit(143 if getattr(result, "signal", None) == signal.SIGTERM else 130)

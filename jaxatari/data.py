@@ -477,9 +477,10 @@ def collect(cfg: CollectConfig) -> CollectResult:
     def split_of(b: int) -> str:
         return "val" if is_val[offsets[b] + k[b]] else "train"
 
+    n_val = int(is_val.sum())
     print(f"Collecting {cfg.episodes} games of {env_id} (preset {spec.preset}) from {pol.config.get('algo')} expert "
-          f"{cfg.run_dir} ({cfg.mode}) into {out}: sequences of {S} steps, {int(is_val.sum())} validation games.",
-          flush=True)
+          f"{cfg.run_dir} ({cfg.mode}) into {out}: sequences of {S} steps, {n_val} validation "
+          f"game{'' if n_val == 1 else 's'}.", flush=True)
     progress = _EpisodeProgress(cfg.episodes)
     status = "done"
     key = jax.random.PRNGKey(cfg.seed)

@@ -123,26 +123,18 @@ def validate_env_id(env_id: str) -> None:
     )
 
 
-def parse_env_options(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """Parse ``("key=value", ...)`` CLI overrides; values become bool/int/float/str."""
-    out: dict[str, Any] = {}
+def parse_env_options(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Split ``("key=value", ...)`` CLI overrides into ``{key: value}``.
+
+    Values stay strings: :func:`resolve_options` parses each one by the type of
+    that option's EnvPool default and checks its range, once the env is known.
+    """
+    out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise EnvError(f"Env option {item!r} is not of the form KEY=VALUE, e.g. 'noop_max=30'.")
         k, v = item.split("=", 1)
-        low = v.strip().lower()
-        val: Any
-        if low in ("true", "false"):
-            val = low == "true"
-        else:
-            try:
-                val = int(v)
-            except ValueError:
-                try:
-                    val = float(v)
-                except ValueError:
-                    val = v
-        out[k.strip()] = val
+        out[k.strip()] = v.strip()
     return out
 
 
@@ -162,30 +154,155 @@ def resolve_preset(env_id: str, preset: str | None) -> str:
     return preset
 
 
+#: Ranges checked before EnvPool sees a value, by option name (a name means the
+#: same in every EnvPool family that has it): ``(low, high, note)``, ``None`` for
+#: no bound. EnvPool checks none of them itself: ``noop_max=0`` and ``stack_num=0``
+#: crash the process, ``img_height=-1`` raises a C++ length error, and
+#: ``frame_skip=0`` or ``repeat_action_probability=1.5`` run without complaint.
+#: Every other option is checked for the type of EnvPool's default value only.
+OPTION_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "max_episode_steps": (1, None, ""),
+    "noop_max": (1, None, "1 means no no-op starts; 0 crashes EnvPool"),
+    "frame_skip": (1, None, ""),
+    "stack_num": (1, None, ""),
+    "img_height": (1, None, ""),
+    "img_width": (1, None, ""),
+    "mode": (-1, None, "-1 is the game's default mode"),
+    "difficulty": (-1, None, "-1 is the game's default difficulty"),
+    "repeat_action_probability": (0.0, 1.0, ""),
+}
+
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1  # EnvPool's integer options are C++ ints
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def _option_defaults(env_id: str) -> dict[str, Any]:
+    """EnvPool's default value of every option of ``env_id`` a user may set (don't mutate)."""
+    import envpool
+
+    spec = envpool.make_spec(env_id)
+    return {k: v for k, v in zip(spec._config_keys, spec._default_config_values) if k not in _RESERVED_OPTIONS}
+
+
+def _range_text(low, high, what: str) -> str:
+    if low is not None and high is not None:
+        return f"{what} in [{low:g}, {high:g}]"
+    if low is not None:
+        return f"{what} >= {low:g}"
+    return what
+
+
+def parse_option_value(env_id: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` of option ``key`` as EnvPool takes it, typed like ``default``.
+
+    Strings (from ``--env-option``) are parsed: booleans accept true/false, 1/0,
+    yes/no in any case; list, tuple and dict options a Python literal. Values of
+    the right type pass through. The range in :data:`OPTION_RANGES` is checked.
+    Raises :class:`EnvError` naming the option, the value and what is accepted.
+    """
+    low, high, note = OPTION_RANGES.get(key, (None, None, ""))
+    text = value.strip() if isinstance(value, str) else None
+
+    def bad(accepted: str) -> EnvError:
+        shown = value if text else repr(value)
+        hint = f" ({note})" if note else ""
+        return EnvError(f"Env option {key}={shown} is not accepted for {env_id}: it takes {accepted}{hint}.")
+
+    if isinstance(default, (bool, np.bool_)):
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if isinstance(value, (int, np.integer)) and value in (0, 1):
+            return bool(value)
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise bad("a boolean: true/false, 1/0 or yes/no")
+    if isinstance(default, (int, np.integer)):
+        accepted = _range_text(low, high, "an integer")
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            val = int(value)
+        elif text is not None:
+            try:
+                val = int(text)
+            except ValueError:
+                raise bad(accepted) from None
+        else:
+            raise bad(accepted)
+        if (low is not None and val < low) or (high is not None and val > high):
+            raise bad(accepted)
+        if not _INT32_MIN <= val <= _INT32_MAX:
+            raise bad(f"{accepted} that fits in 32 bits ({_INT32_MIN} to {_INT32_MAX})")
+        return val
+    if isinstance(default, (float, np.floating)):
+        accepted = _range_text(low, high, "a number")
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+            val = float(value)
+        elif text is not None:
+            try:
+                val = float(text)
+            except ValueError:
+                raise bad(accepted) from None
+        else:
+            raise bad(accepted)
+        if val != val or (low is not None and not val >= low) or (high is not None and not val <= high):
+            raise bad(accepted)  # NaN fails every comparison
+        return val
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad(f"a string, e.g. {default!r}")
+        return value
+    if isinstance(default, (list, tuple, dict)):
+        kind = dict if isinstance(default, dict) else type(default)
+        val = value
+        if text is not None:
+            import ast
+
+            try:
+                val = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise bad(f"a Python {kind.__name__} literal, e.g. {default!r}") from None
+        if kind is dict and isinstance(val, dict):
+            return val
+        if kind is not dict and isinstance(val, (list, tuple)):
+            return kind(val)
+        raise bad(f"a Python {kind.__name__} literal, e.g. {default!r}")
+    return value  # a type EnvPool does not use for options today: left to EnvPool
+
+
 def resolve_options(env_id: str, preset: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full EnvPool option dict for ``env_id`` under ``preset`` plus ``overrides``.
 
-    Unknown option names fail with the closest valid names.
+    Every value (preset or override, string or typed) is parsed and checked by
+    :func:`parse_option_value`; unknown option names fail with the closest valid
+    names. Nothing EnvPool steps is built: what needs the game itself (ALE's
+    modes and difficulties) is checked by building EnvPool's spec.
     """
     import envpool
 
     validate_env_id(env_id)
     preset = resolve_preset(env_id, preset)
+    defaults = _option_defaults(env_id)
     options = dict(ATARI_PRESETS[preset]) if preset in ATARI_PRESETS else {}
-    valid = [k for k in envpool.make_spec(env_id)._config_keys if k not in _RESERVED_OPTIONS]
+    valid = list(defaults)
     for k, v in (overrides or {}).items():
-        if k not in valid:
+        if k not in defaults:
             close = difflib.get_close_matches(k, valid, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise EnvError(
                 f"Unknown EnvPool option {k!r} for {env_id}.{hint} Accepted: {', '.join(valid)}."
             )
         options[k] = v
-    if "noop_max" in options and int(options["noop_max"]) < 1:
-        raise EnvError(
-            f"noop_max={options['noop_max']} is not accepted: EnvPool needs noop_max >= 1 "
-            "(noop_max=1 means no no-op starts)."
-        )
+    options = {k: parse_option_value(env_id, k, v, defaults[k]) for k, v in options.items()}
+    try:
+        envpool.make_spec(env_id, **options)
+    except (RuntimeError, ValueError) as e:
+        msg = str(e).strip().rstrip(".")
+        for k in ("mode", "difficulty"):  # ALE: "Invalid game mode requested"
+            if k in msg and k in options:
+                raise EnvError(f"Env option {k}={options[k]} is not accepted for {env_id}: EnvPool says "
+                               f"{msg!r}; it takes -1 (the game's default) or a {k} this game has.") from None
+        shown = " ".join(f"{k}={v}" for k, v in options.items())
+        raise EnvError(f"EnvPool rejects the options of {env_id} ({shown}): {msg}.") from None
     return options
 
 

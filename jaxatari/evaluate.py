@@ -11,7 +11,9 @@ Protocol:
 
 * The env is built with the training preset plus :data:`jaxatari.envs.EVAL_OVERRIDES`
   (no episodic life, unclipped rewards); everything else (sticky actions, no-op
-  starts, the 27k-step time limit) stays as the preset says. Returns are full-game
+  starts, the 27k-step time limit) stays as the preset says, unless
+  ``max_episode_steps`` sets EnvPool's time limit (an episode cut there ends as
+  truncated and counts with its score so far). Returns are full-game
   scores from EnvPool's ``info["reward"]``; lengths count agent steps (each is
   ``frame_skip`` emulator frames on Atari).
 * ``num_envs`` envs play in parallel. Env ``i`` gets a quota of
@@ -35,7 +37,8 @@ Video: EnvPool 1.2.5 renders RGB frames natively (``render_mode="rgb_array"``,
 evaluation batch itself is rendered after every agent step, so the video is the
 very game that was scored (no twin env to keep in lockstep). Frames of the first
 ``video_episodes`` episodes of env 0 are written, one per agent step plus the
-first frame of each episode: H.264 ``.mp4`` (yuv420p, even size, through
+first frame of each episode (missing parent directories of the video path are
+created): H.264 ``.mp4`` (yuv420p, even size, through
 imageio-ffmpeg) or ``.gif`` (Pillow; GIF stores delays in 1/100 s, so the frame
 delay is rounded to a multiple of 10 ms, and identical consecutive frames are
 merged into one longer frame).
@@ -97,6 +100,8 @@ class EvalResult:
     steps: int = 0
     """Batched env steps taken (every env stepped this many times)."""
     video: str | None = None
+    max_episode_steps: int | None = None
+    """The time limit the games were played under (agent steps), if the env reports one."""
 
     @property
     def episodes(self) -> int:
@@ -160,6 +165,7 @@ class EvalResult:
             returns=[float(r) for r in self.returns],
             lengths=[int(n) for n in self.lengths],
             video=self.video,
+            max_episode_steps=self.max_episode_steps,
         )
 
 
@@ -335,11 +341,16 @@ def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -
         raise EvalError(f"{name}={value!r} is not accepted: it must be an integer >= {minimum}{none}.")
 
 
-def _validate(episodes, num_envs, mode, epsilon, video, video_fps, video_episodes,
-              max_video_frames, max_steps) -> None:
+def check_arguments(*, episodes: int = 30, num_envs: int | None = None, mode: str = "greedy",
+                    epsilon: float = 0.001, video: str | Path | None = None, video_fps: float = 30,
+                    video_episodes: int = 1, max_video_frames: int | None = None, max_steps: int | None = None,
+                    max_episode_steps: int | None = None) -> None:
+    """Raise :class:`EvalError` naming the first bad argument of :func:`evaluate` (same
+    names and defaults) and what is accepted. Cheap: a CLI calls it before loading a policy."""
     _check_int("episodes", episodes, 1)
     _check_int("num_envs", num_envs, 1, optional=True)
     _check_int("max_steps", max_steps, 1, optional=True)
+    _check_int("max_episode_steps", max_episode_steps, 1, optional=True)
     if mode not in MODES:
         raise EvalError(f"mode={mode!r} is not accepted; use one of {', '.join(MODES)}.")
     if mode == "epsilon" and not (isinstance(epsilon, (int, float)) and 0.0 <= epsilon <= 1.0):
@@ -375,6 +386,7 @@ def evaluate(
     video_episodes: int = 1,
     max_video_frames: int | None = None,
     max_steps: int | None = None,
+    max_episode_steps: int | None = None,
 ) -> EvalResult:
     """Play ``episodes`` full games with ``policy_fn`` and return their scores.
 
@@ -393,24 +405,34 @@ def evaluate(
         Use seeds different from training.
       mode: ``greedy``, ``sample`` or ``epsilon``; ``epsilon`` is its exploration rate.
       video: ``*.mp4`` or ``*.gif`` path to record env 0's first ``video_episodes``
-        episodes (at most ``max_video_frames`` frames) from RGB renders. Env 0 keeps
-        playing until they are recorded even if its quota is met.
+        episodes (at most ``max_video_frames`` frames) from RGB renders; missing
+        parent directories are created. Env 0 keeps playing until they are recorded
+        even if its quota is met.
       video_fps: frames per second of the video (one frame per agent step).
       max_steps: safety cap on batched env steps; episodes unfinished by then are
         dropped (with a warning) and ``EvalResult.episodes < episodes``.
+      max_episode_steps: EnvPool's per-episode time limit in agent steps, set on top
+        of ``options``; an episode reaching it ends (truncated) and counts with its
+        score so far. ``None``: the env's own limit (``options``, else the preset's:
+        27,000 for the Atari presets, i.e. 30 minutes of play; EnvPool's default
+        otherwise, e.g. 500 for CartPole-v1).
 
     Returns:
       :class:`EvalResult`.
     """
-    _validate(episodes, num_envs, mode, epsilon, video, video_fps, video_episodes,
-              max_video_frames, max_steps)
+    check_arguments(episodes=episodes, num_envs=num_envs, mode=mode, epsilon=epsilon, video=video,
+                    video_fps=video_fps, video_episodes=video_episodes, max_video_frames=max_video_frames,
+                    max_steps=max_steps, max_episode_steps=max_episode_steps)
     num_envs = num_envs or min(episodes, DEFAULT_MAX_NUM_ENVS)
     opts = dict(options or {})
     if envs.is_atari(env_id):
         opts.update(envs.EVAL_OVERRIDES)
+    if max_episode_steps is not None:
+        opts["max_episode_steps"] = int(max_episode_steps)
     env, spec = envs.make(env_id, num_envs, seed=seed, preset=preset, options=opts,
                           render_mode="rgb_array" if video is not None else None)
 
+    limit = getattr(getattr(getattr(env, "spec", None), "config", None), "max_episode_steps", None)
     writer = None
     if video is not None:
         writer = _VideoWriter(Path(video), float(video_fps))
@@ -454,6 +476,7 @@ def evaluate(
         requested=episodes,
         steps=steps,
         video=str(video) if video is not None else None,
+        max_episode_steps=None if limit is None else int(limit),
     )
 
 
@@ -516,3 +539,41 @@ def actor_critic_eval_fn(net, spec, *, env_id: str, preset, options, episodes: i
                         options=options, episodes=episodes, seed=seed, mode="greedy").mean
 
     return eval_fn
+
+
+# ---------------------------------------------------------------------------
+# Loading a run's policy
+# ---------------------------------------------------------------------------
+
+CHECKPOINTS = ("best", "latest")
+
+
+def load_checkpoint(path: str | Path, checkpoint: str = "best"):
+    """Load the policy to evaluate from a run directory (or a checkpoint inside one).
+
+    ``checkpoint``: ``best`` (the best checkpoint; if ``best/`` is missing or has no
+    readable checkpoint, the newest readable one of ``latest/``, as
+    :func:`jaxatari.checkpoint.load_policy` falls back) or ``latest``.
+
+    Returns ``(policy, info)``: the :class:`~jaxatari.checkpoint.LoadedPolicy` and
+    ``info = {"checkpoint": kind, "checkpoint_step": step}``, the checkpoint actually
+    loaded after any fallback (``kind`` is ``best`` when its metadata carries a
+    score, which only ``best/`` checkpoints do). Raises ``ConfigError`` naming the
+    run's ``config.json`` when it is not valid JSON, :class:`EvalError` for a bad
+    ``checkpoint`` and ``CheckpointError`` when nothing is readable.
+    """
+    from jaxatari import runner
+    from jaxatari.checkpoint import load_policy
+
+    if checkpoint not in CHECKPOINTS:
+        raise EvalError(f"checkpoint={checkpoint!r} is not accepted; use {' or '.join(CHECKPOINTS)}.")
+    path = Path(path)
+    for directory in (path, *path.parents):  # where load_policy finds the config, named on bad JSON
+        if (directory / "config.json").is_file():
+            runner.load_run_config(directory)
+            break
+    if checkpoint == "latest" and (path / "checkpoints" / "latest").is_dir():
+        path = path / "checkpoints" / "latest"
+    policy = load_policy(path)
+    kind = "best" if "score" in policy.meta else "latest"
+    return policy, {"checkpoint": kind, "checkpoint_step": policy.meta.get("step")}

@@ -669,8 +669,6 @@ def resume_sharded(c) -> bool:
 def train(mod, c, devices_per_process: int) -> runner.RunResult:
     """Train ``mod`` (:mod:`jaxatari.agents.ppo` or ``a2c``) data-parallel or as a
     population; the glue mirrors ``mod.train``."""
-    from pathlib import Path
-
     from jaxatari.checkpoint import Checkpointer
     from jaxatari.networks import ActorCritic, initial_carry
 
@@ -682,7 +680,7 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
     stored = runner.load_run_config(c.resume) if c.resume else {}
     sched = runner.make_schedule(c.total_timesteps, c.batch_size, c.chunk_steps,
                                  updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
-    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, algo, c.seed))
+    run_dir = runner.run_dir_for(c, algo)
     c = dataclasses.replace(c, run_dir=str(run_dir))
     main = is_main_process()
 
@@ -741,12 +739,14 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
             restored = restore_latest_any_topology(ckpt, state, stored)
             state, meta = restored.state, dict(restored.meta or {})
             done_updates = env_steps(state) // c.batch_size
+            runner.check_unfinished(run_dir, env_steps(state), sched.total_steps)
             if done_updates % sched.updates_per_chunk:
                 raise runner.ConfigError(f"Checkpoint at update {done_updates} is not on a chunk boundary.")
             start_chunk = done_updates // sched.updates_per_chunk
-            runner.restore_env(group, run_dir, done_updates * c.num_steps, env_obs(state), total_B,
-                               logged_processes=stored_layout(stored)[1], process_index=jax.process_index(),
-                               process_count=jax.process_count())
+            if not runner.restore_env(group, run_dir, done_updates * c.num_steps, env_obs(state), total_B,
+                                      logged_processes=stored_layout(stored)[1], process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
+                state = state.replace(env=runner.restart_episodes(state.env))
             if main:
                 print(f"Resumed {run_dir} at env step {done_updates * c.batch_size:,}.", flush=True)
         if main:

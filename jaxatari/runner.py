@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger("jaxatari")
@@ -51,9 +52,40 @@ class ConfigError(ValueError):
     """Bad configuration, raised before anything is compiled."""
 
 
+class AlreadyComplete(Exception):
+    """``--resume`` of a run whose checkpoint already covers the requested
+    steps (or epochs): nothing to train. The CLI prints it and exits 0."""
+
+
 # ---------------------------------------------------------------------------
 # CLI, config files and the run directory
 # ---------------------------------------------------------------------------
+
+
+_RANGES: dict[str, Callable[[Any], bool]] = {
+    ">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
+}
+
+#: The ranges of the run options the on-policy and DQN configs share (fields a config lacks are skipped).
+RUN_OPTION_RANGES = {
+    "total_timesteps": ">= 1", "num_envs": ">= 1", "chunk_steps": ">= 1", "checkpoint_every": ">= 0",
+    "keep": ">= 1", "eval_every": ">= 0", "eval_episodes": ">= 1", "num_threads": ">= 0", "num_agents": ">= 1",
+    "cfc_units": ">= 1", "cfc_backbone_units": ">= 1", "cfc_backbone_layers": ">= 0",
+}
+
+
+def check_ranges(config, ranges: dict[str, str]) -> None:
+    """Raise :class:`ConfigError` naming the flag, its value and the accepted
+    range for the first field of ``config`` outside its range (``">= 1"``,
+    ``">= 0"``, ``"> 0"``, ``"in [0, 1]"``, ``"in (0, 1]"``); fields that are
+    None or absent from ``config`` are skipped."""
+    for name, rule in ranges.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _RANGES[rule](value):
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not accepted: it must be {rule}.")
 
 
 def config_to_json(config) -> dict[str, Any]:
@@ -64,6 +96,10 @@ def config_from_json(cls, d: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
     return cls(**kw)
+
+
+def _has_flag(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def _resume_arg(argv: Sequence[str]) -> str | None:
@@ -88,7 +124,14 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
     resume = _resume_arg(argv)
     if resume is None:
         return tyro.cli(config_cls, args=argv, description=description)
+    if _has_flag(argv, "--run-dir"):
+        raise ConfigError(f"--run-dir cannot be combined with --resume: a run continues in its own directory "
+                          f"({resume}); to continue a copy elsewhere, copy the directory and resume the copy.")
     stored = load_run_config(resume)
+    algo = getattr(sys.modules.get(config_cls.__module__), "ALGO", None)
+    if algo and stored.get("algo", algo) != algo:
+        raise ConfigError(f"{resume} is a {stored['algo']} run, not {algo}; resume it with "
+                          f"python scripts/{stored['algo']}.py --resume {resume}")
     default = config_from_json(config_cls, stored)
     default = dataclasses.replace(default, resume=resume)
     config = tyro.cli(config_cls, args=argv, default=default, description=description)
@@ -114,6 +157,40 @@ def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+
+
+def run_dir_for(config, algo: str) -> Path:
+    """The run directory of ``config``: ``--resume``'s, else ``--run-dir``, else a
+    new ``runs/<env>__<algo>__<seed>__<time>``. A fresh run refuses a directory
+    that already holds a run: it would mix two runs' metrics and action logs and
+    fail at its first checkpoint. Checked on process 0 only (the others may see
+    what process 0 has just written)."""
+    if config.resume:
+        return Path(config.resume)
+    run_dir = Path(config.run_dir or default_run_dir(config.env, algo, config.seed))
+    if jax.process_index() == 0 and run_dir.is_dir():
+        held = [n for n in ("config.json", "metrics.csv", "checkpoints") if (run_dir / n).exists()]
+        held += sorted(p.name for p in run_dir.glob("actions*.u8"))
+        if held:
+            raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(held)}); continue it with "
+                              f"--resume {run_dir}, delete it, or pass another --run-dir.")
+    return run_dir
+
+
+def default_chunk_steps(atari: bool) -> int:
+    """``--chunk-steps`` when not given: 50k env steps, 10k for Atari on a CPU,
+    where the Nature CNN trains at ~150 steps/s (a 50k chunk would show the first
+    progress line, and act on Ctrl-C or a preemption notice, after ~5 minutes)."""
+    return 10_000 if atari and jax.default_backend() == "cpu" else 50_000
+
+
+def check_unfinished(run_dir: Path, done: int, total: int, *, unit: str = "env step",
+                     flag: str = "--total-timesteps") -> None:
+    """Raise :class:`AlreadyComplete` if a resumed run's checkpoint (at ``done``)
+    already reaches ``total``: before any env replay, config rewrite or compile."""
+    if done >= total:
+        raise AlreadyComplete(f"{run_dir} is already complete: its latest checkpoint is at {unit} {done:,} and "
+                              f"{flag} asks for {total:,}. Pass a larger {flag} to train further.")
 
 
 def default_run_dir(env_id: str, algo: str, seed: int) -> Path:
@@ -273,10 +350,11 @@ def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.nda
     written by another number of processes (``logged_processes``): it is read
     whole and rewritten in this run's layout, so a run resumes on any topology.
     """
-    actions = read_global_actions(run_dir, env_steps_per_env, num_envs, logged_processes)
-    if actions is None:
-        return False
     per = num_envs // process_count
+    actions = read_global_actions(run_dir, env_steps_per_env, num_envs, logged_processes)
+    if actions is None:  # a short log cannot serve a later resume either: start this process's log afresh
+        ActionLog(run_dir, per, action_log_name(process_index, process_count)).rewrite(np.zeros((0, per)))
+        return False
     mine = actions[:, process_index * per:(process_index + 1) * per]
     exact = True
     if env_steps_per_env:
@@ -294,6 +372,24 @@ def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.nda
     return exact
 
 
+def restart_episodes(env_state):
+    """The per-env state after a resume that is not exact (the envs were freshly
+    reset, or replayed into other states than the checkpoint's): every env
+    starts a new episode, so the checkpoint's unfinished episodes do not leak
+    into the returns logged after it. Running returns and lengths are zeroed,
+    no env is marked as about to reset, and ``first`` is set (recurrent state
+    resets at the next step); the window of finished returns is kept. The
+    first action is taken on the checkpoint's observation. Keeps every leaf's
+    sharding, so it applies to data-parallel and population states too."""
+
+    def restart(e):
+        st = e.stats
+        return e.replace(done=jnp.zeros_like(e.done), first=jnp.ones_like(e.first),
+                         stats=st.replace(returns=jnp.zeros_like(st.returns), lengths=jnp.zeros_like(st.lengths)))
+
+    return jax.jit(restart, out_shardings=jax.tree.map(lambda x: x.sharding, env_state))(env_state)
+
+
 def resume_training(ckpt, state, *, run_dir: Path, env, schedule: Schedule, num_envs: int, num_steps: int):
     """Restore an on-policy agent's latest good checkpoint and its envs.
 
@@ -304,10 +400,12 @@ def resume_training(ckpt, state, *, run_dir: Path, env, schedule: Schedule, num_
     restored = ckpt.restore_latest(abstract(state))
     state, meta = restored.state, dict(restored.meta or {})
     done = int(state.update)
+    check_unfinished(run_dir, done * num_steps * num_envs, schedule.total_steps)
     if done % schedule.updates_per_chunk:
         raise ConfigError(f"Checkpoint at update {done} is not on a chunk boundary of "
                           f"{schedule.updates_per_chunk} updates.")
-    restore_env(env, run_dir, done * num_steps, np.asarray(state.env.obs), num_envs)
+    if not restore_env(env, run_dir, done * num_steps, np.asarray(state.env.obs), num_envs):
+        state = state.replace(env=restart_episodes(state.env))
     print(f"Resumed {run_dir} at env step {done * num_steps * num_envs:,}.", flush=True)
     return state, meta, done // schedule.updates_per_chunk
 
@@ -427,6 +525,7 @@ class RunResult:
     return_mean100: float
     compile_s: float
     sps: float
+    signal: int | None = None  # the SIGINT/SIGTERM that interrupted the run
 
 
 def _fmt(x) -> str:
@@ -505,7 +604,7 @@ def run(
     last_ckpt = step0
     last_eval = step0
     mean100 = math.nan
-    status = "done"
+    status, received = "done", None
     sps = 0.0
     global_step = step0
 
@@ -594,7 +693,7 @@ def run(
                 reached = target_return is not None and not math.isnan(mean100) and mean100 >= target_return
                 last = chunk == schedule.num_chunks - 1
                 if sig.received is not None:
-                    status = "interrupted"
+                    status, received = "interrupted", sig.received
                 if reached:
                     status = "target_reached"
                 due = checkpoint_every and global_step - last_ckpt >= checkpoint_every
@@ -618,7 +717,17 @@ def run(
     elif status == "target_reached" and is_main:
         print(f"\nTarget return {target_return} reached (mean of last 100 episodes {mean100:.1f}) at step "
               f"{global_step:,}; saved as best.", flush=True)
-    return RunResult(state, status, global_step, mean100, compile_s, sps)
+    elif status == "done" and is_main:
+        print(f"\nDone: {global_step:,} env steps in {_duration(prev_wall + time.perf_counter() - wall0)}; "
+              f"run in {run_dir}. Watch the agent: python scripts/evaluate.py --run-dir {run_dir} --video play.mp4",
+              flush=True)
+    return RunResult(state, status, global_step, mean100, compile_s, sps, received)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
 
 
 def _evaluate(eval_fn, policy, is_main: bool, num_agents: int) -> np.ndarray:

@@ -2,9 +2,12 @@
 
     python scripts/evaluate.py --run-dir RUN_DIR --episodes 30 [--video play.mp4]
 
-Plays full games (no episodic life, unclipped rewards; sticky actions and no-op
-starts as in the run's preset), prints mean ± std and min/max, and writes
-``eval.json`` into the run directory.
+Plays full games (no episodic life, unclipped rewards; sticky actions, no-op
+starts and the time limit as in the run's preset, the limit overridable with
+--max-episode-steps), prints mean ± std and min/max, and writes ``eval.json``
+into the run directory, naming the checkpoint actually evaluated (``checkpoint``:
+best or latest, ``checkpoint_step``) after any fallback from an unreadable best.
+Bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class Config:
     episodes: int = 30
     """Full games to play."""
     checkpoint: str = "best"
-    """best (highest score, else latest) or latest."""
+    """best (highest score; if none is readable, the newest readable latest) or latest.
+    eval.json records the one actually loaded."""
     mode: str = "greedy"
     """greedy, sample (from the policy's distribution) or epsilon (epsilon-greedy)."""
     epsilon: float = 0.001
@@ -36,40 +40,48 @@ class Config:
     seed: int = 10_000
     """Evaluation seed (differs from training seeds)."""
     video: str | None = None
-    """Record env 0's first episode to this .mp4 or .gif."""
+    """Record env 0's first episode to this .mp4 or .gif (missing parent directories are created)."""
     video_episodes: int = 1
     """Episodes to record."""
     preset: str | None = None
     """Override the run's env preset (e.g. machado)."""
+    max_episode_steps: int | None = None
+    """Cap each game at this many agent steps (EnvPool's max_episode_steps).
+    A game cut there counts with its score so far.
+    Default: the run's own limit (Atari presets: 27,000 steps, a 15-minute video at 30 fps)."""
 
 
 def main(cfg: Config) -> int:
-    from jaxatari import envs
-    from jaxatari.checkpoint import CheckpointError, load_policy
-    from jaxatari.evaluate import EvalError, evaluate
+    from jaxatari import envs, runner
+    from jaxatari.checkpoint import CheckpointError
+    from jaxatari.evaluate import EvalError, check_arguments, evaluate, load_checkpoint
 
-    if cfg.checkpoint not in ("best", "latest"):
-        print(f"error: --checkpoint {cfg.checkpoint!r} is not accepted; use best or latest.", file=sys.stderr)
-        return 2
-    path = Path(cfg.run_dir)
-    if cfg.checkpoint == "latest" and (path / "checkpoints" / "latest").is_dir():
-        path = path / "checkpoints" / "latest"
     try:
-        pol = load_policy(path)
+        if cfg.checkpoint not in ("best", "latest"):
+            raise EvalError(f"--checkpoint {cfg.checkpoint!r} is not accepted; use best or latest.")
+        check_arguments(episodes=cfg.episodes, num_envs=cfg.num_envs, mode=cfg.mode, epsilon=cfg.epsilon,
+                        video=cfg.video, video_episodes=cfg.video_episodes, max_episode_steps=cfg.max_episode_steps)
+        pol, loaded = load_checkpoint(cfg.run_dir, cfg.checkpoint)
         c = pol.config
         options = envs.parse_env_options(c.get("env_option", []))
         res = evaluate(pol.policy_fn, pol.params, pol.initial_carry, env_id=c["env"],
                        preset=cfg.preset or c.get("preset"), options=options, episodes=cfg.episodes,
                        num_envs=cfg.num_envs, seed=cfg.seed, mode=cfg.mode, epsilon=cfg.epsilon,
-                       video=cfg.video, video_episodes=cfg.video_episodes)
-    except (CheckpointError, EvalError, envs.EnvError, ValueError) as e:
+                       video=cfg.video, video_episodes=cfg.video_episodes,
+                       max_episode_steps=cfg.max_episode_steps)
+    except (CheckpointError, EvalError, envs.EnvError, runner.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{c['env']} ({c['algo']}, env step {pol.meta.get('step', '?'):,}): {res.format()}")
+    step = loaded["checkpoint_step"]
+    if loaded["checkpoint"] != cfg.checkpoint:
+        print(f"note: no readable {cfg.checkpoint} checkpoint; evaluated the {loaded['checkpoint']} one "
+              f"(env step {step}).", file=sys.stderr)
+    step_text = f"{step:,}" if isinstance(step, int) else "?"
+    print(f"{c['env']} ({c['algo']}, {loaded['checkpoint']} checkpoint, env step {step_text}): {res.format()}")
     if cfg.video:
         print(f"video: {cfg.video}")
     run_dir = Path(pol.config.get("run_dir") or cfg.run_dir)
-    out = dict(res.to_json(), checkpoint_step=pol.meta.get("step"), checkpoint=cfg.checkpoint)
+    out = dict(res.to_json(), **loaded, checkpoint_requested=cfg.checkpoint)
     target = (run_dir if run_dir.is_dir() else Path(cfg.run_dir)) / "eval.json"
     target.write_text(json.dumps(out, indent=2))
     print(f"wrote {target}")

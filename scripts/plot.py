@@ -8,7 +8,10 @@ Each run directory holds `config.json` and `metrics.csv` (columns at least
 empty on rows where no episode finished), as every `scripts/<algo>.py` writes.
 
 Runs whose config.json is identical once the per-run fields (seed, run_dir,
-timestamps, resume options: see `PER_RUN_KEYS`) are dropped form one group:
+timestamps, resume options: see `PER_RUN_KEYS`) and the fields that do not change
+the learning problem (the algorithm's `RESUMABLE` tuple in jaxatari/agents/, e.g.
+total_timesteps, checkpoint_every, num_threads, plus chunk_steps and what the
+scripts derive from them: see `non_learning_keys`) are dropped form one group:
 one colour, the mean over its seeds as a line and their spread as a band
 (`--band minmax` by default, or `std` for mean +- one standard deviation),
 each seed's curve first smoothed with a trailing mean over `--smooth` logged
@@ -21,19 +24,27 @@ differ between groups, e.g. "ppo Breakout-v5 num_envs=64 (3 seeds)".
 Two panels by default (`--x both`): return against environment steps and
 against wall-clock time (rows a script logged together at the end of one
 compiled chunk, which share its end time, are spread over the chunk in
-proportion to env steps). Renders headless (Agg).
+proportion to env steps); the legend sits below the panels. Renders headless
+(Agg), without importing JAX.
+
+A run with no finished episode yet is skipped with a warning; bad input (a
+missing directory, an image format matplotlib cannot write, `--smooth 0`) is one
+line on stderr and exit status 2, as for the training scripts.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
+import functools
+import importlib.util
 import json
 import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import numpy as np
 import tyro
@@ -63,6 +74,24 @@ PER_RUN_KEYS = frozenset(
 """config.json keys that vary between seeds of one experiment (or say nothing about
 the experiment); ignored when grouping, at any nesting level."""
 
+NON_LEARNING_EXTRA = ("chunk_steps", "resume")
+"""Config fields that do not change the learning problem but are not in the agents'
+`RESUMABLE` tuples: `chunk_steps` (how many env steps one compiled call covers; at
+most it rounds the end of training up to a whole chunk, as total_timesteps moves
+it) and `resume` (which jaxatari.runner.cli always lets change)."""
+
+DERIVED_NON_LEARNING_KEYS = frozenset(
+    {
+        "env_backend_used",  # from env_backend
+        "schedule.updates_per_chunk",  # from chunk_steps (and total_timesteps)
+        "schedule.num_chunks",
+        "scale_out.devices_per_process",  # from devices, num_processes
+        "scale_out.processes",
+        "scale_out.devices",
+    }
+)
+"""Dotted config.json keys the scripts derive from non-learning fields only."""
+
 ALGO_KEYS = ("algo", "algorithm")
 ENV_KEYS = ("env", "env_id")
 MAX_LABEL_KEYS = 6
@@ -70,6 +99,10 @@ MAX_LABEL_KEYS = 6
 
 class PlotError(ValueError):
     """Bad input to the plotting code; the message is one sentence naming the path."""
+
+
+class NoReturnsYet(PlotError):
+    """A run directory whose metrics.csv has no finished episode yet."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +184,8 @@ def read_metrics(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
+        if not fields:
+            raise NoReturnsYet(f"{path} has no episode returns yet (the file is empty).")
         missing = [c for c in ("global_step", "wall_time", "episode_return") if c not in fields]
         if missing:
             raise PlotError(f"{path} has no column {', '.join(missing)} (its header is: {','.join(fields) or 'empty'}).")
@@ -167,7 +202,7 @@ def read_metrics(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     times_a = spread_wall_time(steps_a, np.asarray(times, float))
     has_return = np.isfinite(returns_a)
     if not has_return.any():
-        raise PlotError(f"{path} has no episode returns yet (episode_return is empty in every row).")
+        raise NoReturnsYet(f"{path} has no episode returns yet (episode_return is empty in every row).")
     return steps_a[has_return], times_a[has_return], returns_a[has_return]
 
 
@@ -223,9 +258,51 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@functools.lru_cache(maxsize=None)
+def _resumable_tuples() -> dict[str, tuple[str, ...]]:
+    """``{ALGO: RESUMABLE}`` of every module in jaxatari/agents/, read from the source
+    (literal tuples) so that plotting never imports JAX; empty if jaxatari is not found."""
+    spec = importlib.util.find_spec("jaxatari")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    out: dict[str, tuple[str, ...]] = {}
+    for path in sorted(Path(next(iter(spec.submodule_search_locations)), "agents").glob("*.py")):
+        values: dict[str, Any] = {}
+        try:
+            body = ast.parse(path.read_text()).body
+        except SyntaxError:
+            continue
+        for node in body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                if node.targets[0].id in ("ALGO", "RESUMABLE"):
+                    try:
+                        values[node.targets[0].id] = ast.literal_eval(node.value)
+                    except (ValueError, TypeError, SyntaxError):  # not a literal: the test pins this
+                        pass
+        if isinstance(values.get("ALGO"), str) and isinstance(values.get("RESUMABLE"), tuple):
+            out[values["ALGO"]] = values["RESUMABLE"]
+    return out
+
+
+def non_learning_keys(algo: Any) -> frozenset[str]:
+    """Top-level config fields of `algo` that do not change the learning problem: its
+    `RESUMABLE` tuple (jaxatari/agents/<algo>.py) plus `NON_LEARNING_EXTRA`; for an
+    unknown or missing algo, the union over all agents."""
+    tuples = _resumable_tuples()
+    chosen = [tuples[algo]] if isinstance(algo, str) and algo in tuples else list(tuples.values())
+    return frozenset(NON_LEARNING_EXTRA).union(*chosen)
+
+
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config with nested dicts flattened to dotted keys and per-run keys removed."""
-    return {k: v for k, v in _flatten(config).items() if PER_RUN_KEYS.isdisjoint(k.split("."))}
+    """The config with nested dicts flattened to dotted keys, without per-run keys
+    (`PER_RUN_KEYS`, at any level) and non-learning ones (`non_learning_keys` at the
+    top level, `DERIVED_NON_LEARNING_KEYS`)."""
+    skip = non_learning_keys(_first(config, ALGO_KEYS)[1])
+    return {
+        k: v
+        for k, v in _flatten(config).items()
+        if PER_RUN_KEYS.isdisjoint(k.split(".")) and k not in skip and k not in DERIVED_NON_LEARNING_KEYS
+    }
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
@@ -375,17 +452,39 @@ def time_unit(max_seconds: float) -> tuple[str, float]:
 # ----------------------------------------------------------------------------- drawing
 
 
-def plot_groups(
+def image_formats() -> list[str]:
+    """File extensions (without the dot) matplotlib can write, sorted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
+def check_options(out: str | Path, *, smooth_window: int = 10, dpi: int = 120) -> None:
+    """Raise PlotError naming the bad value and what is accepted, before any run is read."""
+    suffix = Path(out).suffix.lower()
+    formats = image_formats()
+    if suffix[1:] not in formats:
+        got = f"has extension {suffix!r}" if suffix else "has no extension"
+        raise PlotError(
+            f"--out {str(out)!r} {got}, which is not an image format matplotlib can write; "
+            f"accepted: {', '.join('.' + f for f in formats)}."
+        )
+    for flag, value in (("--smooth", smooth_window), ("--dpi", dpi)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = " (1 disables smoothing)" if flag == "--smooth" else ""
+            raise PlotError(f"{flag} {value!r} is not accepted: it must be an integer >= 1{hint}.")
+
+
+def draw_groups(
     groups: Sequence[Group],
-    out: str | Path,
     *,
     x: Literal["steps", "time", "both"] = "both",
     smooth_window: int = 10,
     band: Literal["minmax", "std", "none"] = "minmax",
     title: str | None = None,
-    dpi: int = 120,
-) -> Path:
-    """Draw the groups' learning curves into `out` (any format matplotlib knows by suffix)."""
+):
+    """The matplotlib Figure of the groups' learning curves (see `plot_groups`). The
+    legend is a figure legend below the panels, so it covers no data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,7 +493,16 @@ def plot_groups(
 
     panels = ["steps", "time"] if x == "both" else [x]
     labels = group_labels(groups)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), sharey=True, squeeze=False)
+    ncol = max(1, min(len(groups), len(panels)))
+    legend_lines = -(-len(groups) // ncol) + 2  # the entries' rows and a title of up to two lines
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(6.4 * len(panels), 4.4 + 0.2 * legend_lines),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     max_time = max(
         (float(np.nanmax(r.wall_time)) for g in groups for r in g.runs if np.isfinite(r.wall_time).any()),
@@ -402,6 +510,7 @@ def plot_groups(
     )
     unit, divisor = time_unit(max_time)
     notes: set[str] = set()
+    handles: dict[str, Any] = {}  # label -> the first artist drawn for it, in any panel
 
     for ax, panel in zip(axes[0], panels):
         for i, (g, label) in enumerate(zip(groups, labels)):
@@ -418,10 +527,12 @@ def plot_groups(
             if grid.size == 0:
                 continue
             if grid.size == 1:
-                ax.plot(grid, mean, "o", color=colour, label=label)
+                (line,) = ax.plot(grid, mean, "o", color=colour)
+                handles.setdefault(label, line)
                 continue
             full = count == len(curves)
-            ax.plot(grid, np.where(full, mean, np.nan), color=colour, lw=1.8, label=label)
+            (line,) = ax.plot(grid, np.where(full, mean, np.nan), color=colour, lw=1.8)
+            handles.setdefault(label, line)
             partial = (count > 0) & ~full
             if partial.any():  # dashed where only some seeds reach, joined to the solid part
                 partial[:-1] |= partial[1:]
@@ -443,37 +554,96 @@ def plot_groups(
     legend_title = "line: mean over seeds" + (f"; {band_text}" if band_text else "")
     if notes:
         legend_title += "\n" + "; ".join(sorted(notes))
-    axes[0][-1].legend(title=legend_title, fontsize="small", title_fontsize="small", loc="best")
+    shown = [label for label in labels if label in handles]
+    fig.legend(
+        [handles[label] for label in shown],
+        shown,
+        loc="outside lower center",
+        ncol=ncol,
+        title=legend_title,
+        fontsize="small",
+        title_fontsize="small",
+    )
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    return fig
+
+
+def plot_groups(
+    groups: Sequence[Group],
+    out: str | Path,
+    *,
+    x: Literal["steps", "time", "both"] = "both",
+    smooth_window: int = 10,
+    band: Literal["minmax", "std", "none"] = "minmax",
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Draw the groups' learning curves into `out` (any format matplotlib can write,
+    picked by suffix: see `image_formats`)."""
+    import matplotlib.pyplot as plt
+
+    check_options(out, smooth_window=smooth_window, dpi=dpi)
+    fig = draw_groups(groups, x=x, smooth_window=smooth_window, band=band, title=title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=dpi)
+    finally:
+        plt.close(fig)
     return out
 
 
-def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, **kwargs: Any) -> Path:
-    """Load, group and draw; raises PlotError for a missing or unusable run directory."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def load_runs(run_dirs: Sequence[str | Path], warn: Callable[[str], None] = _stderr) -> list[Run]:
+    """`load_run` for each of `expand_run_dirs(run_dirs)`, skipping the runs with no
+    finished episode yet (one line each to `warn`). Raises PlotError for any other
+    unusable run, or (one sentence, no warnings) when no run has returns."""
     if not run_dirs:
         raise PlotError("No run directories given; pass one or more directories that contain metrics.csv.")
-    runs = [load_run(p) for p in expand_run_dirs(run_dirs)]
-    return plot_groups(group_runs(runs), out, **kwargs)
+    runs: list[Run] = []
+    empty: list[tuple[Path, NoReturnsYet]] = []
+    for p in expand_run_dirs(run_dirs):
+        try:
+            runs.append(load_run(p))
+        except NoReturnsYet as err:
+            empty.append((p, err))
+    if not runs:
+        if len(empty) == 1:
+            raise empty[0][1]
+        names = ", ".join(str(p) for p, _ in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise PlotError(f"None of the {len(empty)} runs has episode returns yet ({names}); nothing to plot.")
+    for p, err in empty:
+        warn(f"warning: skipping {p}: {err}")
+    return runs
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, **kwargs: Any) -> Path:
+    """Check the options, load (skipping runs without returns yet), group and draw;
+    raises PlotError for bad options or a missing or unusable run directory."""
+    check_options(out, smooth_window=kwargs.get("smooth_window", 10), dpi=kwargs.get("dpi", 120))
+    return plot_groups(group_runs(load_runs(run_dirs)), out, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
 class Args:
     """Draw learning curves (return vs env steps and vs wall time) from run directories."""
 
-    run_dirs: Annotated[tuple[str, ...], tyro.conf.arg(metavar="RUN_DIR")]
-    """Run directories (each with metrics.csv and config.json), or parents of run directories."""
+    run_dirs: Annotated[
+        tuple[str, ...],
+        tyro.conf.arg(metavar="RUN_DIR [RUN_DIR ...]", help_behavior_hint="(one or more)"),
+    ]
+    """Run directories (each with metrics.csv and config.json), or parents of run directories.
+    Runs with no finished episode yet are skipped with a warning."""
     out: str = "curves.png"
-    """Output image; the suffix picks the format (.png, .pdf, .svg)."""
+    """Output image; the suffix picks the format (.png, .pdf, .svg, .jpg, .eps, ...: any matplotlib writes)."""
     x: Literal["steps", "time", "both"] = "both"
     """x axis: environment steps, wall-clock time, or both side by side."""
     smooth: int = 10
-    """Trailing-mean window over logged episode returns, per run, before averaging seeds; 1 disables."""
+    """Trailing-mean window over logged episode returns, per run, before averaging seeds; >= 1, 1 disables."""
     band: Literal["minmax", "std", "none"] = "minmax"
     """Spread across seeds: min-max, mean +- one standard deviation, or none."""
     title: str | None = None
@@ -483,6 +653,7 @@ class Args:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: 0 on success, 2 (one line on stderr) on bad input, like scripts/<algo>.py."""
     args = tyro.cli(
         Args,
         args=argv,
@@ -501,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except PlotError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {out}")
     return 0
 

@@ -95,9 +95,82 @@ def test_presets_are_explicit():
 
 
 def test_parse_env_options():
-    assert envs.parse_env_options(["a=1", "b=0.5", "c=true", "d=x"]) == {"a": 1, "b": 0.5, "c": True, "d": "x"}
+    # Values stay strings here; resolve_options parses them by each option's type.
+    assert envs.parse_env_options(["a=1", "b = 0.5", "c=x=y"]) == {"a": "1", "b": "0.5", "c": "x=y"}
     with pytest.raises(envs.EnvError, match="KEY=VALUE"):
         envs.parse_env_options(["noop_max"])
+
+
+# (env, --env-option, what the one-line error must say). Before values were
+# checked: a bare int() traceback, pybind TypeErrors, a C++ length error, a
+# segfault (stack_num=0) and a silently accepted probability of 1.5.
+BAD_OPTIONS = [
+    ("Breakout-v5", "noop_max=abc", r"noop_max=abc .*an integer >= 1"),
+    ("Breakout-v5", "noop_max=-3", r"noop_max=-3 .*an integer >= 1"),
+    ("Breakout-v5", "noop_max=2.5", r"noop_max=2.5 .*an integer >= 1"),
+    ("Breakout-v5", "max_episode_steps=abc", r"max_episode_steps=abc .*an integer >= 1"),
+    ("Breakout-v5", "max_episode_steps=0", r"max_episode_steps=0 .*an integer >= 1"),
+    ("Breakout-v5", "max_episode_steps=99999999999", r"max_episode_steps=99999999999 .*32 bits"),
+    ("Breakout-v5", "episodic_life=maybe", r"episodic_life=maybe .*true/false, 1/0 or yes/no"),
+    ("Breakout-v5", "gray_scale=2", r"gray_scale=2 .*true/false, 1/0 or yes/no"),
+    ("Breakout-v5", "img_height=-1", r"img_height=-1 .*an integer >= 1"),
+    ("Breakout-v5", "img_width=0", r"img_width=0 .*an integer >= 1"),
+    ("Breakout-v5", "stack_num=0", r"stack_num=0 .*an integer >= 1"),
+    ("Breakout-v5", "frame_skip=0", r"frame_skip=0 .*an integer >= 1"),
+    ("Breakout-v5", "repeat_action_probability=1.5", r"repeat_action_probability=1.5 .*a number in \[0, 1\]"),
+    ("Breakout-v5", "repeat_action_probability=-0.1", r"repeat_action_probability=-0.1 .*\[0, 1\]"),
+    ("Breakout-v5", "repeat_action_probability=nan", r"repeat_action_probability=nan .*\[0, 1\]"),
+    ("Breakout-v5", "mode=-2", r"mode=-2 .*an integer >= -1"),
+    ("Breakout-v5", "mode=99", r"mode=99 .*Invalid game mode.*-1 \(the game's default\)"),
+    ("Breakout-v5", "difficulty=99", r"difficulty=99 .*Invalid difficulty"),
+    ("CartPole-v1", "max_episode_steps=abc", r"max_episode_steps=abc .*CartPole-v1.*an integer >= 1"),
+    ("CartPole-v1", "reward_threshold=high", r"reward_threshold=high .*a number"),
+]
+
+
+@pytest.mark.parametrize("env_id,item,match", BAD_OPTIONS, ids=[f"{e}:{i}" for e, i, _ in BAD_OPTIONS])
+def test_bad_option_values_fail_in_one_line(env_id, item, match):
+    with pytest.raises(envs.EnvError, match=match) as info:
+        envs.resolve_options(env_id, None, envs.parse_env_options([item]))
+    assert "\n" not in str(info.value)
+
+
+def test_option_values_are_parsed_by_type():
+    opts = envs.resolve_options("Breakout-v5", "nature", envs.parse_env_options(
+        ["episodic_life=FALSE", "reward_clip=no", "use_fire_reset=Yes", "full_action_space=1", "gray_scale=0",
+         "noop_max=7", "repeat_action_probability=1", "img_height=42", "mode=0"]))
+    assert opts["episodic_life"] is False and opts["reward_clip"] is False and opts["use_fire_reset"] is True
+    assert opts["full_action_space"] is True and opts["gray_scale"] is False
+    assert opts["noop_max"] == 7 and type(opts["noop_max"]) is int and opts["img_height"] == 42 and opts["mode"] == 0
+    assert opts["repeat_action_probability"] == 1.0 and type(opts["repeat_action_probability"]) is float
+    # Typed values from the Python API pass through (np scalars become Python ones).
+    opts = envs.resolve_options("CartPole-v1", None, {"max_episode_steps": np.int64(50), "reward_threshold": 10})
+    assert opts == {"max_episode_steps": 50, "reward_threshold": 10.0}
+    # List/tuple/dict options (other EnvPool families) take a Python literal.
+    assert envs.parse_option_value("X-v0", "pos", "(2, 3)", (1, 1)) == (2, 3)
+    assert envs.parse_option_value("X-v0", "pos", [2, 3], (1, 1)) == (2, 3)
+    with pytest.raises(envs.EnvError, match=r"pos=2, 3\) .*a Python tuple literal, e.g. \(1, 1\)"):
+        envs.parse_option_value("X-v0", "pos", "2, 3)", (1, 1))
+
+
+def test_option_values_are_checked_on_every_path_before_envpool_is_built(monkeypatch):
+    import envpool
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("an EnvPool was built before the options were checked")
+
+    monkeypatch.setattr(envpool, "make", no_pool)
+    # The Python API, with typed values.
+    for bad in ({"stack_num": 0}, {"episodic_life": "maybe"}, {"repeat_action_probability": 1.5},
+                {"noop_max": True}, {"img_height": 84.0}):
+        with pytest.raises(envs.EnvError, match=next(iter(bad))):
+            envs.make("Breakout-v5", 2, seed=0, options=bad)
+    with pytest.raises(envs.EnvError, match="stack_num=0"):
+        envs.make("Breakout-v5", 4, seed=0, options={"stack_num": "0"}, groups=2)
+    # A preset's own values go through the same check.
+    monkeypatch.setitem(envs.ATARI_PRESETS, "nature", dict(envs.ATARI_PRESETS["nature"], stack_num=0))
+    with pytest.raises(envs.EnvError, match="stack_num=0"):
+        envs.make("Breakout-v5", 2, seed=0)
 
 
 def test_atari_factory_shapes():

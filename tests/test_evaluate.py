@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import imageio.v3 as iio
 import imageio_ffmpeg
@@ -205,6 +208,7 @@ def exploding_policy(*args):
         (dict(video="play.mp4", video_fps=0), r"video_fps=0"),
         (dict(video="play.gif", video_episodes=0), r"video_episodes=0"),
         (dict(max_steps=0), r"max_steps=0"),
+        (dict(max_episode_steps=0), r"max_episode_steps=0 .* integer >= 1"),
     ],
 )
 def test_bad_input_raises_before_compiling(kwargs, message):
@@ -303,3 +307,72 @@ def test_cartpole_gif_covers_several_episodes_and_caps_frames(tmp_path):
     evaluate(left_policy, None, None, env_id="CartPole-v1", episodes=2, num_envs=1, seed=4,
              video=tmp_path / "capped.gif", video_episodes=2, max_video_frames=5)
     assert len(read_gif(tmp_path / "capped.gif", 30)) == 5
+
+
+# ---------------------------------------------------------------------------
+# scripts/evaluate.py
+# ---------------------------------------------------------------------------
+
+
+def evaluate_script(monkeypatch):
+    """scripts/evaluate.py as a module, registered (for this test) so that dataclasses
+    and tyro find its source."""
+    spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).parents[1] / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)
+    spec.loader.exec_module(script)
+    return script
+
+
+def fake_run(run_dir: Path) -> Path:
+    """A CartPole run directory as scripts/ppo.py leaves it, without training: config.json
+    and an untrained MLP actor-critic saved as latest/200 and best/100 (score 1)."""
+    from jaxatari.checkpoint import Checkpointer
+    from jaxatari.networks import init_actor_critic, resolve_network_spec
+
+    spec = resolve_network_spec("auto", num_actions=CARTPOLE_ACTIONS, atari=False)
+    shapes = jax.eval_shape(lambda: init_actor_critic(spec, jax.random.key(0), (4,), np.float32)[1])
+    rng = np.random.default_rng(0)  # NumPy values: no per-op compiles on a loaded CPU
+    params = jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(dict(
+        algo="ppo", env="CartPole-v1", run_dir=str(run_dir), network_spec=spec.to_json(),
+        env_spec=dict(env_id="CartPole-v1", obs_shape=[4], obs_dtype="float32", num_actions=CARTPOLE_ACTIONS))))
+    with Checkpointer(run_dir) as ckpt:
+        ckpt.save(200, params, policy=params)
+        ckpt.save_best(100, params, score=1.0, policy=params)
+    return run_dir
+
+
+def test_script_records_the_checkpoint_it_loaded_and_caps_episodes(tmp_path, capsys, monkeypatch):
+    script = evaluate_script(monkeypatch)
+    run = fake_run(tmp_path / "run")
+
+    from jaxatari.evaluate import load_checkpoint
+
+    assert load_checkpoint(run)[1] == {"checkpoint": "best", "checkpoint_step": 100}
+    assert load_checkpoint(run, "latest")[1] == {"checkpoint": "latest", "checkpoint_step": 200}
+
+    # best/ unreadable: load_policy falls back to latest/, and eval.json says so.
+    for f in (run / "checkpoints" / "best" / "100" / "policy").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.unlink()
+    assert script.main(script.Config(run_dir=str(run), episodes=2, num_envs=1, max_episode_steps=3)) == 0
+    out = json.loads((run / "eval.json").read_text())
+    assert (out["checkpoint"], out["checkpoint_step"], out["checkpoint_requested"]) == ("latest", 200, "best")
+    assert "evaluated the latest one (env step 200)" in capsys.readouterr().err
+    # An untrained policy topples CartPole in 8+ steps; the cap of 3 ends every game first.
+    assert out["lengths"] == [3, 3] and out["max_episode_steps"] == 3
+
+    # Bad input: one line naming the value (the corrupt config.json by its path), exit 2.
+    assert script.main(script.Config(run_dir=str(run), max_episode_steps=0)) == 2
+    assert "max_episode_steps=0" in capsys.readouterr().err
+    (run / "config.json").write_text('{"algo": "ppo", "env": "CartPole')
+    assert script.main(script.Config(run_dir=str(run / "checkpoints" / "latest"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {run / 'config.json'} is not valid JSON (Unterminated string") and "\n" not in err
+
+    with pytest.raises(SystemExit):
+        script.tyro.cli(script.Config, args=["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--max-episode-steps" in usage and "parent directories are created" in usage

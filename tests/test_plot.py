@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -78,6 +79,25 @@ def test_grouping_ignores_per_run_fields(four_runs):
     assert [g.config["num_envs"] for g in groups] == [8, 64]  # order of first appearance
     for g in groups:  # seed, run_dir and versions.* do not split groups
         assert not any(k in g.config for k in ("seed", "run_dir", "versions.jax"))
+
+
+def test_grouping_ignores_fields_that_do_not_change_the_learning_problem():
+    from jaxatari.agents import a2c, bc, dqn, ppo
+
+    for agent in (ppo, a2c, dqn, bc):  # plot.py reads the agents' own RESUMABLE tuples (without importing JAX)
+        assert plot.non_learning_keys(agent.ALGO) == {*agent.RESUMABLE, "chunk_steps", "resume"}
+    a = {**BASE, "chunk_steps": 50_000, "checkpoint_every": 0, "keep": 3, "eval_every": 0, "num_threads": 0,
+         "env_backend": "auto", "env_backend_used": "host", "devices": 1,
+         "schedule": {"steps_per_update": 1024, "updates_per_chunk": 48, "num_chunks": 1}}
+    b = {**a, "total_timesteps": 80_000, "chunk_steps": 10_000, "checkpoint_every": 5000, "keep": 1,
+         "eval_every": 1000, "num_threads": 4, "env_backend": "xla", "env_backend_used": "xla", "devices": 2,
+         "schedule": {"steps_per_update": 1024, "updates_per_chunk": 9, "num_chunks": 8}}
+    c = {**a, "lr": 1e-3}
+    runs = [plot.Run(Path(f"r{i}"), {**cfg, "seed": i}, np.ones(1), np.ones(1), np.ones(1)) for i, cfg in enumerate((a, b, c))]
+    groups = plot.group_runs(runs)
+    assert [len(g.runs) for g in groups] == [2, 1]
+    assert groups[0].config["schedule.steps_per_update"] == 1024  # derived from learning fields: kept
+    assert plot.group_labels(groups) == ["ppo Breakout-v5 lr=0.00025 (2 seeds)", "ppo Breakout-v5 lr=0.001 (1 seed)"]
 
 
 def test_labels_name_what_differs(four_runs):
@@ -172,8 +192,57 @@ def test_clear_errors(tmp_path, capsys):
     (nocol / "metrics.csv").write_text("global_step,sps\n100,5\n")
     with pytest.raises(plot.PlotError, match="has no column wall_time, episode_return"):
         plot.load_run(nocol)
-    # The CLI turns them into one line on stderr and exit code 1, no traceback.
-    assert plot.main([str(noret), "--out", str(tmp_path / "x.png")]) == 1
+    # The CLI turns them into one line on stderr and exit code 2 (as scripts/<algo>.py), no traceback.
+    assert plot.main([str(noret), "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "noret" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_runs_without_returns_yet_are_skipped(four_runs, tmp_path, capsys):
+    noret = tmp_path / "starting"  # a run that has logged rows but finished no episode yet
+    noret.mkdir()
+    (noret / "metrics.csv").write_text("global_step,wall_time,sps,episode_return,episode_length\n100,1.0,100,,\n")
+    out = tmp_path / "all.png"
+    assert plot.main([str(tmp_path), "--out", str(out)]) == 0  # the parent expands to all five
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"warning: skipping {noret}: ") and "\n" not in err and out.is_file()
+    other = tmp_path / "other"
+    shutil.copytree(noret, other)
+    assert plot.main([str(noret), str(other), "--out", str(tmp_path / "none.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: None of the 2 runs has episode returns yet") and "\n" not in err
+
+
+def test_bad_options_exit_2_before_any_run_is_read(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    for argv, expected in [
+        (["--out", "p.xyz"], "--out 'p.xyz' has extension '.xyz', which is not an image format matplotlib"),
+        (["--out", "curves"], "--out 'curves' has no extension"),
+        (["--smooth", "0"], "--smooth 0 is not accepted: it must be an integer >= 1"),
+    ]:
+        assert plot.main([missing, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {expected}") and "\n" not in err, err
+    with pytest.raises(plot.PlotError, match=r"accepted: .*\.pdf, .*\.png, .*\.svg"):
+        plot.check_options("p.xyz")
+    with pytest.raises(SystemExit):
+        plot.main(["--help"])
+    usage = capsys.readouterr().out
+    assert "RUN_DIR [RUN_DIR ...]" in usage and "(default: )" not in usage
+
+
+def test_legend_covers_no_panel(four_runs):
+    import matplotlib.pyplot as plt
+
+    groups = plot.group_runs([plot.load_run(p) for p in four_runs])
+    for x in ("both", "steps"):
+        fig = plot.draw_groups(groups, x=x)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (legend,) = fig.legends
+        assert len(legend.get_texts()) == 2
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:  # the axes with their tick labels and axis labels
+            assert not box.overlaps(ax.get_tightbbox(renderer)), x
+        plt.close(fig)

@@ -103,6 +103,48 @@ def test_resume_extends_total_timesteps(runs, tmp_path):
     assert int(got[-1]["global_step"]) == 61440 and got[:100] == rows(runs["a"])
 
 
+def test_a_finished_run_is_neither_retrained_nor_overwritten(runs, tmp_path):
+    """Resuming a complete run says so (the CLI exits 0) before replaying or
+    compiling; a fresh run, a --run-dir beside --resume or another algorithm's
+    script refuse the directory; none of them touches its files."""
+    from jaxatari import runner
+    from jaxatari.agents import dqn, ppo as ppo_agent
+
+    d = tmp_path / "done"
+    shutil.copytree(runs["a"], d)
+    files = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    with pytest.raises(runner.AlreadyComplete, match=r"already complete.* 51,200 .*--total-timesteps"):
+        ppo_agent.train(runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE, argv=["--resume", str(d)]))
+    with pytest.raises(runner.ConfigError, match=r"already holds a run \(config.json, metrics.csv, checkpoints"):
+        ppo_agent.train(runner.cli(ppo_agent.Config, resumable=(), argv=[*ARGS, "--run-dir", str(d)]))
+    with pytest.raises(runner.ConfigError, match=r"is a ppo run, not dqn; resume it with python scripts/ppo.py"):
+        runner.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=["--resume", str(d)])
+    with pytest.raises(runner.ConfigError, match="--run-dir cannot be combined with --resume"):
+        runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE,
+                   argv=["--resume", str(d), "--run-dir", str(tmp_path / "elsewhere")])
+    assert files == {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+
+def test_an_inexact_resume_restarts_episodes_and_the_action_log(runs, tmp_path, caplog):
+    """A damaged action log: the resume warns, every env starts a new episode
+    (no return above CartPole's 500 from a checkpointed half-episode glued to a
+    fresh one), and the log restarts whole rows instead of appending to a fragment."""
+    from jaxatari import runner
+    from jaxatari.agents import ppo as ppo_agent
+
+    d = tmp_path / "short_log"
+    shutil.copytree(runs["a"], d)
+    with open(d / "actions.u8", "r+b") as f:
+        f.truncate(1001)  # 250.25 rows of 4 envs
+    ppo_agent.train(runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE,
+                               argv=["--resume", str(d), "--total-timesteps", "61440"]))
+    assert "Resume is not exact" in caplog.text
+    new = rows(d)[100:]
+    assert int(new[-1]["global_step"]) == 61440
+    assert all(float(r["episode_return"]) <= 500 for r in new if r["episode_return"])
+    assert (d / "actions.u8").stat().st_size == (61440 - 51200)  # 4 envs x 2,560 new steps, one byte each
+
+
 def test_truncated_latest_checkpoint_falls_back(runs, tmp_path):
     d = tmp_path / "corrupt"
     shutil.copytree(runs["a"], d)

@@ -120,5 +120,74 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     with Checkpointer(tmp_path, keep=2, async_save=False) as ck:
         res = drive(tmp_path, fake_chunk(), ckpt=ck, eval_fn=eval_fn, eval_every=1)
         assert res.status == "interrupted" and res.global_step == U * 2 * B
+        assert res.signal == signal.SIGTERM
         assert ck.latest_step() == U * 2 * B
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
+
+
+@pytest.mark.parametrize("outcome, code", [("SIGTERM", 143), ("SIGINT", 130), ("complete", 0), ("bad", 2)])
+def test_cli_exit_codes(monkeypatch, capsys, outcome, code):
+    """Preemption (SIGTERM) exits 143, Ctrl-C 130, resuming a finished run 0, bad input 2."""
+    import dataclasses
+    import signal
+
+    from jaxatari import cli
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        seed: int = 1
+
+    def train(config):
+        if outcome == "complete":
+            raise runner.AlreadyComplete("runs/x is already complete")
+        if outcome == "bad":
+            raise runner.ConfigError("--seed 1 is not accepted")
+        return runner.RunResult(None, "interrupted", 0, 0.0, 0.0, 0.0, getattr(signal, outcome))
+
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    with pytest.raises(SystemExit) as e:
+        cli.main(Config, train, resumable=())
+    assert e.value.code == code
+    out = capsys.readouterr()
+    assert ("already complete" in out.out) == (outcome == "complete")
+    assert ("error: --seed 1" in out.err) == (outcome == "bad")
+
+
+@pytest.mark.parametrize("held", ["config.json", "metrics.csv", "checkpoints", "actions.u8"])
+def test_a_fresh_run_refuses_a_directory_holding_a_run(tmp_path, held):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        env: str = "CartPole-v1"
+        seed: int = 1
+        run_dir: str | None = None
+        resume: str | None = None
+
+    d = tmp_path / "run"
+    assert runner.run_dir_for(Config(run_dir=str(d)), "ppo") == d  # missing: fine
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    assert runner.run_dir_for(Config(run_dir=str(d)), "ppo") == d  # holds no run: fine
+    (d / held).mkdir() if held == "checkpoints" else (d / held).write_text("")
+    with pytest.raises(runner.ConfigError, match=rf"--run-dir {d} already holds a run \({held}\).*--resume {d}"):
+        runner.run_dir_for(Config(run_dir=str(d)), "ppo")
+    assert runner.run_dir_for(Config(run_dir=None, resume=str(d)), "ppo") == d
+
+
+def test_restart_episodes_after_an_inexact_resume():
+    """Running returns/lengths zeroed, no pending reset, recurrent state reset
+    at the next step; finished returns (the window) and the obs kept."""
+    from jaxatari import envs
+
+    e = envs.env_state_init(np.arange(6, dtype=np.float32).reshape(3, 2))
+    e = e.replace(done=jnp.array([True, False, True]), first=jnp.zeros(3, bool),
+                  stats=e.stats.replace(returns=jnp.array([7.0, 8.0, 9.0]), lengths=jnp.array([3, 4, 5]),
+                                        window=e.stats.window.at[0].set(21.0), count=jnp.array(1)))
+    r = runner.restart_episodes(e)
+    np.testing.assert_array_equal(r.stats.returns, 0)
+    np.testing.assert_array_equal(r.stats.lengths, 0)
+    assert not r.done.any() and r.first.all()
+    np.testing.assert_array_equal(r.stats.window, e.stats.window)
+    np.testing.assert_array_equal(r.obs, e.obs)
+    assert int(r.stats.count) == 1 and r.stats.lengths.dtype == e.stats.lengths.dtype

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -99,8 +98,9 @@ class Config:
     (1: one pool, stepped synchronously); each pool gets --num-threads workers. Pays where the
     emulator's time is comparable to the policy's (GPU, many envs); samples with per-env keys, so a run differs
     from --env-groups 1 (see README, Performance). Single device only."""
-    chunk_steps: int = 50_000
-    """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C."""
+    chunk_steps: int | None = None
+    """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C. Default: 50k; 10k for
+    Atari on a CPU."""
     checkpoint_every: int | None = None
     """Env steps between checkpoints. Default: 1M Atari, 100k classic control."""
     keep: int = 3
@@ -157,9 +157,9 @@ def resolve(config: Config) -> Config:
     fill = {k: v for k, v in defaults.items() if getattr(config, k) is None}
     c = dataclasses.replace(config, **fill)
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
-    for name in ("num_envs", "num_steps", "total_timesteps"):
-        if getattr(c, name) < 1:
-            raise runner.ConfigError(f"--{name.replace('_', '-')} {getattr(c, name)} is not accepted: it must be >= 1.")
+    if c.chunk_steps is None:
+        c = dataclasses.replace(c, chunk_steps=runner.default_chunk_steps(envs.is_atari(c.env)))
+    runner.check_ranges(c, dict(runner.RUN_OPTION_RANGES, num_steps=">= 1", ent_coef=">= 0", vf_coef=">= 0"))
     if c.target not in TARGETS:
         raise runner.ConfigError(f"--target {c.target!r} is not accepted; use nstep or gae.")
     if not 0.0 <= c.gae_lambda <= 1.0:
@@ -471,7 +471,7 @@ def train(config: Config) -> runner.RunResult:
                                  updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
     optimizer = make_optimizer(c, sched.num_updates)
 
-    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, ALGO, c.seed))
+    run_dir = runner.run_dir_for(c, ALGO)
     c = dataclasses.replace(c, run_dir=str(run_dir))
     obs, _ = env.reset()
     state = init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))

@@ -324,6 +324,7 @@ class Result:
     val_accuracy: float
     best_val_accuracy: float
     eval_return: float | None
+    signal: int | None = None  # the SIGINT/SIGTERM that interrupted the run
 
 
 def train(config: Config) -> Result:
@@ -349,7 +350,7 @@ def train(config: Config) -> Result:
     net_spec = network_spec(c, spec.num_actions)
     net = ActorCritic(net_spec)
     optimizer = make_optimizer(c)
-    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, ALGO, c.seed))
+    run_dir = runner.run_dir_for(c, ALGO)
     c = dataclasses.replace(c, run_dir=str(run_dir))
     state = init(net_spec, optimizer, spec.obs_shape, jax.random.PRNGKey(c.seed))
     S = train_ds.seq_len
@@ -364,6 +365,7 @@ def train(config: Config) -> Result:
         if c.resume:
             restored = ckpt.restore_latest(runner.abstract(state))
             state, meta = restored.state, dict(restored.meta or {})
+            runner.check_unfinished(run_dir, int(state.epoch), c.epochs, unit="epoch", flag="--epochs")
             print(f"Resumed {run_dir} at epoch {int(state.epoch)} + {int(state.batch)} batches "
                   f"(update {int(state.update):,}).", flush=True)
         runner.write_config(run_dir, dict(
@@ -387,7 +389,7 @@ def train(config: Config) -> Result:
             writer.truncate_after(int(state.update) * steps_per_update)
         wall0, prev_wall = time.perf_counter(), float(meta.get("wall_time", 0.0))
         best = ckpt.best_score if ckpt.best_score is not None else -math.inf
-        status, val_acc, eval_ret = "done", math.nan, None
+        status, val_acc, eval_ret, received = "done", math.nan, None, None
 
         def save(state, *, score=None, **extra):
             step = int(state.update) * steps_per_update
@@ -409,7 +411,7 @@ def train(config: Config) -> Result:
                             state = train_step(state, batch.obs, batch.actions)
                             bar.advance(state, i + 1)
                             if sig.received is not None:
-                                status = "interrupted"
+                                status, received = "interrupted", sig.received
                                 break
                     finally:
                         bar.close()
@@ -449,7 +451,7 @@ def train(config: Config) -> Result:
                     save(state, score=val_acc, val_accuracy=val_acc, val_loss=val_loss, eval_return=eval_ret)
                     best = max(best, val_acc)
                     if sig.received is not None:
-                        status = "interrupted"
+                        status, received = "interrupted", sig.received
                         break
         finally:
             writer.close()
@@ -461,7 +463,7 @@ def train(config: Config) -> Result:
     else:
         print(f"Best validation accuracy {100 * best:.2f}% (checkpoint in {run_dir / 'checkpoints' / 'best'}).",
               flush=True)
-    return Result(state, status, int(state.epoch), val_acc, best, eval_ret)
+    return Result(state, status, int(state.epoch), val_acc, best, eval_ret, received)
 
 
 def _finite(tree) -> bool:

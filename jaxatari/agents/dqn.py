@@ -321,6 +321,10 @@ def resolve(config: Config) -> Config:
     for name in ("learning_starts", "eval_every", "num_threads"):
         if getattr(c, name) < 0:
             raise runner.ConfigError(f"{_flag(name)} {getattr(c, name)} is not accepted: it must be >= 0.")
+    runner.check_ranges(c, runner.RUN_OPTION_RANGES)
+    if not c.mlp_hidden or min(c.mlp_hidden) < 1:
+        raise runner.ConfigError(f"--mlp-hidden {' '.join(map(str, c.mlp_hidden)) or '(empty)'} is not accepted: "
+                                 "it needs one or more layer widths, each >= 1.")
     if c.checkpoint_every is not None and c.checkpoint_every < 0:
         raise runner.ConfigError(f"--checkpoint-every {c.checkpoint_every} is not accepted: it must be >= 0.")
     for name in ("start_e", "end_e", "eval_epsilon", "gamma", "rmsprop_decay"):
@@ -352,6 +356,9 @@ def resolve(config: Config) -> Config:
         c = dataclasses.replace(c, exploration_steps=max(1, round(c.exploration_fraction * c.total_timesteps)))
     if c.exploration_steps < 1:
         raise runner.ConfigError(f"--exploration-steps {c.exploration_steps} is not accepted: it must be >= 1.")
+    if c.total_timesteps <= c.learning_starts:
+        log.warning("--total-timesteps %d does not exceed --learning-starts %d: this run fills the replay buffer "
+                    "but takes no gradient step.", c.total_timesteps, c.learning_starts)
     if c.buffer_size % c.num_envs:
         c = dataclasses.replace(c, buffer_size=-(-c.buffer_size // c.num_envs) * c.num_envs)
     if c.overlap_learning:
@@ -888,7 +895,7 @@ def _prepare(c: Config, spec: envs.EnvSpec, buffers: int = 1) -> _Prepared:
     stored = runner.load_run_config(c.resume) if c.resume else {}
     sched = runner.make_schedule(c.total_timesteps, c.steps_per_row, c.chunk_steps,
                                  updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
-    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, ALGO, c.seed))
+    run_dir = runner.run_dir_for(c, ALGO)
     return _Prepared(dataclasses.replace(c, run_dir=str(run_dir)), net_spec, QNetwork(net_spec), nbytes,
                      c.checkpoint_buffer and nbytes <= c.checkpoint_buffer_limit_gib * 2**30, stored, sched, run_dir)
 
@@ -934,10 +941,13 @@ def train(config: Config) -> runner.RunResult:
                                       pending=None if state.pending is None else
                                       empty_transition(state.pending.obs, c.num_envs))
             iterations = int(state.iteration)
+            runner.check_unfinished(run_dir, iterations * c.num_envs, sched.total_steps)
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
                 raise runner.ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
             start_chunk = iterations // (c.iterations_per_row * sched.updates_per_chunk)
             exact = runner.restore_env(env, run_dir, iterations, np.asarray(state.env.obs), c.num_envs)
+            if not exact:
+                state = state.replace(env=runner.restart_episodes(state.env))
             print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,}.", flush=True)
             _say_if_not_exact(c, nbytes, save_buffer, exact)
         runner.write_config(run_dir, dict(
@@ -1061,12 +1071,15 @@ def train_sharded(c: Config) -> runner.RunResult:
             restored = parallel.restore_latest_any_topology(ckpt, target, stored)
             state, meta = restored.state, dict(restored.meta or {})
             iterations = int(parallel.fetch(state.iteration))
+            runner.check_unfinished(run_dir, iterations * c.num_envs, sched.total_steps)
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
                 raise runner.ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
             start_chunk = iterations // (c.iterations_per_row * sched.updates_per_chunk)
             exact = runner.restore_env(senv.group, run_dir, iterations, parallel.fetch(state.env.obs), c.num_envs,
                                        logged_processes=old_processes, process_index=jax.process_index(),
                                        process_count=processes)
+            if not exact:
+                state = state.replace(env=runner.restart_episodes(state.env))
             if main:
                 print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,}.", flush=True)
                 if not old_devices:
@@ -1154,11 +1167,14 @@ def train_population(c: Config) -> runner.RunResult:
                 state = state.replace(replay=jax.vmap(lambda _: create_buffer(c, spec))(jnp.arange(K)),
                                       buffer_iterations=jnp.zeros((K,), jnp.int32))
             iterations = int(np.asarray(state.iteration)[0])
+            runner.check_unfinished(run_dir, iterations * c.num_envs, sched.total_steps)
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
                 raise runner.ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
             start_chunk = iterations // (c.iterations_per_row * sched.updates_per_chunk)
             exact = runner.restore_env(env, run_dir, iterations, np.asarray(state.env.obs).reshape(
                 total_B, *spec.obs_shape), total_B)
+            if not exact:
+                state = state.replace(env=runner.restart_episodes(state.env))
             print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,} per agent.", flush=True)
             _say_if_not_exact(c, nbytes, save_buffer, exact, buffers=True)
         handle, step_fn, backend = envs.make_step_fn(env, dataclasses.replace(spec, num_envs=total_B),
@@ -1178,13 +1194,13 @@ def train_population(c: Config) -> runner.RunResult:
               f"{describe_replay_ratio(c)}, batch {c.batch_size} per agent", flush=True)
         chunk_fn = make_chunk_population(c, qnet, parallel.population_step_fn(step_fn, K), spec.num_actions,
                                          sched.updates_per_chunk, name, values)
-        eval_fn = None
-        if c.eval_every:
-            score = make_evaluator(c, qnet, env_options)
+        score = make_evaluator(c, qnet, env_options) if c.eval_every else None
 
-            def eval_fn(params):  # [K] scores: agent k as a lone run with its seed would score it
-                return [score(jax.tree.map(lambda x: np.asarray(x)[k], params), seed=ck.seed)
-                        for k, ck in enumerate(agents)]
+        def eval_population(params):  # [K] scores: agent k as a lone run with its seed would score it
+            return [score(jax.tree.map(lambda x: np.asarray(x)[k], params), seed=ck.seed)
+                    for k, ck in enumerate(agents)]
+
+        eval_fn = eval_population if c.eval_every else None
 
         result = runner.run(
             run_dir=run_dir, state=state, handle=handle, chunk_fn=chunk_fn, schedule=sched,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -116,8 +115,9 @@ class Config:
     float rounding), to spread the learner more evenly; K = the env steps per SGD step puts one at every env step.
     Must divide the env steps per SGD step (--num-steps / (--update-epochs x --num-minibatches)) and, with
     --network cfc, the envs per minibatch."""
-    chunk_steps: int = 50_000
-    """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C."""
+    chunk_steps: int | None = None
+    """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C. Default: 50k; 10k for
+    Atari on a CPU."""
     checkpoint_every: int | None = None
     """Env steps between checkpoints. Default: 1M Atari, 100k classic control."""
     keep: int = 3
@@ -177,9 +177,12 @@ def resolve(config: Config) -> Config:
     fill = {k: v for k, v in defaults.items() if getattr(config, k) is None}
     c = dataclasses.replace(config, **fill)
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps"):
-        if getattr(c, name) < 1:
-            raise runner.ConfigError(f"--{name.replace('_', '-')} {getattr(c, name)} is not accepted: it must be >= 1.")
+    if c.chunk_steps is None:
+        c = dataclasses.replace(c, chunk_steps=runner.default_chunk_steps(envs.is_atari(c.env)))
+    runner.check_ranges(c, dict(
+        runner.RUN_OPTION_RANGES, num_steps=">= 1", num_minibatches=">= 1", update_epochs=">= 1",
+        learning_rate="> 0", adam_eps="> 0", gamma="in (0, 1]", gae_lambda="in [0, 1]", clip_coef="> 0",
+        ent_coef=">= 0", vf_coef=">= 0", max_grad_norm="> 0"))
     if c.network == "cfc":
         if c.num_envs % c.num_minibatches:
             raise runner.ConfigError(
@@ -765,7 +768,7 @@ def train(config: Config) -> runner.RunResult:
                                  updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
     optimizer = make_optimizer(c, sched.num_updates)
 
-    run_dir = Path(c.resume or c.run_dir or runner.default_run_dir(c.env, ALGO, c.seed))
+    run_dir = runner.run_dir_for(c, ALGO)
     c = dataclasses.replace(c, run_dir=str(run_dir))
     obs, _ = env.reset()
     state = init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))

@@ -43,6 +43,20 @@ def test_zero_envs_rejected():
         ppo.resolve(ppo.Config(env="CartPole-v1", num_envs=0))
 
 
+@pytest.mark.parametrize("field, value, accepted", [
+    ("learning_rate", -1.0, "> 0"), ("gamma", 1.5, "in (0, 1]"), ("gae_lambda", 2.0, "in [0, 1]"),
+    ("clip_coef", -0.2, "> 0"), ("ent_coef", -1.0, ">= 0"), ("checkpoint_every", -5, ">= 0"),
+    ("eval_every", -1, ">= 0"), ("eval_episodes", 0, ">= 1"), ("keep", 0, ">= 1"), ("num_threads", -3, ">= 0"),
+    ("cfc_units", 0, ">= 1"), ("chunk_steps", 0, ">= 1"),
+])
+def test_out_of_range_values_name_the_flag_and_the_range(field, value, accepted):
+    import re
+
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(runner.ConfigError, match=re.escape(f"{flag} {value!r} is not accepted: it must be {accepted}.")):
+        ppo.resolve(ppo.Config(env="CartPole-v1", **{field: value}))
+
+
 def test_script_rejects_bad_env_id_quickly():
     r = run_script("scripts/ppo.py", "--env", "Breakuot-v5", "--total-timesteps", "100")
     assert r.returncode == 2

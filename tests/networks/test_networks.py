@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari.networks import (ActorCritic, NetworkSpec, QNetwork, init_actor_critic, initial_carry,
+from jaxatari.networks import (NetworkSpec, QNetwork, init_actor_critic, initial_carry,
                                pixels_to_float, resolve_network_spec)
 
 
