@@ -38,7 +38,7 @@ the machine description.
    "not available"; an exception marks it "failed" with the error.
 
    --quick measures one row per algorithm (`QUICK_ALGOS`: ppo, ppo-cfc, a2c,
-   dqn) with 4 envs and 2 s of training each, ~80 s in all on 2 idle CPU
+   dqn) with 4 envs and 2 s of training each, 70-85 s in all on 2 idle CPU
    cores. Rows are cut down to fit, never skipped: ppo and ppo-cfc collect
    shorter rollouts (`QUICK_ROW_OVERRIDES`; ppo-cfc's default torso, the ncps
    conv block, trains at ~10 SPS there, so one default 128-step rollout of
@@ -136,7 +136,8 @@ shares the cores; 20 s timed rows out on a shared machine."""
 QUICK_TIMEOUTS: dict[str, float] = {"ppo-cfc": 60.0}
 """Per-row ``--quick`` timeouts, in seconds, where `QUICK_TIMEOUT` is too short: ``ppo-cfc`` initialises and
 compiles the conv block, then runs two 8-step updates: ~24 s on 2 idle cores, up to ~43 s on shared ones. If
-every row ran into its timeout the run would take ~3 min, still inside the test suite's 240-s limit."""
+every row ran into its timeout the run would take ~3 min (the test suite passes a longer ``--algo-timeout``,
+as it shares the cores with another test worker)."""
 
 
 # ----------------------------------------------------------------------------- ceiling

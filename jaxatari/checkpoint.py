@@ -597,8 +597,10 @@ def _quiet_abandoned_reads() -> None:
     """When a read fails, orbax's event loop is closed while tensorstore still
     completes the step's other reads; each then reports ``RuntimeError: Event
     loop is closed`` as an unraisable exception, tens of tracebacks on stderr
-    after the one-line warning. Installs (once per process) a
-    ``sys.unraisablehook`` that drops exactly those and passes everything else on."""
+    after the one-line warning. Installs (once per process, at the first read) a
+    ``sys.unraisablehook`` that drops exactly those (logged at debug level) and
+    passes everything else on. The noise can arrive after the read has returned,
+    so the hook stays."""
     global _quiet_installed
     if _quiet_installed:
         return
@@ -606,8 +608,7 @@ def _quiet_abandoned_reads() -> None:
 
     def hook(unraisable):
         e = unraisable.exc_value
-        if (isinstance(e, RuntimeError) and str(e) == "Event loop is closed") or \
-                "_read_array_index_and_device_put" in repr(unraisable.object):
+        if type(e) is RuntimeError and str(e) == "Event loop is closed":
             log.debug("Dropped an abandoned checkpoint read: %r", e)
             return
         previous(unraisable)

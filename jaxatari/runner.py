@@ -98,15 +98,11 @@ def config_from_json(cls, d: dict[str, Any]):
     return cls(**kw)
 
 
-def _has_flag(argv: Sequence[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
-def _resume_arg(argv: Sequence[str]) -> str | None:
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
     for i, a in enumerate(argv):
-        if a == "--resume" and i + 1 < len(argv):
+        if a == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if a.startswith("--resume="):
+        if a.startswith(flag + "="):
             return a.split("=", 1)[1]
     return None
 
@@ -121,10 +117,11 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    resume = _resume_arg(argv)
+    resume = _flag_value(argv, "--resume")
     if resume is None:
         return tyro.cli(config_cls, args=argv, description=description)
-    if _has_flag(argv, "--run-dir"):
+    given = _flag_value(argv, "--run-dir")
+    if given is not None and Path(given).resolve() != Path(resume).resolve():
         raise ConfigError(f"--run-dir cannot be combined with --resume: a run continues in its own directory "
                           f"({resume}); to continue a copy elsewhere, copy the directory and resume the copy.")
     stored = load_run_config(resume)
@@ -144,7 +141,7 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
             raise ConfigError(
                 f"{flag} {new!r} differs from the run being resumed ({old!r}); it would change the "
                 f"learning problem. On resume you may change: "
-                f"{', '.join('--' + r.replace('_', '-') for r in resumable)}."
+                f"{', '.join('--' + r.replace('_', '-') for r in resumable if r != 'run_dir')}."
             )
     return config
 
@@ -163,17 +160,23 @@ def run_dir_for(config, algo: str) -> Path:
     """The run directory of ``config``: ``--resume``'s, else ``--run-dir``, else a
     new ``runs/<env>__<algo>__<seed>__<time>``. A fresh run refuses a directory
     that already holds a run: it would mix two runs' metrics and action logs and
-    fail at its first checkpoint. Checked on process 0 only (the others may see
-    what process 0 has just written)."""
+    fail at its first checkpoint. With several processes, process 0's view
+    decides for all (the others may already see what process 0 has written)."""
     if config.resume:
         return Path(config.resume)
     run_dir = Path(config.run_dir or default_run_dir(config.env, algo, config.seed))
-    if jax.process_index() == 0 and run_dir.is_dir():
-        held = [n for n in ("config.json", "metrics.csv", "checkpoints") if (run_dir / n).exists()]
-        held += sorted(p.name for p in run_dir.glob("actions*.u8"))
-        if held:
-            raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(held)}); continue it with "
-                              f"--resume {run_dir}, delete it, or pass another --run-dir.")
+    held = [n for n in ("config.json", "metrics.csv", "checkpoints") if (run_dir / n).exists()]
+    held += sorted(p.name for p in run_dir.glob("actions*.u8"))
+    if jax.process_count() > 1:  # process 0's view, so that every process stops (or none does)
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(bool(held)))):
+            held = []
+        elif not held:
+            held = ["files written by process 0"]
+    if held:
+        raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(held)}); continue it with "
+                          f"--resume {run_dir}, delete it, or pass another --run-dir.")
     return run_dir
 
 
@@ -181,13 +184,36 @@ def default_chunk_steps(atari: bool) -> int:
     """``--chunk-steps`` when not given: 50k env steps, 10k for Atari on a CPU,
     where the Nature CNN trains at ~150 steps/s (a 50k chunk would show the first
     progress line, and act on Ctrl-C or a preemption notice, after ~5 minutes)."""
-    return 10_000 if atari and jax.default_backend() == "cpu" else 50_000
+    return 10_000 if atari and cpu_only() else 50_000
+
+
+def cpu_only() -> bool:
+    """Whether JAX will run on the CPU, decided without starting a backend (a
+    multi-process run must call ``jax.distributed.initialize`` first): an explicit
+    ``JAX_PLATFORMS`` / ``jax_platforms`` names the platform; otherwise, whether
+    no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    import importlib.metadata
+    import importlib.util
+    import pkgutil
+
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    if platforms.strip():
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    if importlib.util.find_spec("libtpu") is not None:
+        return False
+    if any(True for _ in importlib.metadata.entry_points(group="jax_plugins")):
+        return False
+    try:
+        import jax_plugins  # namespace package of PJRT plugins
+    except ImportError:
+        return True
+    return not any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
 def check_unfinished(run_dir: Path, done: int, total: int, *, unit: str = "env step",
                      flag: str = "--total-timesteps") -> None:
     """Raise :class:`AlreadyComplete` if a resumed run's checkpoint (at ``done``)
-    already reaches ``total``: before any env replay, config rewrite or compile."""
+    already reaches ``total``: before any env replay, config rewrite or training."""
     if done >= total:
         raise AlreadyComplete(f"{run_dir} is already complete: its latest checkpoint is at {unit} {done:,} and "
                               f"{flag} asks for {total:,}. Pass a larger {flag} to train further.")
@@ -351,24 +377,30 @@ def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.nda
     whole and rewritten in this run's layout, so a run resumes on any topology.
     """
     per = num_envs // process_count
+    alog = ActionLog(run_dir, per, action_log_name(process_index, process_count))
     actions = read_global_actions(run_dir, env_steps_per_env, num_envs, logged_processes)
-    if actions is None:  # a short log cannot serve a later resume either: start this process's log afresh
-        ActionLog(run_dir, per, action_log_name(process_index, process_count)).rewrite(np.zeros((0, per)))
-        return False
-    mine = actions[:, process_index * per:(process_index + 1) * per]
-    exact = True
-    if env_steps_per_env:
+    exact = actions is not None
+    if exact and env_steps_per_env:
         if process_index == 0:
             print(f"Replaying {env_steps_per_env * num_envs:,} env steps to restore the emulators ...", flush=True)
-        obs = replay_actions(env, mine)
+        obs = replay_actions(env, actions[:, process_index * per:(process_index + 1) * per])
         if not np.array_equal(np.asarray(obs), np.asarray(expected_obs)):
-            log.warning("Replayed observations differ from the checkpoint; resume is not exact.")
+            log.warning("Replayed observations differ from the checkpoint; resume is not exact: continuing with "
+                        "freshly reset envs.")
             exact = False
-    alog = ActionLog(run_dir, per, action_log_name(process_index, process_count))
+    if process_count > 1:  # every process continues the same way (and runs the same programs)
+        from jax.experimental import multihost_utils
+
+        exact = bool(np.all(multihost_utils.process_allgather(np.int32(exact))))
+    if not exact:
+        if actions is not None and env_steps_per_env:  # replayed into other states: start afresh
+            env.reset()
+        alog.rewrite(np.zeros((0, per)))  # the log cannot serve a later resume: it restarts here
+        return False
     if logged_processes == process_count:
         alog.truncate(env_steps_per_env)
     else:
-        alog.rewrite(mine)
+        alog.rewrite(actions[:, process_index * per:(process_index + 1) * per])
     return exact
 
 

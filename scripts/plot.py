@@ -284,13 +284,19 @@ def _resumable_tuples() -> dict[str, tuple[str, ...]]:
     return out
 
 
+LEARNING_BUT_RESUMABLE = ("total_timesteps",)
+"""`RESUMABLE` fields that still shape learning: the learning-rate decay and DQN's
+exploration schedule stretch over `total_timesteps`, so runs of different lengths
+are different configs."""
+
+
 def non_learning_keys(algo: Any) -> frozenset[str]:
     """Top-level config fields of `algo` that do not change the learning problem: its
-    `RESUMABLE` tuple (jaxatari/agents/<algo>.py) plus `NON_LEARNING_EXTRA`; for an
-    unknown or missing algo, the union over all agents."""
+    `RESUMABLE` tuple (jaxatari/agents/<algo>.py) less `LEARNING_BUT_RESUMABLE`, plus
+    `NON_LEARNING_EXTRA`; for an unknown or missing algo, the union over all agents."""
     tuples = _resumable_tuples()
     chosen = [tuples[algo]] if isinstance(algo, str) and algo in tuples else list(tuples.values())
-    return frozenset(NON_LEARNING_EXTRA).union(*chosen)
+    return frozenset(NON_LEARNING_EXTRA).union(*chosen) - frozenset(LEARNING_BUT_RESUMABLE)
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:

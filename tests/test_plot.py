@@ -85,19 +85,23 @@ def test_grouping_ignores_fields_that_do_not_change_the_learning_problem():
     from jaxatari.agents import a2c, bc, dqn, ppo
 
     for agent in (ppo, a2c, dqn, bc):  # plot.py reads the agents' own RESUMABLE tuples (without importing JAX)
-        assert plot.non_learning_keys(agent.ALGO) == {*agent.RESUMABLE, "chunk_steps", "resume"}
+        assert plot.non_learning_keys(agent.ALGO) == {*agent.RESUMABLE, "chunk_steps", "resume"} - {"total_timesteps"}
     a = {**BASE, "chunk_steps": 50_000, "checkpoint_every": 0, "keep": 3, "eval_every": 0, "num_threads": 0,
          "env_backend": "auto", "env_backend_used": "host", "devices": 1,
          "schedule": {"steps_per_update": 1024, "updates_per_chunk": 48, "num_chunks": 1}}
-    b = {**a, "total_timesteps": 80_000, "chunk_steps": 10_000, "checkpoint_every": 5000, "keep": 1,
+    b = {**a, "chunk_steps": 10_000, "checkpoint_every": 5000, "keep": 1,
          "eval_every": 1000, "num_threads": 4, "env_backend": "xla", "env_backend_used": "xla", "devices": 2,
          "schedule": {"steps_per_update": 1024, "updates_per_chunk": 9, "num_chunks": 8}}
     c = {**a, "lr": 1e-3}
-    runs = [plot.Run(Path(f"r{i}"), {**cfg, "seed": i}, np.ones(1), np.ones(1), np.ones(1)) for i, cfg in enumerate((a, b, c))]
+    d = {**a, "total_timesteps": 80_000}  # the lr decay stretches over it: another config
+    runs = [plot.Run(Path(f"r{i}"), {**cfg, "seed": i}, np.ones(1), np.ones(1), np.ones(1))
+            for i, cfg in enumerate((a, b, c, d))]
     groups = plot.group_runs(runs)
-    assert [len(g.runs) for g in groups] == [2, 1]
+    assert [len(g.runs) for g in groups] == [2, 1, 1]
     assert groups[0].config["schedule.steps_per_update"] == 1024  # derived from learning fields: kept
-    assert plot.group_labels(groups) == ["ppo Breakout-v5 lr=0.00025 (2 seeds)", "ppo Breakout-v5 lr=0.001 (1 seed)"]
+    assert plot.group_labels(groups) == ["ppo Breakout-v5 total_timesteps=40000 lr=0.00025 (2 seeds)",
+                                         "ppo Breakout-v5 total_timesteps=40000 lr=0.001 (1 seed)",
+                                         "ppo Breakout-v5 total_timesteps=80000 lr=0.00025 (1 seed)"]
 
 
 def test_labels_name_what_differs(four_runs):

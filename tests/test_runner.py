@@ -1,6 +1,7 @@
 """The host loop with a fake compiled chunk: schedule, CSV rows, non-finite stop, target return."""
 
 import csv
+import json
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +192,58 @@ def test_restart_episodes_after_an_inexact_resume():
     np.testing.assert_array_equal(r.stats.window, e.stats.window)
     np.testing.assert_array_equal(r.obs, e.obs)
     assert int(r.stats.count) == 1 and r.stats.lengths.dtype == e.stats.lengths.dtype
+
+
+class _Env:
+    """A stand-in EnvPool: obs = the sum of the actions taken since the last reset."""
+
+    def __init__(self, n):
+        self.n, self.resets = n, 0
+
+    def reset(self):
+        self.resets += 1
+        self.obs = np.zeros((self.n, 1))
+        return self.obs, {}
+
+    def step(self, a):
+        self.obs = self.obs + np.asarray(a, float)[:, None]
+        return self.obs, None, None, None, {}
+
+
+@pytest.mark.parametrize("case", ["exact", "short", "mismatch"])
+def test_restore_env_replays_or_restarts_the_envs_and_the_log(tmp_path, case):
+    log = runner.ActionLog(tmp_path, 2)
+    log.append(np.ones((5, 2), np.uint8))
+    if case == "short":
+        with open(log.path, "r+b") as f:
+            f.truncate(7)  # 3.5 rows
+    env = _Env(2)
+    env.reset()
+    expected = np.full((2, 1), 4.0 if case != "mismatch" else 99.0)
+    exact = runner.restore_env(env, tmp_path, 4, expected, 2)
+    assert exact == (case == "exact")
+    assert log.rows() == (4 if case == "exact" else 0) and log.path.stat().st_size % 2 == 0
+    assert env.resets == (2 if case == "mismatch" else 1)  # replayed into other states: reset afresh
+
+
+def test_cpu_only_is_decided_without_starting_a_backend(monkeypatch):
+    if jax.config.jax_platforms:
+        pytest.skip("jax_platforms is set for this process; it would take precedence over JAX_PLATFORMS")
+    for platforms, cpu in (("cpu", True), ("cuda,cpu", False), ("tpu", False)):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert runner.cpu_only() is cpu
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    assert runner.cpu_only() is (jax.default_backend() == "cpu")  # from the installed plugins: none here
+
+
+def test_resume_accepts_its_own_run_dir(tmp_path):
+    from jaxatari.agents import ppo
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")), "algo": "ppo"}))
+    c = runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--run-dir", f"{tmp_path}/./run"])
+    assert c.resume == str(d)
+    with pytest.raises(runner.ConfigError, match="On resume you may change: --total-timesteps") as e:
+        runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--seed", "7"])
+    assert "--run-dir" not in str(e.value)
