@@ -86,7 +86,14 @@ def test_replay_mismatch_is_reported_not_exact(tmp_path):
     runner.ActionLog(tmp_path, 2).append(np.zeros((3, 2), np.uint8))
 
     class Env:
+        resets = 0
+
         def step(self, a):
             return np.zeros((2, 1)), None, None, None, None
 
-    assert not runner.restore_env(Env(), tmp_path, 3, np.ones((2, 1)), 2)
+        def reset(self):
+            self.resets += 1
+
+    env = Env()
+    assert not runner.restore_env(env, tmp_path, 3, np.ones((2, 1)), 2)
+    assert env.resets == 1 and runner.ActionLog(tmp_path, 2).rows() == 0  # envs and log start afresh

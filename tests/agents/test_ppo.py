@@ -57,6 +57,17 @@ def test_out_of_range_values_name_the_flag_and_the_range(field, value, accepted)
         ppo.resolve(ppo.Config(env="CartPole-v1", **{field: value}))
 
 
+def test_resolve_starts_no_backend():
+    """A multi-process run calls jax.distributed.initialize after resolve(), which
+    must not have started an XLA backend (the CPU chunk default once did, on Atari)."""
+    code = ("from jaxatari.agents import a2c, ppo\n"
+            "ppo.resolve(ppo.Config(env='Breakout-v5')); a2c.resolve(a2c.Config(env='Pong-v5'))\n"
+            "from jax._src import xla_bridge\n"
+            "print('backend started:', xla_bridge.backends_are_initialized())")
+    r = run_script("-c", code, timeout=120)
+    assert r.returncode == 0 and "backend started: False" in r.stdout, r.stderr[-2000:]
+
+
 def test_script_rejects_bad_env_id_quickly():
     r = run_script("scripts/ppo.py", "--env", "Breakuot-v5", "--total-timesteps", "100")
     assert r.returncode == 2
