@@ -217,35 +217,24 @@ def parse_option_value(env_id: str, key: str, value: Any, default: Any) -> Any:
         if text is not None and text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE
         raise bad("a boolean: true/false, 1/0 or yes/no")
-    if isinstance(default, (int, np.integer)):
-        accepted = _range_text(low, high, "an integer")
-        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-            val = int(value)
+    if isinstance(default, (int, float, np.integer, np.floating)):
+        integer = isinstance(default, (int, np.integer))
+        cast = int if integer else float
+        accepted = _range_text(low, high, "an integer" if integer else "a number")
+        numbers = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        if isinstance(value, numbers) and not isinstance(value, (bool, np.bool_)):
+            val = cast(value)
         elif text is not None:
             try:
-                val = int(text)
-            except ValueError:
-                raise bad(accepted) from None
-        else:
-            raise bad(accepted)
-        if (low is not None and val < low) or (high is not None and val > high):
-            raise bad(accepted)
-        if not _INT32_MIN <= val <= _INT32_MAX:
-            raise bad(f"{accepted} that fits in 32 bits ({_INT32_MIN} to {_INT32_MAX})")
-        return val
-    if isinstance(default, (float, np.floating)):
-        accepted = _range_text(low, high, "a number")
-        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
-            val = float(value)
-        elif text is not None:
-            try:
-                val = float(text)
+                val = cast(text)
             except ValueError:
                 raise bad(accepted) from None
         else:
             raise bad(accepted)
         if val != val or (low is not None and not val >= low) or (high is not None and not val <= high):
             raise bad(accepted)  # NaN fails every comparison
+        if integer and not _INT32_MIN <= val <= _INT32_MAX:
+            raise bad(f"{accepted} that fits in 32 bits ({_INT32_MIN} to {_INT32_MAX})")
         return val
     if isinstance(default, str):
         if not isinstance(value, str):

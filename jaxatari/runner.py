@@ -64,27 +64,40 @@ class AlreadyComplete(Exception):
 
 _RANGES: dict[str, Callable[[Any], bool]] = {
     ">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
-    "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+    "an integer >= 1": lambda v: isinstance(v, int) and v >= 1,
+    "an integer >= 0": lambda v: isinstance(v, int) and v >= 0,
 }
 
 #: The ranges of the run options the on-policy and DQN configs share (fields a config lacks are skipped).
 RUN_OPTION_RANGES = {
-    "total_timesteps": ">= 1", "num_envs": ">= 1", "chunk_steps": ">= 1", "checkpoint_every": ">= 0",
-    "keep": ">= 1", "eval_every": ">= 0", "eval_episodes": ">= 1", "num_threads": ">= 0", "num_agents": ">= 1",
-    "cfc_units": ">= 1", "cfc_backbone_units": ">= 1", "cfc_backbone_layers": ">= 0",
+    "total_timesteps": "an integer >= 1", "num_envs": "an integer >= 1", "chunk_steps": "an integer >= 1",
+    "checkpoint_every": "an integer >= 0", "keep": "an integer >= 1", "eval_every": "an integer >= 0",
+    "eval_episodes": "an integer >= 1", "num_threads": "an integer >= 0", "num_agents": "an integer >= 1",
+    "cfc_units": "an integer >= 1", "cfc_backbone_units": "an integer >= 1", "cfc_backbone_layers": "an integer >= 0",
 }
+
+
+def _range_rule(rule: str) -> Callable[[Any], bool]:
+    """The test of ``rule``: a key of ``_RANGES``, optionally followed by a note in parentheses."""
+    for key in sorted(_RANGES, key=len, reverse=True):
+        if rule == key or rule.startswith(key + " ("):
+            return _RANGES[key]
+    raise ValueError(f"Unknown range rule {rule!r}; rules are {', '.join(_RANGES)} (optionally + ' (note)').")
 
 
 def check_ranges(config, ranges: dict[str, str]) -> None:
     """Raise :class:`ConfigError` naming the flag, its value and the accepted
-    range for the first field of ``config`` outside its range (``">= 1"``,
-    ``">= 0"``, ``"> 0"``, ``"in [0, 1]"``, ``"in (0, 1]"``); fields that are
-    None or absent from ``config`` are skipped."""
+    range for the first field of ``config`` outside its range. A rule is one of
+    ``">= 1"``, ``">= 0"``, ``"> 0"``, ``"in [0, 1]"``, ``"in (0, 1]"``,
+    ``"in [0, 1)"``, ``"an integer >= 1"``, ``"an integer >= 0"``, optionally
+    followed by a note for the message (``">= 0 (0 = no clipping)"``). Fields
+    that are None or absent from ``config`` are skipped."""
     for name, rule in ranges.items():
         value = getattr(config, name, None)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _RANGES[rule](value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _range_rule(rule)(value):
             raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not accepted: it must be {rule}.")
 
 
@@ -164,10 +177,14 @@ def run_dir_for(config, algo: str) -> Path:
     decides for all (the others may already see what process 0 has written)."""
     if config.resume:
         return Path(config.resume)
-    run_dir = Path(config.run_dir or default_run_dir(config.env, algo, config.seed))
+    processes = jax.process_count()
+    if config.run_dir:
+        run_dir = Path(config.run_dir)
+    else:  # with several processes, process 0's time stamp names the directory for all
+        run_dir = default_run_dir(config.env, algo, config.seed, stamp=_process0_stamp() if processes > 1 else None)
     held = [n for n in ("config.json", "metrics.csv", "checkpoints") if (run_dir / n).exists()]
     held += sorted(p.name for p in run_dir.glob("actions*.u8"))
-    if jax.process_count() > 1:  # process 0's view, so that every process stops (or none does)
+    if processes > 1:  # process 0's view, so that every process stops (or none does)
         from jax.experimental import multihost_utils
 
         if not int(multihost_utils.broadcast_one_to_all(np.int32(bool(held)))):
@@ -219,9 +236,22 @@ def check_unfinished(run_dir: Path, done: int, total: int, *, unit: str = "env s
                               f"{flag} asks for {total:,}. Pass a larger {flag} to train further.")
 
 
-def default_run_dir(env_id: str, algo: str, seed: int) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+def default_run_dir(env_id: str, algo: str, seed: int, stamp: str | None = None) -> Path:
+    """``runs/<env>__<algo>__<seed>__<stamp>``; ``stamp`` defaults to the local time, ``YYYYmmdd-HHMMSS``."""
+    stamp = stamp or _dt.datetime.now().strftime(_STAMP)
     return Path("runs") / f"{env_id}__{algo}__{seed}__{stamp}"
+
+
+_STAMP = "%Y%m%d-%H%M%S"
+
+
+def _process0_stamp() -> str:
+    """Process 0's local time as a run-directory stamp, sent to every process
+    (the processes start at different seconds, and would each name their own)."""
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(_dt.datetime.now().strftime(_STAMP).encode("ascii"), np.uint8).astype(np.int32)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine)).astype(np.uint8)).decode("ascii")
 
 
 def versions() -> dict[str, str]:
@@ -255,6 +285,7 @@ class Schedule:
     steps_per_update: int
     updates_per_chunk: int
     num_chunks: int
+    requested: int = 0  # --total-timesteps as given (0: unknown)
 
     @property
     def num_updates(self) -> int:
@@ -267,6 +298,13 @@ class Schedule:
     @property
     def total_steps(self) -> int:
         return self.steps_per_chunk * self.num_chunks
+
+    def rounding_note(self) -> str:
+        """A sentence saying how --total-timesteps was rounded up to whole chunks ("" if it was not)."""
+        if not self.requested or self.total_steps == self.requested:
+            return ""
+        return (f"--total-timesteps {self.requested:,} is rounded up to {self.total_steps:,}: {self.num_chunks} "
+                f"chunk(s) of {self.updates_per_chunk} x {self.steps_per_update:,} env steps.")
 
 
 def make_schedule(
@@ -282,11 +320,12 @@ def make_schedule(
         raise ConfigError(f"--chunk-steps {chunk_steps} is not accepted: it must be >= 1.")
     num_updates = max(1, math.ceil(total_timesteps / steps_per_update))
     if updates_per_chunk:
-        return Schedule(steps_per_update, updates_per_chunk, math.ceil(num_updates / updates_per_chunk))
+        return Schedule(steps_per_update, updates_per_chunk, math.ceil(num_updates / updates_per_chunk),
+                        total_timesteps)
     target = max(1, min(num_updates, chunk_steps // steps_per_update or 1))
     num_chunks = math.ceil(num_updates / target)
     per_chunk = math.ceil(num_updates / num_chunks)
-    return Schedule(steps_per_update, per_chunk, num_chunks)
+    return Schedule(steps_per_update, per_chunk, num_chunks, total_timesteps)
 
 
 def abstract(tree):
@@ -630,6 +669,8 @@ def run(
     if is_main:
         print(f"Compiled one chunk ({schedule.steps_per_chunk:,} env steps, {schedule.updates_per_chunk} "
               f"logged rows) in {compile_s:.1f}s.", flush=True)
+        if start_chunk == 0 and schedule.rounding_note():
+            print(schedule.rounding_note(), flush=True)
 
     wall0 = time.perf_counter()
     prev_wall = float(meta.get("wall_time", 0.0))

@@ -1,7 +1,9 @@
 """The host loop with a fake compiled chunk: schedule, CSV rows, non-finite stop, target return."""
 
 import csv
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +81,14 @@ def test_schedule(total, per_update, chunk, expect):
     s = runner.make_schedule(total, per_update, chunk)
     assert (s.updates_per_chunk, s.num_chunks) == expect
     assert s.total_steps >= total and s.total_steps - total < s.num_chunks * per_update
+    assert s.requested == total and (s.rounding_note() == "") == (s.total_steps == total)
+
+
+def test_schedule_says_how_the_total_was_rounded():
+    s = runner.make_schedule(500_000, 512, 50_000)
+    assert s.rounding_note() == ("--total-timesteps 500,000 is rounded up to 501,248: 11 chunk(s) of 89 x 512 "
+                                 "env steps.")
+    assert runner.make_schedule(2048, 256, 50_000).rounding_note() == ""
 
 
 def test_schedule_errors():
@@ -129,7 +139,6 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
 @pytest.mark.parametrize("outcome, code", [("SIGTERM", 143), ("SIGINT", 130), ("complete", 0), ("bad", 2)])
 def test_cli_exit_codes(monkeypatch, capsys, outcome, code):
     """Preemption (SIGTERM) exits 143, Ctrl-C 130, resuming a finished run 0, bad input 2."""
-    import dataclasses
     import signal
 
     from jaxatari import cli
@@ -154,26 +163,74 @@ def test_cli_exit_codes(monkeypatch, capsys, outcome, code):
     assert ("error: --seed 1" in out.err) == (outcome == "bad")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunDirConfig:
+    """The fields :func:`runner.run_dir_for` reads."""
+
+    env: str = "CartPole-v1"
+    seed: int = 1
+    run_dir: str | None = None
+    resume: str | None = None
+
+
 @pytest.mark.parametrize("held", ["config.json", "metrics.csv", "checkpoints", "actions.u8"])
 def test_a_fresh_run_refuses_a_directory_holding_a_run(tmp_path, held):
-    import dataclasses
-
-    @dataclasses.dataclass(frozen=True)
-    class Config:
-        env: str = "CartPole-v1"
-        seed: int = 1
-        run_dir: str | None = None
-        resume: str | None = None
-
     d = tmp_path / "run"
-    assert runner.run_dir_for(Config(run_dir=str(d)), "ppo") == d  # missing: fine
+    assert runner.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo") == d  # missing: fine
     d.mkdir()
     (d / "notes.txt").write_text("mine")
-    assert runner.run_dir_for(Config(run_dir=str(d)), "ppo") == d  # holds no run: fine
+    assert runner.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo") == d  # holds no run: fine
     (d / held).mkdir() if held == "checkpoints" else (d / held).write_text("")
     with pytest.raises(runner.ConfigError, match=rf"--run-dir {d} already holds a run \({held}\).*--resume {d}"):
-        runner.run_dir_for(Config(run_dir=str(d)), "ppo")
-    assert runner.run_dir_for(Config(run_dir=None, resume=str(d)), "ppo") == d
+        runner.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo")
+    assert runner.run_dir_for(RunDirConfig(run_dir=None, resume=str(d)), "ppo") == d
+
+
+def test_several_processes_share_process_0s_default_run_dir(tmp_path, monkeypatch):
+    """Without --run-dir every process names the directory after process 0's
+    clock (each process's own clock may already show another second)."""
+    from jax.experimental import multihost_utils
+
+    process0 = np.frombuffer(b"20260102-030405", np.uint8).astype(np.int32)
+    sent = []
+
+    def broadcast(x):  # what process 0 sends: its stamp, then whether the directory holds a run
+        sent.append(np.asarray(x))
+        return process0 if np.ndim(x) else np.int32(0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+    d = runner.run_dir_for(RunDirConfig(), "ppo")
+    assert str(d) == "runs/CartPole-v1__ppo__1__20260102-030405"
+    assert len(sent) == 2 and sent[0].shape == (15,)  # this process's own stamp was offered, then replaced
+
+
+@pytest.mark.parametrize("value, rule, ok", [
+    (1, "an integer >= 1", True), (1.0, "an integer >= 1", False), (0, "an integer >= 0", True),
+    (True, ">= 0", False), (0.5, "in [0, 1)", True), (1.0, "in [0, 1)", False), (0.0, "in (0, 1]", False),
+    (0.0, ">= 0 (0 = off)", True), (-1.0, ">= 0 (0 = off)", False), (None, "> 0", True),
+])
+def test_check_ranges_rules(value, rule, ok):
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        some_flag: object
+
+    if ok:
+        runner.check_ranges(Config(value), {"some_flag": rule})
+    else:
+        with pytest.raises(runner.ConfigError, match=re.escape(f"--some-flag {value!r} is not accepted: "
+                                                               f"it must be {rule}.")):
+            runner.check_ranges(Config(value), {"some_flag": rule})
+
+
+def test_check_ranges_refuses_an_unknown_rule():
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        x: int = 3
+
+    with pytest.raises(ValueError, match=r"Unknown range rule '>= 2'"):
+        runner.check_ranges(Config(), {"x": ">= 2"})
 
 
 def test_restart_episodes_after_an_inexact_resume():

@@ -159,18 +159,12 @@ def resolve(config: Config) -> Config:
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
     if c.chunk_steps is None:
         c = dataclasses.replace(c, chunk_steps=runner.default_chunk_steps(envs.is_atari(c.env)))
-    runner.check_ranges(c, dict(runner.RUN_OPTION_RANGES, num_steps=">= 1", ent_coef=">= 0", vf_coef=">= 0"))
+    runner.check_ranges(c, dict(
+        runner.RUN_OPTION_RANGES, num_steps="an integer >= 1", ent_coef=">= 0", vf_coef=">= 0",
+        gae_lambda="in [0, 1]", gamma="in (0, 1]", rms_alpha="in [0, 1)", learning_rate="> 0", rms_eps="> 0",
+        max_grad_norm="> 0"))
     if c.target not in TARGETS:
         raise runner.ConfigError(f"--target {c.target!r} is not accepted; use nstep or gae.")
-    if not 0.0 <= c.gae_lambda <= 1.0:
-        raise runner.ConfigError(f"--gae-lambda {c.gae_lambda} is not accepted: it must lie in [0, 1].")
-    if not 0.0 < c.gamma <= 1.0:
-        raise runner.ConfigError(f"--gamma {c.gamma} is not accepted: it must lie in (0, 1].")
-    if not 0.0 <= c.rms_alpha < 1.0:
-        raise runner.ConfigError(f"--rms-alpha {c.rms_alpha} is not accepted: it must lie in [0, 1).")
-    for name in ("learning_rate", "rms_eps", "max_grad_norm"):
-        if getattr(c, name) <= 0:
-            raise runner.ConfigError(f"--{name.replace('_', '-')} {getattr(c, name)} is not accepted: it must be > 0.")
     if c.cfc_mode not in ("default", "no_gate", "pure"):
         raise runner.ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
     parallel.check_env_groups(c)

@@ -475,23 +475,32 @@ def _fmt(x) -> str:
 
 
 class _EpochBar:
-    """A rich progress bar per epoch on a terminal (running training loss); silent otherwise."""
+    """Progress within an epoch: a rich bar with the running training loss on a
+    terminal; elsewhere (a log file, a batch job) a plain line every
+    ``PLAIN_EVERY_S`` seconds, so that a long first epoch is not silent."""
+
+    PLAIN_EVERY_S = 30.0
 
     def __init__(self, epoch: int, epochs: int, total: int, start: int):
-        self.bar = None
+        self.bar, self.label, self.total = None, f"epoch {epoch}/{epochs}", total
+        self._last = self._t0 = time.perf_counter()
         if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=False)
             self.task = self.bar.add_task("epoch", total=total, completed=start, loss="-")
             self.bar.start()
-            self._last = time.perf_counter()
 
     def advance(self, state: State, done: int) -> None:
-        if self.bar is None:
-            return
         now = time.perf_counter()
+        if self.bar is None:
+            if now - self._last >= self.PLAIN_EVERY_S and done < self.total:
+                self._last = now
+                loss = float(state.loss_sum / jnp.maximum(state.count, 1.0))
+                print(f"{self.label}: {done:,}/{self.total:,} batches, train loss {loss:.4f} "
+                      f"({now - self._t0:.0f}s)", flush=True)
+            return
         if now - self._last > 0.5 or done == self.bar.tasks[0].total:  # fetching the loss waits for the step
             self._last = now
             loss = float(state.loss_sum / jnp.maximum(state.count, 1.0))

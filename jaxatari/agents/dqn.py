@@ -296,10 +296,6 @@ ATARI_DEFAULTS = dict(num_envs=8, checkpoint_every=1_000_000)
 CLASSIC_DEFAULTS = dict(num_envs=4, checkpoint_every=100_000)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def resolve(config: Config) -> Config:
     """Fill the preset and per-env-kind defaults and validate; raises before anything compiles."""
     envs.validate_env_id(config.env)
@@ -312,32 +308,16 @@ def resolve(config: Config) -> Config:
     c = dataclasses.replace(config, dqn_preset=preset, **fill)
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
 
-    for name in ("total_timesteps", "num_envs", "buffer_size", "batch_size", "train_frequency",
-                 "gradient_steps", "n_step", "target_network_frequency", "log_every", "chunk_steps",
-                 "eval_episodes", "keep", "num_agents"):
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise runner.ConfigError(f"{_flag(name)} {value!r} is not accepted: it must be an integer >= 1.")
-    for name in ("learning_starts", "eval_every", "num_threads"):
-        if getattr(c, name) < 0:
-            raise runner.ConfigError(f"{_flag(name)} {getattr(c, name)} is not accepted: it must be >= 0.")
-    runner.check_ranges(c, runner.RUN_OPTION_RANGES)
+    runner.check_ranges(c, dict(
+        runner.RUN_OPTION_RANGES, **{name: "an integer >= 1" for name in (
+            "buffer_size", "batch_size", "train_frequency", "gradient_steps", "n_step", "target_network_frequency",
+            "log_every")},
+        learning_starts="an integer >= 0", start_e="in [0, 1]", end_e="in [0, 1]", eval_epsilon="in [0, 1]",
+        gamma="in [0, 1]", rmsprop_decay="in [0, 1]", tau="in (0, 1] (1 = hard target update)",
+        learning_rate="> 0", huber_delta="> 0", max_grad_norm=">= 0 (0 = no clipping)"))
     if not c.mlp_hidden or min(c.mlp_hidden) < 1:
         raise runner.ConfigError(f"--mlp-hidden {' '.join(map(str, c.mlp_hidden)) or '(empty)'} is not accepted: "
                                  "it needs one or more layer widths, each >= 1.")
-    if c.checkpoint_every is not None and c.checkpoint_every < 0:
-        raise runner.ConfigError(f"--checkpoint-every {c.checkpoint_every} is not accepted: it must be >= 0.")
-    for name in ("start_e", "end_e", "eval_epsilon", "gamma", "rmsprop_decay"):
-        if not 0.0 <= getattr(c, name) <= 1.0:
-            raise runner.ConfigError(f"{_flag(name)} {getattr(c, name)} is not accepted: it must be in [0, 1].")
-    if not 0.0 < c.tau <= 1.0:
-        raise runner.ConfigError(f"--tau {c.tau} is not accepted: it must be in (0, 1] (1 = hard target update).")
-    if c.learning_rate <= 0 or c.huber_delta <= 0:
-        bad = "learning_rate" if c.learning_rate <= 0 else "huber_delta"
-        raise runner.ConfigError(f"{_flag(bad)} {getattr(c, bad)} is not accepted: it must be > 0.")
-    if c.max_grad_norm < 0:
-        raise runner.ConfigError(
-            f"--max-grad-norm {c.max_grad_norm} is not accepted: it must be >= 0 (0 = no clipping).")
     if c.loss not in LOSSES:
         raise runner.ConfigError(f"--loss {c.loss!r} is not accepted; use one of {', '.join(LOSSES)}.")
     if c.optimizer not in OPTIMIZERS:

@@ -180,7 +180,8 @@ def resolve(config: Config) -> Config:
     if c.chunk_steps is None:
         c = dataclasses.replace(c, chunk_steps=runner.default_chunk_steps(envs.is_atari(c.env)))
     runner.check_ranges(c, dict(
-        runner.RUN_OPTION_RANGES, num_steps=">= 1", num_minibatches=">= 1", update_epochs=">= 1",
+        runner.RUN_OPTION_RANGES, num_steps="an integer >= 1", num_minibatches="an integer >= 1",
+        update_epochs="an integer >= 1",
         learning_rate="> 0", adam_eps="> 0", gamma="in (0, 1]", gae_lambda="in [0, 1]", clip_coef="> 0",
         ent_coef=">= 0", vf_coef=">= 0", max_grad_norm="> 0"))
     if c.network == "cfc":

@@ -167,7 +167,9 @@ def test_atari_and_classic_defaults():
 @pytest.mark.parametrize("kw, match", [
     (dict(target="td"), r"--target 'td' is not accepted; use nstep or gae"),
     (dict(num_envs=0), r"--num-envs 0"),
-    (dict(gae_lambda=1.5), r"--gae-lambda 1.5"),
+    (dict(gae_lambda=1.5), r"--gae-lambda 1.5 .* in \[0, 1\]"),
+    (dict(rms_alpha=1.0), r"--rms-alpha 1.0 .* in \[0, 1\)"),
+    (dict(max_grad_norm=0.0), r"--max-grad-norm 0.0 .* > 0"),
     (dict(learning_rate=-1.0), r"--learning-rate -1.0"),
     (dict(network="lstm"), r"--network 'lstm'"),
 ])

@@ -227,12 +227,16 @@ class InterruptAfter:
         return signal.SIGINT if self.checks > self.n else None
 
 
-def test_interrupted_mid_epoch_and_resumed_matches_uninterrupted(tmp_path, monkeypatch):
+def test_interrupted_mid_epoch_and_resumed_matches_uninterrupted(tmp_path, monkeypatch, capsys):
     write_memory_task(tmp_path / "data", n_train=12, n_val=3, S=4, size=16)
     base = dict(data=str(tmp_path / "data"), env="Breakout-v5", env_option=("img_height=16", "img_width=16"), epochs=2,
                 batch_size=4, eval_episodes=0, tensorboard=False, conv_channels=(4, 4), cfc_units=4,
                 cfc_backbone_units=8)
+    monkeypatch.setattr(bc._EpochBar, "PLAIN_EVERY_S", 0.0)  # not a terminal: a plain line per batch, here
     full = bc.train(bc.Config(**base, run_dir=str(tmp_path / "full")))
+    out = capsys.readouterr().out  # 3 batches per epoch: lines after batches 1 and 2, the epoch line after 3
+    assert "epoch 1/2: 1/3 batches, train loss " in out and "epoch 2/2: 2/3 batches" in out
+    assert "3/3 batches" not in out and "epoch 1/2: train loss" in out
 
     monkeypatch.setattr(bc.runner, "Signals", type("Interrupt", (InterruptAfter,), {"n": 4}))  # epoch 2, batch 2 of 3
     part = bc.train(bc.Config(**base, run_dir=str(tmp_path / "part")))

@@ -89,6 +89,10 @@ def test_replay_ratio_is_kept_for_any_env_count(num_envs, freq, grad_steps, peri
     (dict(optimizer="sgd"), r"--optimizer 'sgd' .* adam, rmsprop"),
     (dict(end_e=1.5), r"--end-e 1.5 .* \[0, 1\]"),
     (dict(train_frequency=0), r"--train-frequency 0"),
+    (dict(buffer_size=1.5), r"--buffer-size 1.5 is not accepted: it must be an integer >= 1\."),
+    (dict(learning_starts=-1), r"--learning-starts -1 is not accepted: it must be an integer >= 0\."),
+    (dict(max_grad_norm=-1.0), r"--max-grad-norm -1.0 .* >= 0 \(0 = no clipping\)\."),
+    (dict(huber_delta=0.0), r"--huber-delta 0.0 .* > 0\."),
     (dict(overlap_learning=True, env_backend="callback"), r"--overlap-learning .* --env-backend callback"),
     (dict(overlap_learning=True, num_agents=2), r"--overlap-learning runs on the single-device path.* --num-agents 2 "),
     (dict(overlap_learning=True, devices=2), r"single-device path; it is not accepted with --devices 2 "),
@@ -278,13 +282,23 @@ def _rows(path):
     return [{k: v for k, v in row.items() if k not in runner.WALL_CLOCK_COLUMNS} for row in read_csv(path)]
 
 
-@pytest.mark.slow
-def test_resume_is_exact_with_the_buffer_and_refills_without(tmp_path, capsys):
-    common = ["--env", "CartPole-v1", "--num-envs", "2", "--buffer-size", "1000", "--learning-starts", "300",
+#: The resume tests' run: 600 iterations of 2 envs, checkpointed and chunked at half-way.
+RESUME_RUN = ["--env", "CartPole-v1", "--num-envs", "2", "--buffer-size", "1000", "--learning-starts", "300",
               "--exploration-steps", "1000", "--log-every", "200", "--chunk-steps", "600",
               "--checkpoint-every", "600", "--mlp-hidden", "32", "--no-tensorboard"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    _train(common + ["--total-timesteps", "1200", "--run-dir", str(full)])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The default (not overlapped) resume-test run in one go: the reference of both resume tests."""
+    d = tmp_path_factory.mktemp("dqn_full") / "full"
+    _train(RESUME_RUN + ["--total-timesteps", "1200", "--run-dir", str(d)])
+    return d
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_the_buffer_and_refills_without(tmp_path, capsys, full_run):
+    common, full, part = RESUME_RUN, full_run, tmp_path / "part"
     _train(common + ["--total-timesteps", "600", "--run-dir", str(part)])
     result = _train(["--resume", str(part), "--total-timesteps", "1200"])
     assert result.global_step == 1200
@@ -305,19 +319,15 @@ def test_resume_is_exact_with_the_buffer_and_refills_without(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_overlapped_learning_resumes_exactly_and_differs_from_the_default(tmp_path):
+def test_overlapped_learning_resumes_exactly_and_differs_from_the_default(tmp_path, full_run):
     """--overlap-learning: half a run resumed equals the whole run; the run is
     not the default one (its gradient steps see the buffer one iteration later)."""
-    common = ["--env", "CartPole-v1", "--num-envs", "2", "--buffer-size", "1000", "--learning-starts", "300",
-              "--exploration-steps", "1000", "--log-every", "200", "--chunk-steps", "600",
-              "--checkpoint-every", "600", "--mlp-hidden", "32", "--no-tensorboard"]
-    full, part, plain = tmp_path / "full", tmp_path / "part", tmp_path / "plain"
+    common, full, part, plain = RESUME_RUN, tmp_path / "full", tmp_path / "part", full_run
     _train(common + ["--overlap-learning", "--total-timesteps", "1200", "--run-dir", str(full)])
     _train(common + ["--overlap-learning", "--total-timesteps", "600", "--run-dir", str(part)])
     assert _train(["--resume", str(part), "--total-timesteps", "1200"]).global_step == 1200
     assert _rows(part / "metrics.csv") == _rows(full / "metrics.csv")
     assert json.loads((part / "config.json").read_text())["overlap_learning"] is True
-    _train(common + ["--total-timesteps", "1200", "--run-dir", str(plain)])
     got, want = _rows(full / "metrics.csv"), _rows(plain / "metrics.csv")
     assert [r["global_step"] for r in got] == [r["global_step"] for r in want]
     assert [r["loss"] for r in got] != [r["loss"] for r in want]
