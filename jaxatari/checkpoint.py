@@ -65,6 +65,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -126,7 +127,7 @@ class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an integer >= 1 (checkpoints to keep), got {keep!r}.")
-        self.directory = Path(run_dir) / "checkpoints"
+        self.directory = Path(run_dir).absolute() / "checkpoints"  # orbax refuses relative paths
         self._closed = True  # until both managers exist
         for kind in (LATEST, BEST):
             (self.directory / kind).mkdir(parents=True, exist_ok=True)
@@ -329,9 +330,9 @@ def restore_policy(path: str | os.PathLike, abstract_policy) -> tuple[Any, dict]
     Raises :class:`CheckpointError` if nothing is readable, the checkpoint was
     saved without ``policy=``, or ``abstract_policy`` does not match it.
     """
-    path = Path(path)
-    if not path.is_dir():
+    if not Path(path).is_dir():
         raise CheckpointError(f"{path} is not a directory; pass a run directory or a checkpoint directory.")
+    path = Path(path).absolute()  # orbax refuses relative paths
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if _is_step(path):
@@ -758,16 +759,34 @@ class LoadedPolicy:
     ``[B, *obs_shape]``; a recurrent policy also takes and returns its state::
 
         actions, carry = policy.act(obs, carry, first)   # first [B]: episode starts
+
+    ``policy.env_kwargs`` are the run's game, preset and env options, for
+    :func:`jaxatari.evaluate` or :func:`jaxatari.envs.make`.
     """
 
     def __init__(self, network, params, spec, config: dict, meta: dict):
         self.network, self.params, self.spec, self.config, self.meta = network, params, spec, config, meta
         self.is_q = config.get("algo") == "dqn"
         self._step = jax.jit(self._forward, static_argnames=("mode",))
+        self._warned_stateless = False
 
     @property
     def recurrent(self) -> bool:
         return bool(getattr(self.spec, "recurrent", False))
+
+    @property
+    def obs_shape(self) -> tuple[int, ...] | None:
+        """One observation's shape, from the run's env spec (None if the config has none)."""
+        shape = self.config.get("env_spec", {}).get("obs_shape")
+        return None if shape is None else tuple(shape)
+
+    @property
+    def env_kwargs(self) -> dict[str, Any]:
+        """``env_id``, ``preset`` and ``options`` (its ``--env-option`` values) of the run."""
+        from jaxatari import envs
+
+        return dict(env_id=self.config["env"], preset=self.config.get("preset"),
+                    options=envs.parse_env_options(self.config.get("env_option") or []))
 
     def initial_carry(self, batch_size: int):
         from jaxatari.networks import initial_carry
@@ -804,7 +823,12 @@ class LoadedPolicy:
         if mode not in ("greedy", "sample"):
             raise ValueError(f"mode {mode!r} is not accepted; use greedy or sample.")
         obs = jnp.asarray(obs)
+        if self.obs_shape is not None and (obs.ndim != 1 + len(self.obs_shape) or obs.shape[1:] != self.obs_shape):
+            raise ValueError(f"obs must be [B, {', '.join(map(str, self.obs_shape))}] (one step of B envs), got "
+                             f"shape {tuple(obs.shape)}.")
         B = obs.shape[0]
+        if first is not None and np.shape(first) != (B,):
+            raise ValueError(f"first must be [B] = [{B}] (episode starts), got shape {np.shape(first)}.")
         if first is None:
             first = jnp.full((B,), carry is None)
         if carry is None:
@@ -815,6 +839,10 @@ class LoadedPolicy:
         return actions, carry
 
     def __call__(self, obs):
+        if self.recurrent and not self._warned_stateless:
+            self._warned_stateless = True
+            warnings.warn("policy(obs) on a recurrent policy starts from the zero state at every call (no memory); "
+                          "carry it with: actions, carry = policy.act(obs, carry, first).", stacklevel=2)
         return self.act(obs)[0]
 
 

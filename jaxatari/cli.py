@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import warnings
 from typing import Callable, Sequence
 
 
@@ -20,8 +19,6 @@ def main(config_cls, train: Callable, *, resumable: Sequence[str], description: 
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # gymnasium's note on EnvPool's float64 classic-control bounds: harmless, and printed at every start.
-    warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32", category=UserWarning)
     from jaxatari import envs, runner
 
     try:

@@ -350,8 +350,6 @@ def make(
         the groups take turns, and a pool emulating alone then has every core
         (measured faster on 2 cores than splitting the threads between pools).
     """
-    import envpool
-
     if num_envs < 1:
         raise EnvError(f"num_envs={num_envs} is not accepted: it must be >= 1.")
     check_groups(num_envs, groups)
@@ -364,7 +362,7 @@ def make(
         spec = dataclasses.replace(made[0][1], num_envs=num_envs)
         return EnvGroups([env for env, _ in made]), spec
     resolved = resolve_options(env_id, preset, options)
-    env = envpool.make(
+    env = envpool_make(
         env_id,
         env_type="gymnasium",
         num_envs=num_envs,
@@ -391,6 +389,21 @@ def make(
         atari=is_atari(env_id),
     )
     return env, spec
+
+
+def envpool_make(env_id: str, **kwargs):
+    """``envpool.make(env_id, **kwargs)`` without gymnasium's "precision lowered
+    by casting to float32" warnings (EnvPool's float64 classic-control bounds;
+    harmless, and printed at every make)."""
+    import warnings
+
+    import envpool
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32", category=UserWarning)
+        env = envpool.make(env_id, **kwargs)
+        env.observation_space, env.action_space  # built (and cached) on first access: warned about here
+    return env
 
 
 def check_groups(num_envs: int, groups: int) -> None:
@@ -661,6 +674,7 @@ class EpisodeOutcome(NamedTuple):
 
 
 def episode_stats_init(num_envs: int, window: int = 100) -> EpisodeStats:
+    """Zero running returns and lengths ``[num_envs]`` and an empty window of the last ``window`` episodes."""
     return EpisodeStats(
         returns=jnp.zeros((num_envs,), jnp.float32),
         lengths=jnp.zeros((num_envs,), jnp.int32),
@@ -748,6 +762,8 @@ def env_state_set_rows(state: EnvState, rows: slice, sub: EnvState) -> EnvState:
 
 
 def env_state_init(obs: np.ndarray, window: int = 100) -> EnvState:
+    """The env side of a training state from the first observations ``obs [B, *obs_shape]`` (``env.reset()``):
+    every env at an episode's first step (``first``), no pending reset step, empty episode statistics."""
     B = obs.shape[0]
     return EnvState(
         obs=jnp.asarray(obs),

@@ -568,11 +568,9 @@ def make_population_envs(env_id: str, num_envs: int, seeds: Sequence[int], *, pr
     """One EnvPool of ``K x num_envs`` envs; agent ``k``'s env ``i`` is seeded
     ``seeds[k] + i``, as in a run of agent ``k`` alone. Returns ``(env, spec)``,
     ``spec.num_envs`` being ``num_envs`` (per agent)."""
-    import envpool
-
     _, spec = envs.make(env_id, 1, seed=seeds[0], preset=preset, options=options)
     env_seed = [s + i for s in seeds for i in range(num_envs)]
-    env = envpool.make(env_id, env_type="gymnasium", num_envs=len(env_seed), batch_size=len(env_seed),
+    env = envs.envpool_make(env_id, env_type="gymnasium", num_envs=len(env_seed), batch_size=len(env_seed),
                        num_threads=num_threads, seed=seeds[0], env_seed=env_seed, **spec.options)
     return env, dataclasses.replace(spec, num_envs=num_envs)
 

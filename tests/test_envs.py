@@ -227,3 +227,16 @@ def test_bad_backend():
     env, spec = envs.make("CartPole-v1", 1, seed=0)
     with pytest.raises(envs.EnvError, match="auto, xla or callback"):
         envs.make_step_fn(env, spec, "gpu")
+
+
+def test_make_does_not_warn_about_classic_control_bounds():
+    """gymnasium's "precision lowered by casting to float32" on EnvPool's float64
+    CartPole bounds is silenced where the env is made (library users included)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env, spec = envs.make("CartPole-v1", 2, seed=0)
+        env.observation_space, env.action_space
+    assert spec.obs_shape == (4,)
+    assert not [w for w in caught if "precision lowered" in str(w.message)], [str(w.message) for w in caught]

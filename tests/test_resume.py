@@ -189,11 +189,21 @@ def test_trained_policy_beats_random_by_a_wide_margin(runs):
     from jaxatari.evaluate import evaluate, random_policy
 
     pol = load_policy(runs["a"] / "checkpoints" / "latest")
-    trained = evaluate(pol.policy_fn, pol.params, pol.initial_carry, env_id="CartPole-v1", episodes=10,
-                       seed=123, mode="greedy")
+    assert pol.env_kwargs == dict(env_id="CartPole-v1", preset="none", options={}) and pol.obs_shape == (4,)
+    trained = evaluate(pol.policy_fn, pol.params, pol.initial_carry, episodes=10, seed=123, mode="greedy",
+                       **pol.env_kwargs)
     rand = evaluate(random_policy(2), None, None, env_id="CartPole-v1", episodes=10, seed=123, mode="sample")
     assert rand.mean < 40
     assert trained.mean > 3 * rand.mean + 50, (trained.format(), rand.format())
+
+
+def test_loaded_policy_names_bad_observation_shapes(runs):
+    pol = load_policy(runs["a"])
+    assert pol(np.zeros((3, 4), np.float32)).shape == (3,)
+    with pytest.raises(ValueError, match=r"obs must be \[B, 4\] \(one step of B envs\), got shape \(1, 3, 4\)"):
+        pol(np.zeros((1, 3, 4), np.float32))  # a time axis too many
+    with pytest.raises(ValueError, match=r"first must be \[B\] = \[3\] \(episode starts\), got shape \(1, 3\)"):
+        pol.act(np.zeros((3, 4), np.float32), pol.initial_carry(3), np.ones((1, 3), bool))
 
 
 def test_evaluate_script_writes_eval_json_and_video(runs, tmp_path):

@@ -172,6 +172,7 @@ def resolve(config: Config) -> Config:
 
 
 def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
+    """The actor-critic of ``--network``/``--torso`` (and the CfC flags) for ``spec``'s observations and actions."""
     cfc = dict(hidden_size=c.cfc_units, mode=c.cfc_mode, backbone_units=c.cfc_backbone_units,
                backbone_layers=c.cfc_backbone_layers)
     try:
@@ -216,6 +217,9 @@ def make_optimizer(c: Config, num_updates: int) -> optax.GradientTransformation:
 
 
 def init(c: Config, spec: envs.EnvSpec, net_spec: NetworkSpec, optimizer, obs: np.ndarray, key: jax.Array) -> State:
+    """The training state before update 0: fresh params and optimizer state,
+    the envs' first observations ``obs [B, *obs_shape]`` (from ``env.reset()``),
+    the zero recurrent state for ``B`` envs, update counter 0."""
     k_params, k_train = jax.random.split(key)
     _, params = init_actor_critic(net_spec, k_params, spec.obs_shape, spec.obs_dtype)
     return State(

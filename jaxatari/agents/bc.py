@@ -200,6 +200,7 @@ class State:
 
 
 def make_optimizer(c: Config) -> optax.GradientTransformation:
+    """Adam at ``--learning-rate``."""
     return optax.adam(c.learning_rate)
 
 
@@ -208,6 +209,8 @@ def _zeros_f32():
 
 
 def init(net_spec: NetworkSpec, optimizer, obs_shape, key: jax.Array) -> State:
+    """Fresh params for uint8 observations of ``obs_shape`` and their optimizer state; epoch, batch and the
+    running sums at 0."""
     _, params = init_actor_critic(net_spec, key, obs_shape, jnp.uint8)
     return State(params=params, opt_state=optimizer.init(params), update=jnp.zeros((), jnp.int32),
                  epoch=jnp.zeros((), jnp.int32), batch=jnp.zeros((), jnp.int32),

@@ -347,6 +347,7 @@ def resolve(config: Config) -> Config:
 
 
 def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
+    """The Q-network of ``--network`` (``--mlp-hidden``/``--mlp-activation`` on vectors) for ``spec``."""
     kw = {} if spec.atari else dict(hidden=tuple(c.mlp_hidden), activation=c.mlp_activation)
     try:
         return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari, torso_kwargs=kw)
@@ -360,6 +361,8 @@ def frame_stack(spec: envs.EnvSpec) -> int | None:
 
 
 def create_buffer(c: Config, spec: envs.EnvSpec) -> replay.BufferState:
+    """An empty :mod:`jaxatari.replay` buffer of ``--buffer-size`` transitions from ``--num-envs`` envs (Atari
+    frames stored once: ``frame_stack`` = the env's stack)."""
     return replay.create(c.buffer_size, spec.obs_shape, spec.obs_dtype, num_envs=c.num_envs,
                          frame_stack=frame_stack(spec))
 
@@ -408,6 +411,7 @@ def empty_transition(obs: jax.Array, num_envs: int) -> envs.Transition:
 
 
 def make_optimizer(c: Config) -> optax.GradientTransformation:
+    """Adam or centred RMSProp (``--optimizer``), after global-norm clipping unless ``--max-grad-norm 0``."""
     if c.optimizer == "adam":
         opt = optax.adam(c.learning_rate, eps=c.optimizer_eps)
     else:

@@ -230,6 +230,7 @@ def check_overlap(c: Config) -> None:
 
 
 def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
+    """The actor-critic of ``--network``/``--torso`` (and the CfC flags) for ``spec``'s observations and actions."""
     cfc = dict(hidden_size=c.cfc_units, mode=c.cfc_mode, backbone_units=c.cfc_backbone_units,
                backbone_layers=c.cfc_backbone_layers)
     try:
@@ -262,6 +263,8 @@ class State:
 
 
 def make_optimizer(c: Config, num_updates: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam (``--adam-eps``), its learning rate
+    annealed linearly to 0 over ``num_updates`` updates' SGD steps if ``--anneal-lr``."""
     # With --overlap-learning the first update has nothing to learn on: one update fewer takes SGD steps.
     steps = max(num_updates - _lag(c), 1) * c.update_epochs * c.num_minibatches
     lr = optax.linear_schedule(c.learning_rate, 0.0, steps) if c.anneal_lr else c.learning_rate
@@ -269,6 +272,9 @@ def make_optimizer(c: Config, num_updates: int) -> optax.GradientTransformation:
 
 
 def init(c: Config, spec: envs.EnvSpec, net_spec: NetworkSpec, optimizer, obs: np.ndarray, key: jax.Array) -> State:
+    """The training state before update 0: fresh params and optimizer state,
+    the envs' first observations ``obs [B, *obs_shape]`` (from ``env.reset()``),
+    the zero recurrent state for ``B`` envs, update counter 0."""
     k_params, k_train = jax.random.split(key)
     _, params = init_actor_critic(net_spec, k_params, spec.obs_shape, spec.obs_dtype)
     overlap = c.overlap_learning
@@ -351,8 +357,25 @@ def _tree_finite(tree) -> jax.Array:
 
 def update(state: State, handle, *, c: Config, net: ActorCritic, optimizer, step_fn, recurrent: bool):
     """One PPO iteration: rollout of ``num_steps`` x ``num_envs``, then
-    ``update_epochs`` x ``num_minibatches`` gradient steps. Returns
-    ``(state, handle, metrics, actions [T, B])``."""
+    ``update_epochs`` x ``num_minibatches`` gradient steps.
+
+    Args:
+      state: the :class:`State` (:func:`init`).
+      handle, step_fn: ``envs.make_step_fn(env, spec)``'s EnvPool handle and
+        ``step_fn(handle, actions [B]) -> (handle, Timestep)``, usable inside ``jit``.
+      c: a resolved :class:`Config` (:func:`resolve`).
+      net: ``ActorCritic(network_spec(c, spec))``; ``recurrent``: its spec's ``recurrent``.
+      optimizer: :func:`make_optimizer`'s.
+
+    Returns:
+      ``(state, handle, metrics, actions [T, B])``: ``metrics`` a dict of
+      scalars (``update``, ``env_steps``, the episodes that ended:
+      ``episode_return_sum``/``episode_length_sum``/``episode_count`` (full
+      games, unclipped), ``loss``, ``policy_loss``, ``value_loss``,
+      ``entropy``, ``approx_kl``, ``clip_fraction``, ``grad_norm``, value-fit
+      statistics, ``finite``); ``actions`` the actions taken (the action log's
+      rows). Jit it with ``handle`` threaded through, or use :func:`make_chunk`.
+    """
     key, k_roll, k_sgd = jax.random.split(state.key, 3)
     handle, env_state, carry, traj, ep = rollout(
         net.apply, state.params, state.carry, state.env, handle, step_fn, k_roll, c.num_steps)

@@ -19,7 +19,10 @@ ApplyFn = Callable[[Any, Any], tuple[jax.Array, jax.Array]]
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """``sum(x * mask) / max(sum(mask), 1)``."""
+    """``sum(x * mask) / max(sum(mask), 1)``: the mean of ``x`` over the samples
+    where ``mask`` is set; ``x`` and ``mask`` have the same shape (a mask that
+    would broadcast is refused: it would count each sample several times)."""
+    chex.assert_equal_shape([x, mask])
     mask = mask.astype(x.dtype)
     return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
@@ -38,13 +41,18 @@ def weighted_loss(loss_fn: Callable) -> Callable:
 
 
 def categorical_log_prob(logits: jax.Array, actions: jax.Array) -> jax.Array:
-    """``log pi(a | s)`` for integer ``actions`` of shape ``logits.shape[:-1]``."""
+    """``log pi(a | s)``: ``logits [*S, A]``, integer ``actions [*S]`` in
+    ``[0, A)`` -> ``[*S]``. Actions outside ``[0, A)`` cannot be checked inside
+    ``jit``: they give NaN (or wrap around, for -1)."""
+    chex.assert_shape(actions, logits.shape[:-1])
+    if not jnp.issubdtype(actions.dtype, jnp.integer):
+        raise TypeError(f"actions must be integers (action indices), got dtype {actions.dtype}.")
     logp = jax.nn.log_softmax(logits)
     return jnp.take_along_axis(logp, actions[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def categorical_entropy(logits: jax.Array) -> jax.Array:
-    """``-sum_a pi(a) log pi(a)`` over the last axis."""
+    """``-sum_a pi(a) log pi(a)`` over the last axis: ``logits [*S, A]`` -> ``[*S]``."""
     logp = jax.nn.log_softmax(logits)
     return -(jnp.exp(logp) * logp).sum(-1)
 
@@ -56,13 +64,13 @@ class PPOBatch(NamedTuple):
     starts); feed-forward networks ignore it.
     """
 
-    obs: jax.Array
-    actions: jax.Array
-    log_probs: jax.Array
-    values: jax.Array
-    advantages: jax.Array
-    returns: jax.Array
-    mask: jax.Array
+    obs: jax.Array  # [*S, *obs_shape], as the network takes them
+    actions: jax.Array  # [*S] int, the actions taken
+    log_probs: jax.Array  # [*S] float, log pi_old(a|s) of the policy that acted (behaviour policy)
+    values: jax.Array  # [*S] float, V_old(s) when acting (the value clipping's centre)
+    advantages: jax.Array  # [*S] float, e.g. from gae()
+    returns: jax.Array  # [*S] float, the value targets (advantages + values for GAE)
+    mask: jax.Array  # [*S] bool/float, 1 for real steps, 0 for EnvPool reset steps or padding
     extras: Any = None
 
 
@@ -99,6 +107,15 @@ def ppo_loss(
         L = L^{clip} + c_V L^V - c_H \mathbb{E}[H(\pi_\theta(\cdot|s))]
 
     All expectations are means weighted by ``batch.mask``.
+
+    Args:
+      params: the network's parameters (differentiated).
+      batch: a :class:`PPOBatch`.
+      apply_fn: ``apply_fn(params, batch) -> (logits [*S, A], values [*S])``.
+      clip_eps: :math:`\epsilon` of the ratio clipping (and of the value clipping).
+      vf_coef, ent_coef: :math:`c_V`, :math:`c_H`.
+      clip_value: clip the value loss around ``batch.values``.
+      normalize_advantages: normalise the advantages over the (masked) minibatch.
 
     Returns:
       ``(loss, PPOLossInfo(policy_loss, value_loss, entropy, approx_kl, clip_fraction))``;
@@ -141,11 +158,11 @@ class A2CBatch(NamedTuple):
     """An A2C batch; leading shape ``S``; ``targets`` are the value targets
     (n-step returns or GAE returns) and ``advantages`` are treated as constants."""
 
-    obs: jax.Array
-    actions: jax.Array
-    advantages: jax.Array
-    targets: jax.Array
-    mask: jax.Array
+    obs: jax.Array  # [*S, *obs_shape]
+    actions: jax.Array  # [*S] int
+    advantages: jax.Array  # [*S] float
+    targets: jax.Array  # [*S] float
+    mask: jax.Array  # [*S] bool/float, 1 for real steps
     extras: Any = None
 
 
@@ -173,6 +190,12 @@ def a2c_loss(
     ``sg`` is stop-gradient; expectations are means weighted by ``batch.mask``.
     Note the value term is the plain mean squared error (no 1/2), as in the
     published A2C implementations with ``vf_coef = 0.25``/``0.5``.
+
+    Args:
+      params: the network's parameters (differentiated).
+      batch: an :class:`A2CBatch`.
+      apply_fn: ``apply_fn(params, batch) -> (logits [*S, A], values [*S])``.
+      vf_coef, ent_coef: :math:`c_V`, :math:`c_H`.
 
     Returns:
       ``(loss, A2CLossInfo(policy_loss, value_loss, entropy))``.

@@ -6,11 +6,13 @@ action taken at step ``t``; ``values[t] = V(obs_t)``; ``last_value = V(obs_T)``.
 ``dones[t]`` ends the episode after step ``t``: nothing flows from ``t + 1`` back
 to ``t``.
 
-Time-limit truncation. ``truncations[t]`` (a subset of ``dones``) marks episodes
-cut by a time limit rather than terminated. There the bootstrap is *kept*:
-with EnvPool the observation after a truncated step is the true final
-observation, so ``V(obs_{t+1})`` is the right bootstrap. Omit it (``None``) to
-treat every done as terminal.
+Time-limit truncation. ``truncations[t]`` marks episodes cut by a time limit
+rather than terminated. There the bootstrap is *kept*: with EnvPool the
+observation after a truncated step is the true final observation, so
+``V(obs_{t+1})`` is the right bootstrap. ``dones`` may include the truncations
+(jaxatari's ``dones = terminated | truncated``) or not (gymnasium's split,
+``dones = terminated``): either way an episode ends at ``dones | truncations``.
+Omit ``truncations`` (``None``) to treat every done as terminal.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ def _check(rewards, dones, last_value, truncations, values=None):
         chex.assert_equal_shape([rewards, values])
     if truncations is not None:
         chex.assert_equal_shape([rewards, truncations])
+
+
+def _ends_and_bootstrap(dones, truncations, dtype):
+    """``(ended, bootstrap)`` factors ``[T, B]``: ``ended = dones | truncations``
+    cuts the recursion; ``bootstrap = 1 - ended + truncations`` keeps
+    ``V(obs_{t+1})`` after a truncated step only."""
+    d = dones.astype(dtype)
+    if truncations is None:
+        return d, 1.0 - d
+    tau = truncations.astype(dtype)
+    ended = jnp.maximum(d, tau)
+    return ended, 1.0 - ended + tau
 
 
 def gae(
@@ -59,15 +73,16 @@ def gae(
       last_value: ``[B]``, ``V(obs_T)``.
       gamma: discount.
       gae_lambda: GAE lambda.
-      truncations: optional ``[T, B]``, time-limit truncations.
+      truncations: optional ``[T, B]``, time-limit truncations (within
+        ``dones`` or not, see the module docstring).
 
     Returns:
       ``(advantages [T, B], returns [T, B])``.
     """
     _check(rewards, dones, last_value, truncations, values)
-    dtype = values.dtype
-    d = dones.astype(dtype)
-    boot = 1.0 - d if truncations is None else 1.0 - d + truncations.astype(dtype)
+    dtype = jnp.promote_types(values.dtype, jnp.float32)  # integer values are promoted, not scanned as ints
+    values, last_value = values.astype(dtype), last_value.astype(dtype)
+    d, boot = _ends_and_bootstrap(dones, truncations, dtype)
     next_values = jnp.concatenate([values[1:], last_value[None]], axis=0)
     deltas = rewards.astype(dtype) + gamma * boot * next_values - values
 
@@ -111,8 +126,9 @@ def n_step_returns(
     _check(rewards, dones, last_value, truncations, values)
     if truncations is not None and values is None:
         raise ValueError("n_step_returns: truncations need values (V(obs_t)) to bootstrap from.")
-    dtype = last_value.dtype
-    d = dones.astype(dtype)
+    dtype = jnp.promote_types(last_value.dtype, jnp.float32)
+    last_value = last_value.astype(dtype)
+    d, _ = _ends_and_bootstrap(dones, truncations, dtype)
     if truncations is None:
         trunc_boot = jnp.zeros_like(rewards, dtype)
     else:

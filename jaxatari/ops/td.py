@@ -27,6 +27,8 @@ LOSSES = ("huber", "mse")
 
 def _select(q: jax.Array, a: jax.Array) -> jax.Array:
     """``q[i, a[i]]`` for ``q [N, A]``, ``a [N]``."""
+    chex.assert_rank(q, 2)
+    chex.assert_shape(a, q.shape[:1])
     return jnp.take_along_axis(q, a[:, None].astype(jnp.int32), axis=-1)[:, 0]
 
 

@@ -130,4 +130,6 @@ def test_breakout_cfc_script(tmp_path):
     assert pol.recurrent
     carry = pol.initial_carry(2)
     a, carry = pol.act(np.zeros((2, 4, 84, 84), np.uint8), carry, np.array([True, True]))
+    with pytest.warns(UserWarning, match=r"starts from the zero state at every call \(no memory\)"):
+        pol(np.zeros((2, 4, 84, 84), np.uint8))
     assert a.shape == (2,)

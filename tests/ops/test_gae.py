@@ -77,3 +77,33 @@ def test_hand_computed_two_steps():
 def test_shape_checks():
     with pytest.raises(AssertionError):
         gae(jnp.zeros((4, 2)), jnp.zeros((4, 3)), jnp.zeros((4, 2)), jnp.zeros(2), gamma=0.9, gae_lambda=0.9)
+
+
+@pytest.mark.parametrize("fn", ["gae", "n_step_returns"])
+def test_gymnasium_split_of_terminated_and_truncated_gives_the_same_result(rollout, fn):
+    """``dones = terminated`` with separate ``truncations`` (gymnasium's split)
+    equals ``dones = terminated | truncated`` (jaxatari's): the truncated step
+    bootstraps once (not twice) and ends the episode."""
+    from jaxatari.ops import n_step_returns
+
+    rewards, values, terminated, last = rollout
+    truncated = np.zeros_like(terminated)
+    truncated[5, 1] = truncated[11, 0] = 1.0  # time limits where nothing terminated
+    both = np.maximum(terminated, truncated)
+
+    def run(dones):
+        if fn == "gae":
+            return gae(rewards, values, dones, last, gamma=0.9, gae_lambda=0.8, truncations=truncated)[0]
+        return n_step_returns(rewards, dones, last, gamma=0.9, truncations=truncated, values=values)
+
+    np.testing.assert_allclose(run(terminated), run(both), rtol=1e-6, atol=1e-6)
+    adv, _ = numpy_gae(rewards, values, both, last, 0.9, 0.8, truncations=truncated)
+    if fn == "gae":
+        np.testing.assert_allclose(run(terminated), adv, rtol=1e-5, atol=1e-5)
+
+
+def test_integer_values_are_promoted_to_float():
+    adv, ret = gae(jnp.array([[0.0], [1.0]]), jnp.array([[1], [2]]), jnp.zeros((2, 1)), jnp.array([4]),
+                   gamma=0.5, gae_lambda=0.5)
+    assert adv.dtype == jnp.float32
+    np.testing.assert_allclose(adv[:, 0], [0.25, 1.0])
