@@ -311,7 +311,11 @@ def add(
     b_n, t_n, f_n, s_n = state.num_envs, state.capacity_per_env, state.frames_per_env, state._stack
     obs = _check_obs(state, "obs", obs)
     next_obs = _check_obs(state, "next_obs", next_obs)
-    actions = jnp.asarray(actions).astype(state.actions.dtype)
+    actions = jnp.asarray(actions)
+    if jnp.issubdtype(state.actions.dtype, jnp.integer) and not jnp.issubdtype(actions.dtype, jnp.integer):
+        raise TypeError(f"actions must be integers for this buffer (action_dtype {state.actions.dtype}), got dtype "
+                        f"{actions.dtype}; a cast would truncate them silently.")
+    actions = actions.astype(state.actions.dtype)
     chex.assert_shape(actions, state.actions.shape[:1] + state.actions.shape[2:])
     rewards = jnp.asarray(rewards).astype(jnp.float32)
     terminated = jnp.asarray(terminated).astype(jnp.bool_)

@@ -394,3 +394,6 @@ def test_bad_arguments_raise_clear_errors():
         replay.add(state, obs, jnp.zeros(3), jnp.zeros(3), obs, jnp.zeros(3), jnp.zeros(3))
     with pytest.raises(ValueError, match=r"n_step must be a positive integer"):
         replay.sample(state, jax.random.key(0), 4, n_step=0)
+    good = jnp.zeros((2, 4), jnp.float32)
+    with pytest.raises(TypeError, match=r"actions must be integers .* got dtype float32; a cast would truncate"):
+        replay.add(state, good, jnp.array([1.7, 0.0]), jnp.zeros(2), good, jnp.zeros(2), jnp.zeros(2))

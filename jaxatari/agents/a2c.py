@@ -277,7 +277,13 @@ def _tree_finite(tree) -> jax.Array:
 
 def update(state: State, handle, *, c: Config, net: ActorCritic, optimizer, step_fn):
     """One A2C iteration: a rollout of ``num_steps`` x ``num_envs``, then one
-    gradient step on the whole batch. Returns ``(state, handle, metrics, actions [T, B])``."""
+    gradient step on the whole batch.
+
+    The arguments are :func:`jaxatari.agents.ppo.update`'s (``state`` from
+    :func:`init`; ``handle``/``step_fn`` from ``envs.make_step_fn``; ``net`` =
+    ``ActorCritic(network_spec(c, spec))``; :func:`make_optimizer`'s optimizer).
+    Returns ``(state, handle, metrics, actions [T, B])``, ``metrics`` a dict of
+    scalars (:data:`METRIC_COLUMNS` and the episode sums, as PPO's)."""
     key, k_roll = jax.random.split(state.key)
     handle, env_state, carry, traj, ep = rollout(
         net.apply, state.params, state.carry, state.env, handle, step_fn, k_roll, c.num_steps)

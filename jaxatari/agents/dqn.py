@@ -464,7 +464,21 @@ class TrainSums(struct.PyTreeNode):
 def update(params, target_params, opt_state, buffer: replay.BufferState, key: jax.Array, *,
            c: Config, qnet: QNetwork, optimizer, num_updates: int):
     """``num_updates`` gradient steps, each on a fresh uniform minibatch of
-    ``batch_size`` (n-step) transitions. Returns ``(params, opt_state, TrainSums)``."""
+    ``batch_size`` (n-step) transitions.
+
+    Args:
+      params, target_params: the online and target Q-network parameters.
+      opt_state: :func:`make_optimizer`'s state for ``params``.
+      buffer: a :mod:`jaxatari.replay` buffer (:func:`create_buffer`) with
+        at least one valid transition.
+      key: the minibatches' sampling key.
+      c: a resolved :class:`Config`; ``qnet``: ``QNetwork(network_spec(c, spec))``.
+      num_updates: gradient steps (static).
+
+    Returns:
+      ``(params, opt_state, TrainSums)``: sums over the steps of the loss,
+      the mean Q of the taken actions and the gradient norm, with their ``count``.
+    """
     loss_fn = functools.partial(dqn_loss, apply_fn=qnet.apply, double_q=c.double_q, loss=c.loss,
                                 huber_delta=c.huber_delta)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

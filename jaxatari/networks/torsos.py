@@ -67,7 +67,12 @@ class Conv(nn.Module):
 
 
 def pixels_to_float(obs: jax.Array) -> jax.Array:
-    """``[N, C, H, W]`` uint8 -> ``[N, H, W, C]`` float32 in ``[0, 1]``."""
+    """``[N, C, H, W]`` uint8 -> ``[N, H, W, C]`` float32 in ``[0, 1]``. Pixels
+    are uint8 frames as EnvPool gives them; float input is refused (scaling it
+    again by 1/255 would silently shrink it)."""
+    if not jnp.issubdtype(obs.dtype, jnp.integer):
+        raise TypeError(f"pixels_to_float takes uint8 frames [N, C, H, W] (as EnvPool gives them), got dtype "
+                        f"{obs.dtype}; pass the frames unscaled.")
     x = jnp.transpose(obs, (0, 2, 3, 1)).astype(jnp.float32)
     return x / 255.0
 

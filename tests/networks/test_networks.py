@@ -70,3 +70,12 @@ def test_conv_im2col_matches_xla_and_flax(padding, stride):
     y_flax = nn.Conv(4, (k, k), (stride, stride), padding=padding).apply(params, x)
     np.testing.assert_allclose(y_im2col, y_xla, atol=1e-5)
     np.testing.assert_allclose(y_xla, y_flax, atol=1e-5)
+
+
+def test_pixel_torsos_refuse_float_frames():
+    """Frames already scaled to [0, 1] would be scaled again by 1/255: refused, naming the dtype."""
+    from jaxatari.networks.torsos import pixels_to_float
+
+    assert pixels_to_float(jnp.full((1, 4, 2, 2), 255, jnp.uint8)).max() == 1.0
+    with pytest.raises(TypeError, match=r"takes uint8 frames .* got dtype float32"):
+        pixels_to_float(jnp.zeros((1, 4, 2, 2), jnp.float32))
