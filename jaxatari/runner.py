@@ -669,7 +669,7 @@ def run(
     if is_main:
         print(f"Compiled one chunk ({schedule.steps_per_chunk:,} env steps, {schedule.updates_per_chunk} "
               f"logged rows) in {compile_s:.1f}s.", flush=True)
-        if start_chunk == 0 and schedule.rounding_note():
+        if schedule.rounding_note():
             print(schedule.rounding_note(), flush=True)
 
     wall0 = time.perf_counter()

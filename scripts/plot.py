@@ -85,6 +85,7 @@ DERIVED_NON_LEARNING_KEYS = frozenset(
         "env_backend_used",  # from env_backend
         "schedule.updates_per_chunk",  # from chunk_steps (and total_timesteps)
         "schedule.num_chunks",
+        "schedule.requested",  # total_timesteps as given
         "scale_out.devices_per_process",  # from devices, num_processes
         "scale_out.processes",
         "scale_out.devices",

@@ -91,7 +91,7 @@ def test_grouping_ignores_fields_that_do_not_change_the_learning_problem():
          "schedule": {"steps_per_update": 1024, "updates_per_chunk": 48, "num_chunks": 1}}
     b = {**a, "chunk_steps": 10_000, "checkpoint_every": 5000, "keep": 1,
          "eval_every": 1000, "num_threads": 4, "env_backend": "xla", "env_backend_used": "xla", "devices": 2,
-         "schedule": {"steps_per_update": 1024, "updates_per_chunk": 9, "num_chunks": 8}}
+         "schedule": {"steps_per_update": 1024, "updates_per_chunk": 9, "num_chunks": 8, "requested": 40_000}}
     c = {**a, "lr": 1e-3}
     d = {**a, "total_timesteps": 80_000}  # the lr decay stretches over it: another config
     runs = [plot.Run(Path(f"r{i}"), {**cfg, "seed": i}, np.ones(1), np.ones(1), np.ones(1))

@@ -11,8 +11,10 @@ rather than terminated. There the bootstrap is *kept*: with EnvPool the
 observation after a truncated step is the true final observation, so
 ``V(obs_{t+1})`` is the right bootstrap. ``dones`` may include the truncations
 (jaxatari's ``dones = terminated | truncated``) or not (gymnasium's split,
-``dones = terminated``): either way an episode ends at ``dones | truncations``.
-Omit ``truncations`` (``None``) to treat every done as terminal.
+``dones = terminated``): either way an episode ends at ``dones | truncations``,
+and a step flagged in ``truncations`` bootstraps. So with gymnasium's split
+pass ``truncations = truncated & ~terminated`` if both flags can be set on one
+step (such a step is terminal).
 """
 
 from __future__ import annotations
