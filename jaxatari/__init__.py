@@ -12,7 +12,7 @@ the replay buffer is :mod:`jaxatari.replay`; expert datasets :mod:`jaxatari.data
 """
 
 from jaxatari import data, replay
-from jaxatari.checkpoint import Checkpointer, CheckpointError, LoadedPolicy, load_policy
+from jaxatari.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, LoadedPolicy, load_policy
 from jaxatari.envs import (
     ATARI_PRESETS,
     EnvSpec,
@@ -32,6 +32,7 @@ __all__ = [
     "CfC",
     "CfCCell",
     "CheckpointError",
+    "CheckpointSaveError",
     "Checkpointer",
     "ConvBlock",
     "EnvSpec",

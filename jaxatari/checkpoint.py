@@ -88,6 +88,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or restored; the message says why."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a lost mount): not the user's
+    input, so the scripts exit 1 for it rather than 2."""
+
+
 class _NoneReadable(CheckpointError):
     """Every checkpoint in a directory is unreadable (or there is none)."""
 
@@ -243,7 +248,7 @@ class Checkpointer:
             # force: we decide which steps to save (see save/save_best).
             manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:
-            raise CheckpointError(
+            raise CheckpointSaveError(
                 f"Saving checkpoint step {step} in {manager.directory} failed: {_reason(e)}."
             ) from e
 
@@ -290,7 +295,7 @@ class Checkpointer:
             manager.wait_until_finished()
         except Exception as e:
             manager.reload()  # orbax already dropped the steps it meant to rotate away; they are still there
-            raise CheckpointError(f"A background save in {self.directory / kind} failed: {_reason(e)}.") from e
+            raise CheckpointSaveError(f"A background save in {self.directory / kind} failed: {_reason(e)}.") from e
 
     def close(self) -> None:
         """Wait for background saves and release orbax's resources. Idempotent."""
@@ -308,7 +313,7 @@ class Checkpointer:
                 except Exception:
                     log.debug("Second close of %s failed.", self.directory / kind, exc_info=True)
         if errors:
-            raise CheckpointError(f"A background save failed ({'; '.join(errors)}).")
+            raise CheckpointSaveError(f"A background save failed ({'; '.join(errors)}).")
 
     def _check_open(self) -> None:
         if self._closed:

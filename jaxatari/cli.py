@@ -14,6 +14,8 @@ def main(config_cls, train: Callable, *, resumable: Sequence[str], description: 
 
     Bad input (:class:`~jaxatari.runner.ConfigError`, :class:`~jaxatari.envs.EnvError`,
     :class:`~jaxatari.checkpoint.CheckpointError`) prints one sentence and exits 2;
+    a failed checkpoint write (:class:`~jaxatari.checkpoint.CheckpointSaveError`)
+    prints one sentence and exits 1;
     an interrupted run exits 130 (SIGINT) or 143 (SIGTERM) after saving; a
     ``--resume`` of a run that is already complete says so and exits 0.
     """
@@ -21,16 +23,16 @@ def main(config_cls, train: Callable, *, resumable: Sequence[str], description: 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from jaxatari import envs, runner
 
-    try:
-        from jaxatari.checkpoint import CheckpointError
-    except ImportError:  # pragma: no cover
-        CheckpointError = RuntimeError  # type: ignore
+    from jaxatari.checkpoint import CheckpointError, CheckpointSaveError
     try:
         config = runner.cli(config_cls, resumable=resumable, description=description)
         result = train(config)
     except runner.AlreadyComplete as e:
         print(e, flush=True)
         sys.exit(0)
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (runner.ConfigError, envs.EnvError, CheckpointError, runner.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

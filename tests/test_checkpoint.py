@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxatari.checkpoint import CheckpointError, Checkpointer, restore_policy
+from jaxatari.checkpoint import CheckpointError, Checkpointer, CheckpointSaveError, restore_policy
 
 
 @flax.struct.dataclass
@@ -335,7 +335,7 @@ def test_a_failed_background_save_is_reported_and_keeps_the_previous(tmp_path, m
 
         monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
         ckpt.save(2, make_state(2))
-        with pytest.raises(CheckpointError, match=r"save in .*latest failed: OSError: No space left"):
+        with pytest.raises(CheckpointSaveError, match=r"save in .*latest failed: OSError: No space left"):
             ckpt.wait()
         monkeypatch.undo()
         # keep=1, yet step 1 was not rotated away by the failed save ...

@@ -136,12 +136,15 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
 
 
-@pytest.mark.parametrize("outcome, code", [("SIGTERM", 143), ("SIGINT", 130), ("complete", 0), ("bad", 2)])
+@pytest.mark.parametrize("outcome, code", [("SIGTERM", 143), ("SIGINT", 130), ("complete", 0), ("bad", 2),
+                                           ("corrupt", 2), ("save", 1)])
 def test_cli_exit_codes(monkeypatch, capsys, outcome, code):
-    """Preemption (SIGTERM) exits 143, Ctrl-C 130, resuming a finished run 0, bad input 2."""
+    """Preemption (SIGTERM) exits 143, Ctrl-C 130, resuming a finished run 0, bad input (a bad flag, a run
+    with no readable checkpoint) 2, a failed checkpoint write (not the user's input) 1."""
     import signal
 
     from jaxatari import cli
+    from jaxatari.checkpoint import CheckpointError, CheckpointSaveError
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -152,6 +155,10 @@ def test_cli_exit_codes(monkeypatch, capsys, outcome, code):
             raise runner.AlreadyComplete("runs/x is already complete")
         if outcome == "bad":
             raise runner.ConfigError("--seed 1 is not accepted")
+        if outcome == "corrupt":
+            raise CheckpointError("No checkpoint in runs/x is readable")
+        if outcome == "save":
+            raise CheckpointSaveError("A background save in runs/x/checkpoints/latest failed: disk full")
         return runner.RunResult(None, "interrupted", 0, 0.0, 0.0, 0.0, getattr(signal, outcome))
 
     monkeypatch.setattr("sys.argv", ["train.py"])
@@ -161,6 +168,7 @@ def test_cli_exit_codes(monkeypatch, capsys, outcome, code):
     out = capsys.readouterr()
     assert ("already complete" in out.out) == (outcome == "complete")
     assert ("error: --seed 1" in out.err) == (outcome == "bad")
+    assert ("error: A background save" in out.err) == (outcome == "save") and "Traceback" not in out.err
 
 
 @dataclasses.dataclass(frozen=True)
