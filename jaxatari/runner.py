@@ -15,7 +15,9 @@ Exact resume. EnvPool cannot snapshot emulator state, but each env is a
 deterministic function of its seed and its actions. A resumed run rebuilds the
 envs with the same seeds, replays the logged actions up to the checkpoint on the
 host and checks that the observations match the checkpointed ones, so that it
-continues bit-for-bit as if never interrupted.
+continues bit-for-bit as if never interrupted. A resume that cannot (a damaged
+log) restarts the envs and records where in ``actions.json``; later resumes
+replay that restart too, and are exact again.
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def run_dir_for(config, algo: str) -> Path:
         run_dir = Path(config.run_dir)
     else:  # with several processes, process 0's time stamp names the directory for all
         run_dir = default_run_dir(config.env, algo, config.seed, stamp=_process0_stamp() if processes > 1 else None)
-    held = [n for n in ("config.json", "metrics.csv", "checkpoints") if (run_dir / n).exists()]
+    held = [n for n in ("config.json", "metrics.csv", "checkpoints", SEGMENTS_FILE) if (run_dir / n).exists()]
     held += sorted(p.name for p in run_dir.glob("actions*.u8"))
     if processes > 1:  # process 0's view, so that every process stops (or none does)
         from jax.experimental import multihost_utils
@@ -380,6 +382,55 @@ class ActionLog:
         os.replace(tmp, self.path)
 
 
+#: The action log's restarts (see :func:`restore_env`); absent: the log runs from step 0.
+SEGMENTS_FILE = "actions.json"
+
+
+class Segment(NamedTuple):
+    """One stretch of the action log between restarts.
+
+    ``row``: its first row in the log; ``step``: the env step (per env) of that
+    row; ``reset``: True if it began with ``env.reset()`` after the rows before
+    it were replayed (a resume whose replay did not match its checkpoint),
+    False if it began with freshly built envs (the log's first segment).
+    """
+
+    row: int
+    step: int
+    reset: bool
+
+
+_FROM_START = [Segment(0, 0, False)]
+
+
+def read_segments(run_dir: Path) -> list[Segment] | None:
+    """The action log's segments (one from step 0 if it never restarted), or
+    None (with a warning) if :data:`SEGMENTS_FILE` is unreadable."""
+    path = Path(run_dir) / SEGMENTS_FILE
+    if not path.exists():
+        return list(_FROM_START)
+    try:
+        segs = [Segment(int(s["row"]), int(s["step"]), bool(s["reset"])) for s in json.loads(path.read_text())]
+        ordered = all(b.row >= a.row and b.step >= a.step for a, b in zip(segs, segs[1:]))
+        if not segs or segs[0].row != 0 or segs[0].reset or not ordered:
+            raise ValueError("not a list of segments in log order")
+    except (ValueError, TypeError, KeyError) as e:
+        log.warning("%s is unreadable (%s); the action log cannot be replayed.", path, e)
+        return None
+    return segs
+
+
+def write_segments(run_dir: Path, segments: Sequence[Segment]) -> None:
+    """Record ``segments`` (atomically); a log that never restarted has no file."""
+    path = Path(run_dir) / SEGMENTS_FILE
+    if list(segments) == _FROM_START:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([s._asdict() for s in segments]))
+    os.replace(tmp, path)
+
+
 def read_global_actions(run_dir: Path, rows: int, num_envs: int, processes: int = 1) -> np.ndarray | None:
     """The first ``rows`` rows ``[rows, num_envs]`` of the global action log that
     ``processes`` processes wrote (process ``p`` owns the ``p``-th contiguous block
@@ -396,13 +447,23 @@ def read_global_actions(run_dir: Path, rows: int, num_envs: int, processes: int 
     return np.concatenate(parts, axis=1)
 
 
-def replay_actions(env, actions: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
-    """Step ``env`` (already reset) through ``actions [S, B]``; return the last obs."""
-    obs = None
-    for i in range(0, len(actions), chunk):
-        for a in actions[i:i + chunk]:
-            obs, *_ = env.step(a.astype(np.int32))
+def replay_actions(env, actions: np.ndarray, resets: Sequence[int] = ()) -> np.ndarray | None:
+    """Step ``env`` (already reset) through ``actions [S, B]``, calling
+    ``env.reset()`` before each row index in ``resets`` (``S`` included: after
+    the last row); return the last step's obs (None if no step followed the last reset)."""
+    resets, obs = set(resets), None
+    for i, a in enumerate(actions):
+        if i in resets:
+            env.reset()
+            obs = None
+        obs, *_ = env.step(a.astype(np.int32))
+    if len(actions) in resets:
+        env.reset()
+        obs = None
     return obs
+
+
+_EXACT, _AS_BEFORE, _LOST = 0, 1, 2
 
 
 def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.ndarray, num_envs: int, *,
@@ -410,37 +471,66 @@ def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.nda
     """Replay the logged actions so the envs match the checkpoint. True if exact.
 
     ``env`` holds this process's envs (columns ``process_index`` of
-    ``process_count`` equal blocks of the ``num_envs`` global envs) and
-    ``expected_obs`` their checkpointed observations. The log may have been
-    written by another number of processes (``logged_processes``): it is read
-    whole and rewritten in this run's layout, so a run resumes on any topology.
+    ``process_count`` equal blocks of the ``num_envs`` global envs), freshly
+    built and reset, and ``expected_obs`` their checkpointed observations. The
+    log may have been written by another number of processes
+    (``logged_processes``): it is read whole and rewritten in this run's
+    layout, so a run resumes on any topology.
+
+    False means the envs do not continue the checkpoint's episodes and the
+    caller restarts them (:func:`restart_episodes`). Either the log cannot
+    bring the envs to the checkpoint (missing, short, or the replayed
+    observations differ): a warning, and the restart is recorded in
+    :data:`SEGMENTS_FILE`, so that a later resume replays it too and is exact
+    again. Or the checkpoint is the very one an earlier such resume started
+    from: the envs are rebuilt as that resume left them, and the run continues
+    exactly as it did after it.
     """
     per = num_envs // process_count
+    mine = slice(process_index * per, (process_index + 1) * per)
     alog = ActionLog(run_dir, per, action_log_name(process_index, process_count))
-    actions = read_global_actions(run_dir, env_steps_per_env, num_envs, logged_processes)
-    exact = actions is not None
-    if exact and env_steps_per_env:
-        if process_index == 0:
-            print(f"Replaying {env_steps_per_env * num_envs:,} env steps to restore the emulators ...", flush=True)
-        obs = replay_actions(env, actions[:, process_index * per:(process_index + 1) * per])
-        if not np.array_equal(np.asarray(obs), np.asarray(expected_obs)):
+    segments = read_segments(run_dir) or []
+    behind = [i for i, s in enumerate(segments) if s.step <= env_steps_per_env]
+    actions, outcome = None, _LOST
+    if behind:
+        j = behind[-1]
+        segments, seg = segments[:j + 1], segments[j]
+        rows = seg.row + env_steps_per_env - seg.step
+        actions = read_global_actions(run_dir, rows, num_envs, logged_processes)
+    elif segments:
+        log.warning("Resume is not exact: the action log starts at env step %s, after the checkpoint's %s; "
+                    "continuing with freshly reset envs.", f"{segments[0].step * num_envs:,}",
+                    f"{env_steps_per_env * num_envs:,}")
+    if actions is not None:
+        if rows and process_index == 0:
+            print(f"Replaying {rows * num_envs:,} env steps to restore the emulators ...", flush=True)
+        obs = replay_actions(env, actions[:, mine], [s.row for s in segments[1:] if s.reset])
+        if env_steps_per_env == seg.step and (j or seg.step):
+            outcome = _AS_BEFORE  # the checkpoint an earlier resume restarted the envs from
+        elif obs is None or np.array_equal(np.asarray(obs), np.asarray(expected_obs)):
+            outcome = _EXACT
+        else:
             log.warning("Replayed observations differ from the checkpoint; resume is not exact: continuing with "
                         "freshly reset envs.")
-            exact = False
     if process_count > 1:  # every process continues the same way (and runs the same programs)
         from jax.experimental import multihost_utils
 
-        exact = bool(np.all(multihost_utils.process_allgather(np.int32(exact))))
-    if not exact:
-        if actions is not None and env_steps_per_env:  # replayed into other states: start afresh
-            env.reset()
-        alog.rewrite(np.zeros((0, per)))  # the log cannot serve a later resume: it restarts here
-        return False
-    if logged_processes == process_count:
-        alog.truncate(env_steps_per_env)
+        outcome = int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+    if outcome == _LOST and actions is not None:  # the envs were stepped: reset them, and log where
+        env.reset()
+        segments = [*segments, Segment(rows, env_steps_per_env, True)]
+    elif outcome == _LOST:  # the envs were not stepped: the log starts afresh with them
+        actions, segments = np.zeros((0, num_envs), np.uint8), [Segment(0, env_steps_per_env, False)]
+    if logged_processes == process_count and outcome != _LOST:
+        alog.truncate(rows)
     else:
-        alog.rewrite(actions[:, process_index * per:(process_index + 1) * per])
-    return exact
+        alog.rewrite(actions[:, mine])
+    if process_index == 0:  # after the allgather: every process has read the segments
+        write_segments(run_dir, segments)
+    if outcome == _AS_BEFORE and process_index == 0:
+        print(f"Env step {env_steps_per_env * num_envs:,} is where an earlier resume restarted the envs (it was "
+              "not exact); they are rebuilt as it left them, and the run continues as it did.", flush=True)
+    return outcome == _EXACT
 
 
 def restart_episodes(env_state):

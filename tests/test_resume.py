@@ -125,24 +125,47 @@ def test_a_finished_run_is_neither_retrained_nor_overwritten(runs, tmp_path):
     assert files == {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
 
 
-def test_an_inexact_resume_restarts_episodes_and_the_action_log(runs, tmp_path, caplog):
-    """A damaged action log: the resume warns, every env starts a new episode
-    (no return above CartPole's 500 from a checkpointed half-episode glued to a
-    fresh one), and the log restarts whole rows instead of appending to a fragment."""
+@pytest.mark.parametrize("damage", ["short", "mismatch"])
+def test_an_inexact_resume_restarts_episodes_and_later_resumes_replay_it(runs, tmp_path, caplog, damage):
+    """A damaged action log (cut short, or actions changed so that the replay
+    ends elsewhere): the resume warns, every env starts a new episode (no
+    return above CartPole's 500 from a checkpointed half-episode glued to a
+    fresh one), and the log records the restart. Resuming that run again, from
+    a checkpoint after the restart or from the one it restarted at, continues
+    exactly as the run did."""
     from jaxatari import runner
     from jaxatari.agents import ppo as ppo_agent
 
-    d = tmp_path / "short_log"
+    def resume(d, *args):
+        ppo_agent.train(runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE,
+                                   argv=["--resume", str(d), "--total-timesteps", "61440", *args]))
+
+    d = tmp_path / damage
     shutil.copytree(runs["a"], d)
     with open(d / "actions.u8", "r+b") as f:
-        f.truncate(1001)  # 250.25 rows of 4 envs
-    ppo_agent.train(runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE,
-                               argv=["--resume", str(d), "--total-timesteps", "61440"]))
-    assert "Resume is not exact" in caplog.text
+        if damage == "short":
+            f.truncate(1001)  # 250.25 rows of 4 envs
+        else:
+            f.seek(1000)
+            f.write(bytes(1 - b for b in (d / "actions.u8").read_bytes()[1000:1004]))
+    resume(d, "--checkpoint-every", "5000")  # checkpoints at 56,320 and 61,440
+    assert "resume is not exact" in caplog.text.lower()
     new = rows(d)[100:]
     assert int(new[-1]["global_step"]) == 61440
     assert all(float(r["episode_return"]) <= 500 for r in new if r["episode_return"])
-    assert (d / "actions.u8").stat().st_size == (61440 - 51200)  # 4 envs x 2,560 new steps, one byte each
+    assert (d / "actions.u8").stat().st_size == {"short": 0, "mismatch": 51200}[damage] + 10240  # whole rows
+
+    for dropped in ([61440], [56320, 61440]):  # killed before its last save(s)
+        again = tmp_path / f"{damage}_again_{len(dropped)}"
+        shutil.copytree(d, again)
+        for step in dropped:
+            shutil.rmtree(again / "checkpoints" / "latest" / str(step))
+        caplog.clear()
+        resume(again)
+        assert "not exact" not in caplog.text
+        assert rows(again) == rows(d)
+        assert params_equal(load_policy(again / "checkpoints" / "latest").params,
+                            load_policy(d / "checkpoints" / "latest").params)
 
 
 def test_truncated_latest_checkpoint_falls_back(runs, tmp_path):

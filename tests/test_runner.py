@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -287,8 +288,64 @@ def test_restore_env_replays_or_restarts_the_envs_and_the_log(tmp_path, case):
     expected = np.full((2, 1), 4.0 if case != "mismatch" else 99.0)
     exact = runner.restore_env(env, tmp_path, 4, expected, 2)
     assert exact == (case == "exact")
-    assert log.rows() == (4 if case == "exact" else 0) and log.path.stat().st_size % 2 == 0
+    assert log.rows() == (0 if case == "short" else 4) and log.path.stat().st_size % 2 == 0
     assert env.resets == (2 if case == "mismatch" else 1)  # replayed into other states: reset afresh
+    assert runner.read_segments(tmp_path) == {  # where the log restarts, for later resumes
+        "exact": [runner.Segment(0, 0, False)],
+        "short": [runner.Segment(0, 4, False)],  # the log starts afresh with the unstepped envs
+        "mismatch": [runner.Segment(0, 0, False), runner.Segment(4, 4, True)],  # its 4 rows, then a reset
+    }[case]
+
+
+def _train(env, log, obs, start, steps, rng):
+    """Act ``steps`` times as a training run would (random actions, logged);
+    ``obs[t]`` is the env's observation at env step ``t``, as a checkpoint there holds it."""
+    for t in range(start + 1, start + steps + 1):
+        a = rng.integers(0, 3, size=(1, 2)).astype(np.uint8)
+        log.append(a)
+        obs[t] = env.step(a[0])[0].copy()
+
+
+@pytest.mark.parametrize("damage", ["short", "mismatch"])
+def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path, capsys, damage):
+    """A run resumed inexactly at step 6 (damaged log) and trained on to step
+    10: resuming it again from any later checkpoint is exact, from step 6 itself
+    rebuilds the envs as the first resume left them, and from before step 6
+    replays the original log where it is intact."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "run"
+    log, env, obs = runner.ActionLog(d, 2), _Env(2), {}
+    d.mkdir()
+    env.reset()
+    _train(env, log, obs, 0, 6, rng)
+    log.rewrite(log.read(5) if damage == "short" else np.vstack([log.read(4), [[7, 7]], log.read(6)[5:]]))
+
+    env = _Env(2)
+    env.reset()
+    assert not runner.restore_env(env, d, 6, obs[6], 2)
+    restarted = env.obs.copy()
+    _train(env, log, obs, 6, 4, rng)  # the run goes on from the restart to step 10
+
+    def resume(step):
+        run = tmp_path / f"resume{step}"
+        shutil.copytree(d, run)
+        env = _Env(2)
+        env.reset()
+        return env, runner.restore_env(env, run, step, obs[step], 2), runner.ActionLog(run, 2).rows()
+
+    first_rows = 0 if damage == "short" else 6
+    for step in (10, 8, 7):
+        env, exact, rows = resume(step)
+        assert exact and rows == first_rows + step - 6
+        np.testing.assert_array_equal(env.obs, obs[step])
+    env, exact, rows = resume(6)
+    assert not exact and rows == first_rows and "where an earlier resume restarted the envs" in capsys.readouterr().out
+    np.testing.assert_array_equal(env.obs, restarted)
+    env, exact, rows = resume(3)  # before the restart: the original log, intact up to row 4 if not cut short
+    assert exact == (damage == "mismatch") and rows == (3 if damage == "mismatch" else 0)
+    if exact:
+        np.testing.assert_array_equal(env.obs, obs[3])
+        assert not (tmp_path / "resume3" / runner.SEGMENTS_FILE).exists()  # back to one segment
 
 
 def test_cpu_only_is_decided_without_starting_a_backend(monkeypatch):
