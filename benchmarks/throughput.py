@@ -11,7 +11,9 @@ Writes `throughput_<kind>.json` and `.md` (`_quick` appended in --quick mode,
 the machine description.
 
 1. EnvPool ceiling. Random actions, no learning: the most agent steps per
-   second EnvPool delivers for the game with a given number of worker threads.
+   second EnvPool delivers for the game with a given number of worker threads,
+   with the EnvPool options the training rows use (`--preset`, default the
+   agents' own: nature for Atari; the options are recorded).
    For each thread count T in `--threads` (default: all usable cores):
      - sync:  num_envs = batch_size = `--sync-envs-per-thread` x T (default 1 x T;
               several factors give several rows, e.g. `--sync-envs-per-thread 1 4`);
@@ -66,7 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import importlib.util
 import json
 import os
@@ -153,21 +154,23 @@ def measure_envpool(
     seconds: float,
     repeats: int,
     warmup: float,
+    options: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Agent steps/s of EnvPool stepping `env_id` with random actions.
+    """Agent steps/s of EnvPool stepping `env_id` (EnvPool `options`) with random actions.
 
     mode "sync" needs batch_size == num_envs, "async" batch_size < num_envs.
     Returns the row: configuration, `sps` (median over repeats), `sps_repeats`,
     `fps` (= sps x frame_skip), `frame_skip`, `make_s` (env construction time).
     """
-    import envpool
+    from jaxatari import envs
 
     if (mode == "sync") != (batch_size == num_envs):
         raise ValueError(f"mode {mode!r} with num_envs={num_envs}, batch_size={batch_size}: sync needs them equal, async needs batch_size < num_envs.")
     t0 = time.perf_counter()
-    env = envpool.make(
-        env_id, env_type="gymnasium", num_envs=num_envs, batch_size=batch_size, num_threads=num_threads, seed=seed
+    env = envs.envpool_make(
+        env_id, env_type="gymnasium", num_envs=num_envs, batch_size=batch_size, num_threads=num_threads, seed=seed,
+        **(options or {}),
     )
     make_s = time.perf_counter() - t0
     frame_skip = int(getattr(env.spec.config, "frame_skip", 1))
@@ -271,12 +274,15 @@ def run_algorithm(
     num_threads: int,
     seconds: float,
     timeout: float,
+    preset: str | None = None,
 ) -> dict[str, Any]:
-    """One training row: `spec.module.benchmark(...)` in a subprocess, or why not."""
+    """One training row: `spec.module.benchmark(...)` in a subprocess, or why not.
+    `preset` (the env option preset the ceiling stepped) is passed with the overrides."""
     row: dict[str, Any] = {
         "name": name,
         "module": spec.module,
         "overrides": spec.overrides,
+        "preset": preset,
         "num_envs": num_envs,
         "num_threads": num_threads,
         "seconds": seconds,
@@ -298,7 +304,7 @@ def run_algorithm(
             num_envs=num_envs,
             num_threads=num_threads,
             seconds=seconds,
-            overrides=spec.overrides,
+            overrides={**spec.overrides, **({"preset": preset} if preset is not None else {})},
             result_file=str(result_file),
         )
         t0 = time.perf_counter()
@@ -334,6 +340,9 @@ class Args:
 
     env: str = DEFAULT_ENV
     """EnvPool task id (Atari ids end in -v5)."""
+    preset: str | None = None
+    """Env option preset for the ceiling and every training row alike (Atari: nature or machado; default: the
+    agents' own default, nature for Atari, none otherwise)."""
     threads: tuple[int, ...] | None = None
     """EnvPool thread counts for the ceiling rows (default: all usable cores; --quick: min(2, cores))."""
     sync_envs_per_thread: tuple[int, ...] = (1,)
@@ -369,6 +378,7 @@ class Settings:
     """Args with every default resolved; recorded in the JSON."""
 
     env: str
+    preset: str
     threads: tuple[int, ...]
     sync_envs_per_thread: tuple[int, ...]
     async_envs_per_thread: tuple[int, ...]
@@ -388,6 +398,9 @@ class Settings:
 
 def resolve(args: Args, cores: int) -> Settings:
     """Fill the defaults (which depend on --quick and the core count) and validate."""
+    from jaxatari import envs
+
+    envs.validate_env_id(args.env)
     q = args.quick
     threads = args.threads or ((min(2, cores),) if q else (cores,))
     algo_threads = args.algo_threads or max(threads)
@@ -396,6 +409,7 @@ def resolve(args: Args, cores: int) -> Settings:
     own_timeouts = q and args.algo_timeout is None
     s = Settings(
         env=args.env,
+        preset=envs.resolve_preset(args.env, args.preset),
         threads=tuple(threads),
         sync_envs_per_thread=tuple(args.sync_envs_per_thread),
         async_envs_per_thread=tuple(args.async_envs_per_thread),
@@ -444,16 +458,6 @@ def _timeouts_text(s: dict[str, Any]) -> str:
     return f"{s['algo_timeout']:g} s" + (f" ({extra})" if extra else "")
 
 
-def check_env_id(env_id: str) -> None:
-    import envpool
-
-    known = envpool.list_all_envs()
-    if env_id not in known:
-        close = difflib.get_close_matches(env_id, known, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "Atari ids look like Breakout-v5."
-        raise ValueError(f"Unknown EnvPool task id {env_id!r}; {hint}")
-
-
 def ceiling_configs(s: Settings) -> list[tuple[str, int, int, int]]:
     """(mode, num_envs, batch_size, num_threads) for every ceiling row, deduplicated, in order."""
     configs: list[tuple[str, int, int, int]] = []
@@ -472,12 +476,17 @@ def best_ceiling(ceiling: Sequence[dict[str, Any]], num_threads: int) -> dict[st
 
 def run(s: Settings, log=print) -> dict[str, Any]:
     """Measure everything and return the result document."""
+    from jaxatari import envs
+
     desc = machine.describe()
     log(f"machine: {machine.summary(desc)}")
+    options = envs.resolve_options(s.env, s.preset)
+    log(f"env options (preset {s.preset}), for the ceiling and the training rows: {_options_text(options)}")
     ceiling = []
     for mode, n, b, t in ceiling_configs(s):
         row = measure_envpool(
-            s.env, mode=mode, num_envs=n, batch_size=b, num_threads=t, seconds=s.seconds, repeats=s.repeats, warmup=s.warmup
+            s.env, mode=mode, num_envs=n, batch_size=b, num_threads=t, seconds=s.seconds, repeats=s.repeats, warmup=s.warmup,
+            options=options,
         )
         log(f"ceiling {mode:5s} threads={t:<3d} envs={n:<4d} batch={b:<4d} {row['sps']:>10,.0f} steps/s {row['fps']:>11,.0f} frames/s")
         ceiling.append(row)
@@ -493,6 +502,7 @@ def run(s: Settings, log=print) -> dict[str, Any]:
                 num_threads=s.algo_threads,
                 seconds=s.algo_seconds,
                 timeout=s.algo_timeouts.get(name, s.algo_timeout),
+                preset=s.preset,
             )
             ref = best_ceiling(ceiling, s.algo_threads)
             row["ceiling_sps"] = ref["sps"] if ref else None
@@ -517,10 +527,15 @@ def run(s: Settings, log=print) -> dict[str, Any]:
         "machine": desc,
         "machine_summary": machine.summary(desc),
         "settings": dataclasses.asdict(s),
+        "env_options": options,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ceiling": ceiling,
         "algorithms": algorithms,
     }
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "EnvPool's defaults"
 
 
 def _n(x: float | None, digits: int = 0) -> str:
@@ -567,6 +582,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"| measured | {doc['timestamp']} |",
         "",
         *_busy_warning(doc),
+        f"EnvPool options (preset {s.get('preset', '-')}), the same for the ceiling and every training row: "
+        f"{_options_text(doc.get('env_options', {}))}.",
+        "",
         "## EnvPool ceiling (random actions, no learning)",
         "",
         f"Agent steps/s summed over envs; frames/s = steps/s x {frame_skip} (frame skip). "
@@ -642,7 +660,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cores = machine.usable_cores()
     try:
         settings = resolve(args, cores)
-        check_env_id(settings.env)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -72,6 +72,8 @@ def test_quick_throughput_writes_expected_structure(tmp_path):
     doc = json.loads((tmp_path / f"throughput_{kind}_quick.json").read_text())
     assert MACHINE_KEYS <= set(doc["machine"]) and doc["kind"] == kind
     assert doc["settings"]["quick"] is True and doc["settings"]["env"] == "Breakout-v5"
+    assert doc["settings"]["preset"] == "nature" and doc["env_options"]["episodic_life"] is True  # both sides alike
+    assert all(r["preset"] == "nature" for r in doc["algorithms"])
     modes = {r["mode"] for r in doc["ceiling"]}
     assert modes == {"sync", "async"}
     for r in doc["ceiling"]:
@@ -85,7 +87,7 @@ def test_quick_throughput_writes_expected_structure(tmp_path):
         assert isinstance(r["sps"], float) and r["sps"] > 0 and r["steps"] > 0 and r["fraction_of_ceiling"] > 0
         assert r["compile_s"] > 0 and r["num_envs"] == 4
     md = (tmp_path / f"throughput_{kind}_quick.md").read_text()
-    assert doc["machine_summary"] in md and "| async |" in md
+    assert doc["machine_summary"] in md and "| async |" in md and "EnvPool options (preset nature)" in md
     assert all(f"| {name} | 4 | {doc['settings']['algo_threads']} | ok |" in md for name in README_QUICK_ROWS)
     # --quick's cut-down rows, recorded: DQN's shorter metric rows, PPO's shorter rollouts, PPO-CfC's longer timeout.
     assert rows["dqn"]["overrides"] == throughput.QUICK_OVERRIDES["jaxatari.agents.dqn"] == {"log_every": 100}
@@ -120,6 +122,10 @@ def test_algorithm_rows_from_the_registry_contract(tmp_path, monkeypatch):
     ok = row("fake_ok", network="cfc")
     assert ok["status"] == "ok" and ok["sps"] == 123.0 and ok["compile_s"] == 1.5 and ok["steps"] == 10
     assert ok["echo"] == ["Pong-v5", 4, 2, {"network": "cfc"}]
+    sticky = throughput.run_algorithm("fake_ok", throughput.AlgoSpec("fake_ok", {"network": "cfc"}), env_id="Pong-v5",
+                                      num_envs=4, num_threads=2, seconds=0.1, timeout=30.0, preset="machado")
+    assert sticky["echo"][3] == {"network": "cfc", "preset": "machado"}  # the ceiling's env options, passed on
+    assert sticky["overrides"] == {"network": "cfc"} and sticky["preset"] == "machado"
     failed = row("fake_raises")
     assert failed["status"] == "failed" and "RuntimeError: boom" in failed["reason"]
     assert row("fake_nofn")["status"] == "not available"
@@ -151,7 +157,11 @@ def test_settings_defaults_and_validation():
     with pytest.raises(ValueError, match="Unknown algorithm 'sac'"):
         throughput.resolve(throughput.Args(algos=("sac",)), cores=2)
     with pytest.raises(ValueError, match="Breakout-v5"):
-        throughput.check_env_id("Breakout-v4x")
+        throughput.resolve(throughput.Args(env="Breakout-v4x"), cores=2)
+    assert full.preset == "nature" and throughput.resolve(throughput.Args(env="CartPole-v1"), cores=2).preset == "none"
+    assert throughput.resolve(throughput.Args(preset="machado"), cores=2).preset == "machado"
+    with pytest.raises(ValueError, match="Unknown preset 'sticky' for Breakout-v5; accepted: machado, nature"):
+        throughput.resolve(throughput.Args(preset="sticky"), cores=2)
 
 
 def test_ceiling_configs_cover_the_training_rows_once():
