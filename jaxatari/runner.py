@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
@@ -369,6 +370,8 @@ class ActionLog:
             os.fsync(f.fileno())
 
     def read(self, rows: int) -> np.ndarray:
+        if rows == 0:  # the file may not exist
+            return np.zeros((0, self.num_envs), np.uint8)
         data = np.fromfile(self.path, dtype=np.uint8, count=rows * self.num_envs)
         return data.reshape(rows, self.num_envs)
 
@@ -393,11 +396,15 @@ class Segment(NamedTuple):
     row; ``reset``: True if it began with ``env.reset()`` after the rows before
     it were replayed (a resume whose replay did not match its checkpoint),
     False if it began with freshly built envs (the log's first segment).
+    ``digests``: for a reset, one hex digest per global env of its last
+    observation before the reset, so that a resume from the restart's own
+    checkpoint can check that the replay still ends where it did.
     """
 
     row: int
     step: int
     reset: bool
+    digests: tuple[str, ...] | None = None
 
 
 _FROM_START = [Segment(0, 0, False)]
@@ -410,11 +417,13 @@ def read_segments(run_dir: Path) -> list[Segment] | None:
     if not path.exists():
         return list(_FROM_START)
     try:
-        segs = [Segment(int(s["row"]), int(s["step"]), bool(s["reset"])) for s in json.loads(path.read_text())]
+        segs = [Segment(int(s["row"]), int(s["step"]), bool(s["reset"]),
+                        None if s.get("digests") is None else tuple(str(d) for d in s["digests"]))
+                for s in json.loads(path.read_text())]
         ordered = all(b.row >= a.row and b.step >= a.step for a, b in zip(segs, segs[1:]))
         if not segs or segs[0].row != 0 or segs[0].reset or not ordered:
             raise ValueError("not a list of segments in log order")
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         log.warning("%s is unreadable (%s); the action log cannot be replayed.", path, e)
         return None
     return segs
@@ -429,6 +438,12 @@ def write_segments(run_dir: Path, segments: Sequence[Segment]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps([s._asdict() for s in segments]))
     os.replace(tmp, path)
+
+
+def obs_digests(obs: np.ndarray) -> tuple[str, ...]:
+    """One short hex digest per env (row of ``obs [B, ...]``)."""
+    return tuple(hashlib.blake2b(np.ascontiguousarray(o).tobytes(), digest_size=8).hexdigest()
+                 for o in np.asarray(obs))
 
 
 def read_global_actions(run_dir: Path, rows: int, num_envs: int, processes: int = 1) -> np.ndarray | None:
@@ -449,17 +464,13 @@ def read_global_actions(run_dir: Path, rows: int, num_envs: int, processes: int 
 
 def replay_actions(env, actions: np.ndarray, resets: Sequence[int] = ()) -> np.ndarray | None:
     """Step ``env`` (already reset) through ``actions [S, B]``, calling
-    ``env.reset()`` before each row index in ``resets`` (``S`` included: after
-    the last row); return the last step's obs (None if no step followed the last reset)."""
+    ``env.reset()`` before each row index in ``resets``; return the last step's obs
+    (None if no step was taken)."""
     resets, obs = set(resets), None
     for i, a in enumerate(actions):
         if i in resets:
             env.reset()
-            obs = None
         obs, *_ = env.step(a.astype(np.int32))
-    if len(actions) in resets:
-        env.reset()
-        obs = None
     return obs
 
 
@@ -483,44 +494,62 @@ def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.nda
     observations differ): a warning, and the restart is recorded in
     :data:`SEGMENTS_FILE`, so that a later resume replays it too and is exact
     again. Or the checkpoint is the very one an earlier such resume started
-    from: the envs are rebuilt as that resume left them, and the run continues
-    exactly as it did after it.
+    from: the envs are rebuilt as that resume left them (checked against the
+    digests recorded then), and the run continues exactly as it did after it.
+    A resume from a checkpoint before a restart replays the log as it was
+    then, and drops the restart.
     """
+    gather = None
+    if process_count > 1:  # every process continues the same way (and runs the same programs)
+        from jax.experimental import multihost_utils
+
+        gather = multihost_utils.process_allgather
     per = num_envs // process_count
     mine = slice(process_index * per, (process_index + 1) * per)
     alog = ActionLog(run_dir, per, action_log_name(process_index, process_count))
     segments = read_segments(run_dir) or []
     behind = [i for i, s in enumerate(segments) if s.step <= env_steps_per_env]
-    actions, outcome = None, _LOST
+    actions, outcome, at_restart = None, _LOST, False
     if behind:
         j = behind[-1]
         segments, seg = segments[:j + 1], segments[j]
         rows = seg.row + env_steps_per_env - seg.step
+        at_restart = env_steps_per_env == seg.step and (j > 0 or seg.step > 0)
         actions = read_global_actions(run_dir, rows, num_envs, logged_processes)
     elif segments:
         log.warning("Resume is not exact: the action log starts at env step %s, after the checkpoint's %s; "
                     "continuing with freshly reset envs.", f"{segments[0].step * num_envs:,}",
                     f"{env_steps_per_env * num_envs:,}")
+    if gather is not None and behind and not np.all(gather(np.int32(actions is not None))):
+        actions = None  # another process sees a short log: none replays
     if actions is not None:
         if rows and process_index == 0:
             print(f"Replaying {rows * num_envs:,} env steps to restore the emulators ...", flush=True)
-        obs = replay_actions(env, actions[:, mine], [s.row for s in segments[1:] if s.reset])
-        if env_steps_per_env == seg.step and (j or seg.step):
+        obs = replay_actions(env, actions[:, mine], [s.row for s in segments[1:] if s.reset and s.row < rows])
+        if at_restart and seg.reset and seg.digests and obs_digests(obs) != seg.digests[mine]:
+            log.warning("The replayed action log no longer ends where the restart at env step %s began (changed "
+                        "since, or another EnvPool); resume is not exact: continuing with freshly reset envs.",
+                        f"{env_steps_per_env * num_envs:,}")
+        elif at_restart:
             outcome = _AS_BEFORE  # the checkpoint an earlier resume restarted the envs from
         elif obs is None or np.array_equal(np.asarray(obs), np.asarray(expected_obs)):
             outcome = _EXACT
         else:
             log.warning("Replayed observations differ from the checkpoint; resume is not exact: continuing with "
                         "freshly reset envs.")
-    if process_count > 1:  # every process continues the same way (and runs the same programs)
-        from jax.experimental import multihost_utils
-
-        outcome = int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
-    if outcome == _LOST and actions is not None:  # the envs were stepped: reset them, and log where
+    if gather is not None:
+        outcome = int(np.max(gather(np.int32(outcome))))
+    if outcome == _LOST and actions is not None and rows:  # the envs were stepped: reset them, and log where
+        digests = np.frombuffer(bytes.fromhex("".join(obs_digests(obs))), np.uint8).reshape(per, 8)
+        if gather is not None:
+            digests = np.asarray(gather(digests)).reshape(num_envs, 8)
         env.reset()
-        segments = [*segments, Segment(rows, env_steps_per_env, True)]
+        segments = [s for s in segments if (s.row, s.step) != (rows, env_steps_per_env)]  # replaced, if redone
+        segments.append(Segment(rows, env_steps_per_env, True, tuple(bytes(d).hex() for d in digests)))
     elif outcome == _LOST:  # the envs were not stepped: the log starts afresh with them
         actions, segments = np.zeros((0, num_envs), np.uint8), [Segment(0, env_steps_per_env, False)]
+    elif outcome == _AS_BEFORE and seg.reset:
+        env.reset()
     if logged_processes == process_count and outcome != _LOST:
         alog.truncate(rows)
     else:

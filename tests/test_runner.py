@@ -261,17 +261,20 @@ def test_restart_episodes_after_an_inexact_resume():
 
 
 class _Env:
-    """A stand-in EnvPool: obs = the sum of the actions taken since the last reset."""
+    """A stand-in EnvPool: obs = the sum of the actions taken since the last
+    reset, plus 1000 x the steps taken before it (a reset depends on the env's
+    history, as EnvPool's random no-op starts do on its generator)."""
 
     def __init__(self, n):
-        self.n, self.resets = n, 0
+        self.n, self.resets, self.steps = n, 0, 0
 
     def reset(self):
         self.resets += 1
-        self.obs = np.zeros((self.n, 1))
+        self.obs = np.full((self.n, 1), 1000.0 * self.steps)
         return self.obs, {}
 
     def step(self, a):
+        self.steps += 1
         self.obs = self.obs + np.asarray(a, float)[:, None]
         return self.obs, None, None, None, {}
 
@@ -290,11 +293,13 @@ def test_restore_env_replays_or_restarts_the_envs_and_the_log(tmp_path, case):
     assert exact == (case == "exact")
     assert log.rows() == (0 if case == "short" else 4) and log.path.stat().st_size % 2 == 0
     assert env.resets == (2 if case == "mismatch" else 1)  # replayed into other states: reset afresh
-    assert runner.read_segments(tmp_path) == {  # where the log restarts, for later resumes
-        "exact": [runner.Segment(0, 0, False)],
-        "short": [runner.Segment(0, 4, False)],  # the log starts afresh with the unstepped envs
-        "mismatch": [runner.Segment(0, 0, False), runner.Segment(4, 4, True)],  # its 4 rows, then a reset
+    assert [seg[:3] for seg in runner.read_segments(tmp_path)] == {  # where the log restarts, for later resumes
+        "exact": [(0, 0, False)],
+        "short": [(0, 4, False)],  # the log starts afresh with the unstepped envs
+        "mismatch": [(0, 0, False), (4, 4, True)],  # its 4 rows, then a reset
     }[case]
+    if case == "mismatch":  # and where the 4 rows ended, per env
+        assert runner.read_segments(tmp_path)[1].digests == runner.obs_digests(np.full((2, 1), 4.0))
 
 
 def _train(env, log, obs, start, steps, rng):
@@ -307,7 +312,7 @@ def _train(env, log, obs, start, steps, rng):
 
 
 @pytest.mark.parametrize("damage", ["short", "mismatch"])
-def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path, capsys, damage):
+def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path, capsys, caplog, damage):
     """A run resumed inexactly at step 6 (damaged log) and trained on to step
     10: resuming it again from any later checkpoint is exact, from step 6 itself
     rebuilds the envs as the first resume left them, and from before step 6
@@ -328,6 +333,7 @@ def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path,
 
     def resume(step):
         run = tmp_path / f"resume{step}"
+        shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(d, run)
         env = _Env(2)
         env.reset()
@@ -346,6 +352,27 @@ def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path,
     if exact:
         np.testing.assert_array_equal(env.obs, obs[3])
         assert not (tmp_path / "resume3" / runner.SEGMENTS_FILE).exists()  # back to one segment
+    if damage == "mismatch":  # the log before the restart changed since: the rebuilt envs are checked
+        changed = runner.ActionLog(d, 2)
+        changed.rewrite(np.vstack([changed.read(2), [[5, 5]], changed.read(10)[3:]]))
+        env, exact, rows = resume(6)
+        assert not exact and "where an earlier resume" not in capsys.readouterr().out
+        assert "no longer ends where the restart" in caplog.text
+        segs = runner.read_segments(tmp_path / "resume6")
+        assert [s[:3] for s in segs] == [(0, 0, False), (6, 6, True)]  # the restart, recorded anew
+
+
+def test_an_unreadable_segments_file_restarts_the_log(tmp_path, caplog):
+    runner.ActionLog(tmp_path, 2).append(np.ones((4, 2), np.uint8))
+    for text in ("{not json", '[{"row": 0, "step": 0}]', '[{"row": 3, "step": 0, "reset": false}]', "[]"):
+        (tmp_path / runner.SEGMENTS_FILE).write_text(text)
+        assert runner.read_segments(tmp_path) is None
+    env = _Env(2)
+    env.reset()
+    assert not runner.restore_env(env, tmp_path, 4, np.full((2, 1), 4.0), 2)
+    assert "is unreadable" in caplog.text and env.steps == 0 and runner.ActionLog(tmp_path, 2).rows() == 0
+    assert runner.read_segments(tmp_path) == [runner.Segment(0, 4, False)]  # replaced: later resumes start here
+    shutil.rmtree(tmp_path / runner.SEGMENTS_FILE, ignore_errors=True)
 
 
 def test_cpu_only_is_decided_without_starting_a_backend(monkeypatch):

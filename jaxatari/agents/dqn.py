@@ -838,16 +838,15 @@ def _why_not_saved(c: Config, nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB > --checkpoint-buffer-limit-gib {c.checkpoint_buffer_limit_gib:g}"
 
 
-def _say_if_not_exact(c: Config, nbytes: int, save_buffer: bool, exact: bool, *, buffers: bool = False) -> None:
-    """After a resume: say why it is not an exact continuation, if it is not
-    (``buffers``: a population's replay buffers)."""
+def _say_if_buffer_lost(c: Config, nbytes: int, save_buffer: bool, *, buffers: bool = False) -> None:
+    """After a resume: say that the run is not an exact continuation because its
+    replay buffer (``buffers``: a population's) was not checkpointed, if so.
+    (Whether the envs continue exactly, :func:`runner.restore_env` has said.)"""
     if not save_buffer:
         it = "The replay buffers were" if buffers else "The replay buffer was"
         print(f"{it} not checkpointed ({_why_not_saved(c, nbytes)}): {'they refill' if buffers else 'it refills'} "
               f"for {c.learning_starts:,} env steps before learning resumes, so the resumed run is not an exact "
               "continuation.", flush=True)
-    elif not exact:
-        print("Resume is not exact (see the warning above).", flush=True)
 
 
 def describe_replay_ratio(c: Config) -> str:
@@ -947,7 +946,7 @@ def train(config: Config) -> runner.RunResult:
             if not exact:
                 state = state.replace(env=runner.restart_episodes(state.env))
             print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,}.", flush=True)
-            _say_if_not_exact(c, nbytes, save_buffer, exact)
+            _say_if_buffer_lost(c, nbytes, save_buffer)
         runner.write_config(run_dir, dict(
             runner.config_to_json(c), algo=ALGO, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
             schedule=dataclasses.asdict(sched), env_backend_used=backend, versions=runner.versions(),
@@ -1087,7 +1086,7 @@ def train_sharded(c: Config) -> runner.RunResult:
                 elif old_devices != n * processes:
                     print(f"The checkpoint was written on {old_devices} device(s) and continues on {n * processes}: "
                           "the same run to float tolerance, not bit for bit.", flush=True)
-                _say_if_not_exact(c, nbytes, save_buffer, exact)
+                _say_if_buffer_lost(c, nbytes, save_buffer)
         if state.replay is None:  # a fresh run, or a resumed one whose buffer was not checkpointed
             state = state.replace(replay=new_buffer(), buffer_iterations=rep(np.zeros((), np.int32)))
         if main:
@@ -1174,7 +1173,7 @@ def train_population(c: Config) -> runner.RunResult:
             if not exact:
                 state = state.replace(env=runner.restart_episodes(state.env))
             print(f"Resumed {run_dir} at env step {iterations * c.num_envs:,} per agent.", flush=True)
-            _say_if_not_exact(c, nbytes, save_buffer, exact, buffers=True)
+            _say_if_buffer_lost(c, nbytes, save_buffer, buffers=True)
         handle, step_fn, backend = envs.make_step_fn(env, dataclasses.replace(spec, num_envs=total_B),
                                                      c.env_backend)
         runner.write_config(run_dir, dict(
