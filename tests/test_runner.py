@@ -362,6 +362,92 @@ def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path,
         assert [s[:3] for s in segs] == [(0, 0, False), (6, 6, True)]  # the restart, recorded anew
 
 
+def _as_processes(monkeypatch, fn, n):
+    """Run ``fn(process_index)`` in ``n`` threads standing in for processes, with
+    ``multihost_utils.process_allgather`` gathering across them; the results."""
+    import threading
+
+    from jax.experimental import multihost_utils
+
+    slots, barrier, local = [None] * n, threading.Barrier(n), threading.local()
+
+    def allgather(x):
+        slots[local.index] = np.asarray(x)
+        barrier.wait()
+        out = np.stack(slots)
+        barrier.wait()
+        return out
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    results = [None] * n
+
+    def run(i):
+        local.index = i
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return results
+
+
+def test_two_processes_restart_together_and_later_resume_on_any_topology(tmp_path, monkeypatch):
+    """Process 1's log no longer replays to its checkpoint: both processes
+    restart (process 0 too, whose replay matched), the digests of all four envs
+    are recorded, and a later resume is exact in two processes and in one."""
+    rng = np.random.default_rng(1)
+    d = tmp_path / "run"
+    d.mkdir()
+    obs, env = {}, _Env(4)
+    env.reset()
+    for t in range(1, 6):  # a 2-process run: each logs its own 2 columns
+        a = rng.integers(0, 3, size=4).astype(np.uint8)
+        for p in range(2):
+            runner.ActionLog(d, 2, runner.action_log_name(p, 2)).append(a[None, 2 * p:2 * p + 2])
+        obs[t] = env.step(a)[0].copy()
+    p1 = runner.ActionLog(d, 2, runner.action_log_name(1, 2))
+    p1.rewrite(np.vstack([p1.read(2), [[9, 9]], p1.read(5)[3:]]))
+
+    envs_ = [_Env(2), _Env(2)]
+
+    def restart(i):
+        envs_[i].reset()
+        return runner.restore_env(envs_[i], d, 5, obs[5][2 * i:2 * i + 2], 4, logged_processes=2,
+                                  process_index=i, process_count=2)
+
+    assert _as_processes(monkeypatch, restart, 2) == [False, False]
+    assert [e.resets for e in envs_] == [2, 2]  # both reset after replaying
+    seg = runner.read_segments(d)[-1]
+    assert seg[:3] == (5, 5, True) and len(seg.digests) == 4
+    assert seg.digests[:2] == runner.obs_digests(obs[5][:2])  # process 0's envs had matched
+    for t in range(6, 8):  # the run goes on, each process logging its columns
+        a = rng.integers(0, 3, size=4).astype(np.uint8)
+        for i in range(2):
+            runner.ActionLog(d, 2, runner.action_log_name(i, 2)).append(a[None, 2 * i:2 * i + 2])
+            obs[t] = np.concatenate([obs.get(t, np.zeros((0, 1))), envs_[i].step(a[2 * i:2 * i + 2])[0]])
+
+    single = tmp_path / "single"
+    shutil.copytree(d, single)
+
+    def resume(i):
+        e = _Env(2)
+        e.reset()
+        exact = runner.restore_env(e, d, 7, obs[7][2 * i:2 * i + 2], 4, logged_processes=2, process_index=i,
+                                   process_count=2)
+        return exact, e.obs.copy()
+
+    got = _as_processes(monkeypatch, resume, 2)
+    assert [x for x, _ in got] == [True, True]
+    np.testing.assert_array_equal(np.concatenate([o for _, o in got]), obs[7])
+    e = _Env(4)
+    e.reset()
+    assert runner.restore_env(e, single, 6, obs[6], 4, logged_processes=2)  # one process, from step 6
+    np.testing.assert_array_equal(e.obs, obs[6])
+    assert runner.ActionLog(single, 4).rows() == 6
+
+
 def test_an_unreadable_segments_file_restarts_the_log(tmp_path, caplog):
     runner.ActionLog(tmp_path, 2).append(np.ones((4, 2), np.uint8))
     for text in ("{not json", '[{"row": 0, "step": 0}]', '[{"row": 3, "step": 0, "reset": false}]', "[]"):
