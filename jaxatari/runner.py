@@ -540,12 +540,13 @@ def restore_env(env, run_dir: Path, env_steps_per_env: int, expected_obs: np.nda
     if gather is not None:
         outcome = int(np.max(gather(np.int32(outcome))))
     if outcome == _LOST and actions is not None and rows:  # the envs were stepped: reset them, and log where
-        digests = np.frombuffer(bytes.fromhex("".join(obs_digests(obs))), np.uint8).reshape(per, 8)
-        if gather is not None:
-            digests = np.asarray(gather(digests)).reshape(num_envs, 8)
+        digests = obs_digests(obs)
+        if gather is not None:  # every process's envs, as bytes
+            raw = np.frombuffer(bytes.fromhex("".join(digests)), np.uint8).reshape(per, 8)
+            digests = tuple(bytes(d).hex() for d in np.asarray(gather(raw)).reshape(num_envs, 8))
         env.reset()
         segments = [s for s in segments if (s.row, s.step) != (rows, env_steps_per_env)]  # replaced, if redone
-        segments.append(Segment(rows, env_steps_per_env, True, tuple(bytes(d).hex() for d in digests)))
+        segments.append(Segment(rows, env_steps_per_env, True, digests))
     elif outcome == _LOST:  # the envs were not stepped: the log starts afresh with them
         actions, segments = np.zeros((0, num_envs), np.uint8), [Segment(0, env_steps_per_env, False)]
     elif outcome == _AS_BEFORE and seg.reset:
