@@ -252,10 +252,36 @@ def write_results(doc: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]
     return js, md
 
 
+def check(a: Args) -> None:
+    """Raise ``ValueError`` naming the first bad argument, before anything is measured or compiled:
+    every compiled row's config is resolved as :func:`jaxatari.agents.dqn.benchmark` will resolve it."""
+    from jaxatari import envs
+    from jaxatari.agents import dqn
+
+    if not a.seconds > 0:
+        raise ValueError(f"--seconds {a.seconds} is not accepted: it must be > 0.")
+    if not a.num_envs:
+        raise ValueError("--num-envs needs one or more env counts, e.g. --num-envs 1 8.")
+    if a.threads < 0:
+        raise ValueError(f"--threads {a.threads} is not accepted: it must be >= 0 (0 = min(num_envs, cores)).")
+    envs.validate_env_id(a.env)
+    for b in a.num_envs:
+        if isinstance(b, bool) or b < 1:
+            raise ValueError(f"--num-envs {b} is not accepted: every env count must be >= 1.")
+        for extra in ({}, dict(overlap_learning=True)) if a.overlap else ({},):
+            dqn.resolve(dqn.Config(env=a.env, num_envs=b, num_threads=a.threads, total_timesteps=10**9,
+                                   **dict(dict(buffer_size=100_000, learning_starts=1), **_overrides(a)), **extra))
+
+
 def main(argv=None) -> int:
     import tyro
 
     a = tyro.cli(Args, args=argv)
+    try:
+        check(a)
+    except ValueError as e:  # ConfigError and EnvError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     doc = measure(a)
     js, md = write_results(doc, a.out_dir)
     print(md.read_text())

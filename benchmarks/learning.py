@@ -1,7 +1,7 @@
 """Learning benchmark: N seeds of one algorithm on one game, final returns and curves.
 
     python benchmarks/learning.py --algo ppo --env Breakout-v5 --num-seeds 3 --total-timesteps 10000000
-    python benchmarks/learning.py --algo dqn --seeds 0 1 --parallel 2 -- --num-envs 8 --preset atari
+    python benchmarks/learning.py --algo dqn --seeds 0 1 --parallel 2 -- --num-envs 8 --preset machado
     python benchmarks/learning.py --algo ppo --collect-only      # tabulate runs already in --out-dir
 
 Launches `scripts/<algo>.py --env ENV --seed S --total-timesteps N --run-dir DIR
@@ -10,7 +10,9 @@ its own run directory `<out-dir>/seed<S>` with its console output in
 `<out-dir>/logs/seed<S>.log`. Arguments this script does not know (or all
 after a lone `--`) are passed through to the training script. With
 --parallel K the runs share the machine's cores: give each run its share of
-EnvPool threads through the training script's own flags.
+EnvPool threads through the training script's own flags. On a GPU each run
+preallocates 90%/K of its memory (`XLA_PYTHON_CLIENT_MEM_FRACTION`, unless
+you set it or `XLA_PYTHON_CLIENT_PREALLOCATE` yourself).
 
 Then it reads each run's metrics.csv and writes `<name>.json` and `<name>.md`
 (default name `learning_<algo>_<env>`) under `--results-dir` (default
@@ -33,6 +35,7 @@ import datetime
 import importlib.util
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -49,7 +52,8 @@ except ImportError:
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 SCRIPTS_DIR = REPO / "scripts"
-NOT_ALGO_SCRIPTS = {"plot", "evaluate", "__init__"}
+NOT_ALGO_SCRIPTS = {"plot", "evaluate", "collect", "bc", "__init__"}
+"""Scripts in scripts/ that are not env-training algorithms (bc trains on a dataset)."""
 RESERVED_FLAGS = {"--env", "--seed", "--total-timesteps", "--run-dir"}
 """Flags learning.py sets per run; passing them through would contradict it."""
 
@@ -117,7 +121,7 @@ def script_for(algo: str, scripts_dir: str | Path) -> Path:
     """scripts/<algo>.py, or a ValueError naming it and the scripts that do exist."""
     scripts = Path(scripts_dir)
     path = scripts / f"{algo}.py"
-    if not path.is_file():
+    if not path.is_file() or algo in NOT_ALGO_SCRIPTS:
         present = sorted(p.stem for p in scripts.glob("*.py") if p.stem not in NOT_ALGO_SCRIPTS) if scripts.is_dir() else []
         raise ValueError(
             f"No training script {path} for --algo {algo}; available: {', '.join(present) or 'none yet'}."
@@ -192,6 +196,18 @@ def plan(args: Args, extra: Sequence[str]) -> tuple[list[Job], Path]:
     return jobs, out_dir
 
 
+def child_env(parallel: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The runs' environment: with ``parallel`` > 1 runs at once, each preallocates
+    ``0.9 / parallel`` of a GPU's memory (JAX's default, 75% each, would fail the
+    second run); left alone where the user set the allocator themselves. A CPU
+    ignores it."""
+    env = dict(os.environ if environ is None else environ)
+    if parallel > 1 and not {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                             "XLA_PYTHON_CLIENT_ALLOCATOR"} & set(env):
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
+    return env
+
+
 def launch(jobs: Sequence[Job], parallel: int, log=print) -> None:
     """Run the jobs' commands, at most `parallel` at a time; records returncode and wall time.
 
@@ -199,6 +215,7 @@ def launch(jobs: Sequence[Job], parallel: int, log=print) -> None:
     exit, then terminated; the interruption is re-raised.
     """
     pending = [j for j in jobs if not j.skipped]
+    env = child_env(parallel)
     running: dict[subprocess.Popen, tuple[Job, float, Any]] = {}
     try:
         while pending or running:
@@ -210,7 +227,7 @@ def launch(jobs: Sequence[Job], parallel: int, log=print) -> None:
                 fh.write("$ " + shlex.join(job.cmd) + "\n")
                 fh.flush()
                 log(f"start seed {job.seed}: {shlex.join(job.cmd[1:])}  (log: {job.log})")
-                proc = subprocess.Popen(job.cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+                proc = subprocess.Popen(job.cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
                 running[proc] = (job, time.perf_counter(), fh)
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:

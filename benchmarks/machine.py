@@ -131,16 +131,29 @@ def _nvidia_smi() -> list[dict[str, Any]]:
     return gpus
 
 
-def _jax() -> dict[str, Any]:
-    """jax's default backend and its devices; errors become a note, never an exception."""
-    try:
-        import jax
+#: Run by :func:`_jax` in a child process: jax's default backend and devices as JSON.
+_JAX_QUERY = (
+    "import json, jax; ds = jax.devices(); print(json.dumps({'jax_backend': jax.default_backend(), "
+    "'jax_devices': [f\"{d.platform}:{getattr(d, 'device_kind', '')}\".rstrip(':') for d in ds]}))"
+)
 
-        devices = jax.devices()
-        return {
-            "jax_backend": jax.default_backend(),
-            "jax_devices": [f"{d.platform}:{getattr(d, 'device_kind', '')}".rstrip(":") for d in devices],
-        }
+
+def _jax() -> dict[str, Any]:
+    """jax's default backend and its devices; errors become a note, never an exception.
+
+    Asked in a child process (without preallocation): initialising a GPU
+    backend here would take most of its memory away from the training runs a
+    benchmark launches as subprocesses afterwards.
+    """
+    import sys
+
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    try:
+        r = subprocess.run([sys.executable, "-c", _JAX_QUERY], capture_output=True, text=True, timeout=300, env=env)
+        if r.returncode:
+            lines = r.stderr.strip().splitlines() or [f"exit status {r.returncode}"]
+            raise RuntimeError(lines[-1])
+        return json.loads(r.stdout.strip().splitlines()[-1])
     except Exception as err:  # noqa: BLE001 - a broken jax install is itself worth recording
         return {"jax_backend": None, "jax_devices": [], "jax_error": f"{type(err).__name__}: {err}"}
 

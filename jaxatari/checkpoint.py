@@ -810,7 +810,7 @@ class LoadedPolicy:
     def _forward(self, params, carry, obs, first, key, mode: str):
         carry, logits, _ = self.policy_fn(params, carry, obs[None], first[None])
         logits = logits[0]
-        if mode == "sample" and not self.is_q:
+        if mode == "sample":
             actions = jax.random.categorical(key, logits)
         else:
             actions = logits.argmax(-1)
@@ -820,13 +820,19 @@ class LoadedPolicy:
         """Actions ``[B]`` for ``obs [B, ...]``; returns ``(actions, carry)``.
 
         ``mode``: ``greedy`` (argmax) or ``sample`` (from the policy's logits;
-        needs ``key``). ``carry`` defaults to the zero state and ``first`` to
-        all-False (all-True when ``carry`` is None).
+        needs ``key``, a fresh one per call; not for a DQN's Q-values). ``carry``
+        defaults to the zero state and ``first`` to all-False (all-True when
+        ``carry`` is None).
         """
         import jax.numpy as jnp
 
         if mode not in ("greedy", "sample"):
             raise ValueError(f"mode {mode!r} is not accepted; use greedy or sample.")
+        if mode == "sample" and self.is_q:
+            raise ValueError("mode='sample' is not accepted for a DQN policy: its outputs "
+                             "are Q-values, not a distribution; use greedy (or epsilon-greedy around it).")
+        if mode == "sample" and key is None:
+            raise ValueError("mode='sample' needs key= (a fresh jax.random key per call, e.g. from jax.random.split).")
         obs = jnp.asarray(obs)
         if self.obs_shape is not None and (obs.ndim != 1 + len(self.obs_shape) or obs.shape[1:] != self.obs_shape):
             raise ValueError(f"obs must be [B, {', '.join(map(str, self.obs_shape))}] (one step of B envs), got "
@@ -839,7 +845,7 @@ class LoadedPolicy:
         if carry is None:
             carry = self.initial_carry(B)
         if key is None:
-            key = jax.random.PRNGKey(0)
+            key = jax.random.PRNGKey(0)  # unused by greedy
         actions, carry, _ = self._step(self.params, carry, obs, jnp.asarray(first, bool), key, mode=mode)
         return actions, carry
 

@@ -360,7 +360,7 @@ class CollectConfig:
     val_fraction: float = 0.1
     """Fraction of the episodes held out for validation (at least one when --episodes >= 2)."""
     mode: str = "greedy"
-    """Expert actions: greedy (argmax) or sample (from the policy's distribution)."""
+    """Expert actions: greedy (argmax) or sample (from the policy's distribution; not for a DQN run)."""
     checkpoint: str = "best"
     """best (highest score, else latest) or latest."""
     num_envs: int | None = None
@@ -443,6 +443,9 @@ def collect(cfg: CollectConfig) -> CollectResult:
     if cfg.checkpoint == "latest" and (path / "checkpoints" / "latest").is_dir():
         path = path / "checkpoints" / "latest"
     pol = load_policy(path)
+    if pol.is_q and cfg.mode == "sample":
+        raise ConfigError("--mode sample is not accepted for a DQN run: its network outputs Q-values, not a "
+                          "distribution; use greedy.")
     c = pol.config
     env_id = c["env"]
     options = envs.parse_env_options(c.get("env_option", []))

@@ -58,6 +58,7 @@ import dataclasses
 import functools
 import logging
 import os
+import types
 from typing import Any, Callable, Sequence
 
 import jax
@@ -119,7 +120,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
 
 def launch_local(argv: Sequence[str], processes: int, log_dir, *, env: dict[str, str] | None = None,
-                 cwd=None, timeout: float | None = None) -> list[tuple[int, str, str]]:
+                 cwd=None, timeout: float | None = None,
+                 process_env: Callable[[int], dict[str, str]] | None = None) -> list[tuple[int, str, str]]:
     """Run ``python argv...`` as ``processes`` processes of one ``jax.distributed``
     job on this machine (coordinator on a free localhost port, passed in the
     ``JAXATARI_*`` variables) and wait for all of them; for trying a multi-host
@@ -127,7 +129,9 @@ def launch_local(argv: Sequence[str], processes: int, log_dir, *, env: dict[str,
 
     Output goes to ``log_dir/p<I>.out`` and ``.err``, not pipes: a process
     blocked on a full pipe would stall the others at the next collective.
-    Processes still running at ``timeout`` are killed. Returns
+    Processes still running at ``timeout`` are killed. ``process_env(i)``
+    gives process ``i`` extra variables, e.g. its own GPU on a machine with
+    several (``{"CUDA_VISIBLE_DEVICES": str(i)}``). Returns
     ``(returncode, stdout, stderr)`` per process.
     """
     import socket
@@ -146,8 +150,9 @@ def launch_local(argv: Sequence[str], processes: int, log_dir, *, env: dict[str,
         with open(logs[-1][0], "w") as fo, open(logs[-1][1], "w") as fe:
             procs.append(subprocess.Popen(
                 [sys.executable, *argv], cwd=cwd, stdout=fo, stderr=fe,
-                env=dict(os.environ if env is None else env, JAXATARI_COORDINATOR=f"127.0.0.1:{port}",
-                         JAXATARI_NUM_PROCESSES=str(processes), JAXATARI_PROCESS_ID=str(i))))
+                env=dict(os.environ if env is None else env, **(process_env(i) if process_env else {}),
+                         JAXATARI_COORDINATOR=f"127.0.0.1:{port}", JAXATARI_NUM_PROCESSES=str(processes),
+                         JAXATARI_PROCESS_ID=str(i))))
     try:
         for p in procs:
             p.wait(timeout=timeout)
@@ -533,11 +538,14 @@ def env_minibatches(batch, carry0, key: jax.Array, num_minibatches: int, global_
 # ---------------------------------------------------------------------------
 
 
-def parse_sweep(sweep: str | None, config, num_agents: int, sweepable: Sequence[str]) -> tuple[str | None, list[float] | None, int]:
+def parse_sweep(sweep: str | None, num_agents: int, sweepable: Sequence[str],
+                ranges: dict[str, str]) -> tuple[str | None, list[float] | None, int]:
     """``"learning_rate=1e-4,2.5e-4"`` -> ``(field, values, num_agents)``.
 
     With ``--num-agents 1`` (the default) the sweep sets the agent count;
-    otherwise the count must equal the number of values.
+    otherwise the count must equal the number of values. Each value must be in
+    the field's range, ``ranges`` being the agent's :func:`runner.check_ranges`
+    rules (``ppo.RANGES`` ...), as the flag itself would be.
     """
     if not sweep:
         return None, None, num_agents
@@ -551,6 +559,13 @@ def parse_sweep(sweep: str | None, config, num_agents: int, sweepable: Sequence[
         values = [float(v) for v in vals.split(",") if v.strip()]
     except ValueError:
         raise ParallelError(f"--sweep values {vals!r} are not numbers.") from None
+    if not values:
+        raise ParallelError(f"--sweep {sweep!r} gives no values; give one or more, e.g. {name}=1e-4,2.5e-4.")
+    for v in values:
+        try:
+            runner.check_ranges(types.SimpleNamespace(**{name: v}), {name: ranges[name]})
+        except runner.ConfigError as e:
+            raise ParallelError(f"--sweep {name}={vals}: {e}") from None
     if num_agents == 1:
         num_agents = len(values)
     if len(values) != num_agents:
@@ -672,7 +687,7 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
 
     algo = mod.ALGO
     population = c.num_agents > 1 or bool(c.sweep)
-    name, values, K = parse_sweep(c.sweep, c, c.num_agents, mod.SWEEPABLE)
+    name, values, K = parse_sweep(c.sweep, c.num_agents, mod.SWEEPABLE, mod.RANGES)
     c = dataclasses.replace(c, num_agents=K)
     env_options = envs.parse_env_options(c.env_option)
     stored = runner.load_run_config(c.resume) if c.resume else {}

@@ -32,7 +32,7 @@ class Config:
     """best (highest score; if none is readable, the newest readable latest) or latest.
     eval.json records the one actually loaded."""
     mode: str = "greedy"
-    """greedy, sample (from the policy's distribution) or epsilon (epsilon-greedy)."""
+    """greedy, sample (from the policy's distribution; PPO/A2C/BC runs, not DQN) or epsilon (epsilon-greedy)."""
     epsilon: float = 0.001
     """Epsilon for --mode epsilon."""
     num_envs: int | None = None
@@ -63,6 +63,9 @@ def main(cfg: Config) -> int:
                         video=cfg.video, video_episodes=cfg.video_episodes, max_episode_steps=cfg.max_episode_steps)
         pol, loaded = load_checkpoint(cfg.run_dir, cfg.checkpoint)
         c = pol.config
+        if pol.is_q and cfg.mode == "sample":
+            raise EvalError("--mode sample is not accepted for a DQN run: its network outputs Q-values, not a "
+                            "distribution; use greedy or epsilon.")
         options = envs.parse_env_options(c.get("env_option", []))
         res = evaluate(pol.policy_fn, pol.params, pol.initial_carry, env_id=c["env"],
                        preset=cfg.preset or c.get("preset"), options=options, episodes=cfg.episodes,

@@ -10,8 +10,9 @@ empty on rows where no episode finished), as every `scripts/<algo>.py` writes.
 Runs whose config.json is identical once the per-run fields (seed, run_dir,
 timestamps, resume options: see `PER_RUN_KEYS`) and the fields that do not change
 the learning problem (the algorithm's `RESUMABLE` tuple in jaxatari/agents/, e.g.
-total_timesteps, checkpoint_every, num_threads, plus chunk_steps and what the
-scripts derive from them: see `non_learning_keys`) are dropped form one group:
+checkpoint_every, num_threads, plus chunk_steps and what the scripts derive
+from them: see `non_learning_keys`; total_timesteps is kept, as learning-rate
+decay and exploration stretch over it) are dropped form one group:
 one colour, the mean over its seeds as a line and their spread as a band
 (`--band minmax` by default, or `std` for mean +- one standard deviation),
 each seed's curve first smoothed with a trailing mean over `--smooth` logged

@@ -52,6 +52,55 @@ def test_kind_and_summary_on_fabricated_machines():
     assert "2x NVIDIA H200" in machine.summary({**gpu, "gpus": [h200, h200]})
 
 
+def test_jax_is_asked_in_a_child_process_and_a_failure_is_recorded(monkeypatch):
+    # The child keeps a GPU's memory free for the training runs a benchmark launches next.
+    monkeypatch.setattr(machine, "_JAX_QUERY", "import os, sys; sys.exit('prealloc=' + os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])")
+    assert machine._jax() == {"jax_backend": None, "jax_devices": [], "jax_error": "RuntimeError: prealloc=false"}
+
+
+# ----------------------------------------------------------------------------- parallel_throughput
+
+from benchmarks import parallel_throughput  # noqa: E402
+
+
+def test_parallel_modes_fit_the_machine_and_every_row_is_kept(tmp_path, monkeypatch, capsys):
+    cpu = {"jax_backend": "cpu", "jax_devices": ["cpu:cpu"], "gpus": []}
+    one_gpu = {"jax_backend": "gpu", "jax_devices": ["gpu:NVIDIA H200"], "gpus": [{"name": "NVIDIA H200"}]}
+    four_gpus = dict(one_gpu, jax_devices=["gpu:NVIDIA H200"] * 4)
+    plan = {k: {name: (kw, extra, skip) for name, kw, extra, skip in parallel_throughput.plan_modes(d)}
+            for k, d in (("cpu", cpu), ("one", one_gpu), ("four", four_gpus))}
+    assert all(skip is None for _, _, skip in plan["cpu"].values())  # fake host devices
+    assert plan["cpu"]["2 devices, one process"][1] == ["--devices", "2"]
+    assert plan["one"]["2 devices, one process"][2] == "needs 2 or more gpu devices; this machine has 1"
+    assert plan["one"]["2 processes x 1 device (jax.distributed)"][2] == "needs one gpu device per process; this machine has 1"
+    assert plan["four"]["4 devices, one process"][:2] == ({"devices": 4}, ["--devices", "4"])
+    assert plan["four"]["2 processes x 1 device (jax.distributed)"][0]["gpu_per_process"] is True
+
+    # A 1-GPU machine: skipped modes and a failing one are recorded, and the rest still measured.
+    monkeypatch.setattr(parallel_throughput._machine, "describe", lambda: dict(one_gpu, cpu_model="X", versions={}))
+    calls = []
+
+    def fake_measure(script, flags, **kw):
+        calls.append((script, kw))
+        if "--sharded" in flags:
+            raise RuntimeError("scripts/ppo.py failed:\nTraceback ...\nValueError: boom")
+        return 1234.5
+
+    out = tmp_path / "par"
+    assert parallel_throughput.main(["--algos", "ppo", "--out", str(out)], measure_fn=fake_measure) == 1
+    doc = json.loads(out.with_suffix(".json").read_text())
+    status = {r["mode"]: (r["status"], r["sps"], r["reason"]) for r in doc["results"]}
+    assert status["1 device (default path)"] == ("ok", 1234.5, None)
+    assert status["1 device, sharded path"] == ("failed", None, "ValueError: boom")
+    assert status["2 devices, one process"][0] == status["2 processes x 1 device (jax.distributed)"][0] == "skipped"
+    assert len(calls) == 3 and doc["settings"]["env"] == "CartPole-v1"
+    md = out.with_suffix(".md").read_text()
+    assert "| ppo | 2 devices, one process | skipped: needs 2 or more gpu devices" in md and "fake" not in md
+    with pytest.raises(SystemExit):
+        parallel_throughput.main(["--env", "Pongg-v5"])
+    assert "Unknown env id 'Pongg-v5'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- throughput
 
 
@@ -225,7 +274,7 @@ def test_collect_only_tables_existing_runs(tmp_path, capsys):
 
 FAKE_SCRIPT = textwrap.dedent(
     """
-    import argparse, csv, json, pathlib, sys
+    import argparse, csv, json, os, pathlib, sys
     p = argparse.ArgumentParser()
     for flag in ("--env", "--seed", "--total-timesteps", "--run-dir", "--num-envs"):
         p.add_argument(flag)
@@ -235,7 +284,8 @@ FAKE_SCRIPT = textwrap.dedent(
     run = pathlib.Path(a.run_dir)
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"algo": "fake", "env": a.env, "seed": int(a.seed),
-        "total_timesteps": int(a.total_timesteps), "num_envs": int(a.num_envs)}))
+        "total_timesteps": int(a.total_timesteps), "num_envs": int(a.num_envs),
+        "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}))
     with open(run / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["global_step", "wall_time", "sps", "episode_return", "episode_length"])
@@ -259,7 +309,11 @@ def test_learning_launches_seeds_in_parallel_and_passes_args_through(tmp_path):
     assert by_seed[0]["final_return"] == pytest.approx(4.5) and by_seed[2]["final_return"] == pytest.approx(6.5)
     assert by_seed[1]["returncode"] != 0 and by_seed[1]["final_return"] is None
     assert "seed 1 crashes" in (out / "logs" / "seed1.log").read_text()
-    assert json.loads((out / "seed0" / "config.json").read_text())["num_envs"] == 3
+    config = json.loads((out / "seed0" / "config.json").read_text())
+    assert config["num_envs"] == 3
+    assert config["mem_fraction"] == "0.450"  # two runs at once share a GPU's memory instead of taking 75% each
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in learning.child_env(1, {})
+    assert learning.child_env(2, {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}) == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     assert doc["extra_args"] == ["--num-envs", "3"] and doc["curves"] is None
     assert all(r["wall_s"] > 0 for r in doc["runs"])
     # Run directories are never overwritten.
@@ -272,6 +326,9 @@ def test_learning_fails_clearly(tmp_path, capsys):
     assert f"No training script {tmp_path.resolve() / 'nope.py'} for --algo nope" in err
     assert learning.main(["--algo", "nope", "--scripts-dir", str(tmp_path), "--", "--seed", "3"]) == 2
     assert "--seed is set by learning.py" in capsys.readouterr().err
+    assert learning.main(["--algo", "collect"]) == 2  # scripts/collect.py exists but trains nothing
+    err = capsys.readouterr().err
+    assert "for --algo collect; available: a2c, dqn, ppo." in err
 
 
 # ----------------------------------------------------------------------------- breakdown
@@ -354,3 +411,17 @@ def test_dqn_throughput_rows_and_files(tmp_path):
     assert "| compiled, overlap | 2 |" in md.read_text() and json.loads(js.read_text())["rows"] == doc["rows"]
     plain = dict(doc, rows=doc["rows"][:2])
     assert dqn_throughput.write_results(plain, tmp_path)[0].name.endswith("_cartpole_v1.json")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--env", "Pongg-v5"], "Unknown env id 'Pongg-v5'. Did you mean 'Pong-v5'"),
+    (["--num-envs", "8", "0"], "--num-envs 0 is not accepted: every env count must be >= 1."),
+    (["--seconds", "0"], "--seconds 0.0 is not accepted: it must be > 0."),
+    (["--dqn-preset", "fast"], "--dqn-preset 'fast' is not accepted; use one of nature, pong-fast, classic."),
+    (["--overlap", "--env", "CartPole-v1", "--gradient-steps", "0"], "--gradient-steps 0 is not accepted"),
+])
+def test_dqn_throughput_refuses_bad_input_before_measuring(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(dqn_throughput, "measure", lambda *a, **k: pytest.fail("measured despite bad input"))
+    assert dqn_throughput.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

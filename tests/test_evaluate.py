@@ -344,6 +344,18 @@ def fake_run(run_dir: Path) -> Path:
     return run_dir
 
 
+def test_loaded_policy_sampling_needs_a_key(tmp_path):
+    from jaxatari.checkpoint import load_policy
+
+    policy = load_policy(fake_run(tmp_path / "run"))
+    obs = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"mode='sample' needs key="):  # not a fixed key reused every call
+        policy.act(obs, mode="sample")
+    keys = jax.random.split(jax.random.key(1), 8)
+    draws = {tuple(np.asarray(policy.act(obs, mode="sample", key=k)[0])) for k in keys}
+    assert len(draws) > 1  # fresh keys, fresh draws (8 draws of 3 coin-flip-like actions)
+
+
 def test_script_records_the_checkpoint_it_loaded_and_caps_episodes(tmp_path, capsys, monkeypatch):
     script = evaluate_script(monkeypatch)
     run = fake_run(tmp_path / "run")

@@ -264,10 +264,18 @@ def test_bad_scale_out_flags_are_named():
     with pytest.raises(parallel.ParallelError, match=r"--devices 3 .* 1 local device"):
         parallel.resolve_devices(3, 8)
     with pytest.raises(parallel.ParallelError, match=r"--sweep 'lr' .* learning_rate"):
-        parallel.parse_sweep("lr=1,2", None, 1, ppo.SWEEPABLE)
+        parallel.parse_sweep("lr=1,2", 1, ppo.SWEEPABLE, ppo.RANGES)
     with pytest.raises(parallel.ParallelError, match=r"3 values for learning_rate but --num-agents is 2"):
-        parallel.parse_sweep("learning_rate=1,2,3", None, 2, a2c.SWEEPABLE)
-    assert parallel.parse_sweep("ent_coef=0.0,0.01", None, 1, ppo.SWEEPABLE) == ("ent_coef", [0.0, 0.01], 2)
+        parallel.parse_sweep("learning_rate=1,2,3", 2, a2c.SWEEPABLE, a2c.RANGES)
+    assert parallel.parse_sweep("ent_coef=0.0,0.01", 1, ppo.SWEEPABLE, ppo.RANGES) == ("ent_coef", [0.0, 0.01], 2)
+    # Swept values get the flag's own range check; an empty sweep is refused.
+    with pytest.raises(parallel.ParallelError, match=r"--sweep gamma=0.9,1.5: --gamma 1.5 is not accepted: .*\(0, 1\]"):
+        parallel.parse_sweep("gamma=0.9,1.5", 1, ppo.SWEEPABLE, ppo.RANGES)
+    with pytest.raises(parallel.ParallelError, match=r"--rms-alpha 1.0 is not accepted: it must be in \[0, 1\)"):
+        parallel.parse_sweep("rms_alpha=0.99,1.0,-1", 1, a2c.SWEEPABLE, a2c.RANGES)
+    with pytest.raises(parallel.ParallelError, match=r"gives no values"):
+        parallel.parse_sweep("learning_rate=,", 1, ppo.SWEEPABLE, ppo.RANGES)
+    assert set(ppo.SWEEPABLE) <= set(ppo.RANGES) and set(a2c.SWEEPABLE) <= set(a2c.RANGES)
     assert parallel.resolve_devices(None, 7) == 1
 
 

@@ -353,3 +353,6 @@ def test_bad_population_flags_are_named(tmp_path):
         train(tmp_path / "bad", sweep="tau=0.5,1.0")
     with pytest.raises(parallel.ParallelError, match=r"3 values for gamma but --num-agents is 2"):
         train(tmp_path / "bad", sweep="gamma=0.9,0.95,0.99", num_agents=2)
+    with pytest.raises(parallel.ParallelError, match=r"--learning-rate -0.001 is not accepted: it must be > 0"):
+        train(tmp_path / "bad", sweep="learning_rate=1e-3,-1e-3")
+    assert set(dqn.SWEEPABLE) <= set(dqn.RANGES)

@@ -143,6 +143,12 @@ RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_
 #: Float fields ``--sweep`` may vary across the agents of a population.
 SWEEPABLE = ("learning_rate", "ent_coef", "vf_coef", "gamma", "gae_lambda", "max_grad_norm", "rms_eps", "rms_alpha")
 
+#: Accepted values of the numeric fields (``runner.check_ranges`` rules); ``--sweep`` values too.
+RANGES = dict(
+    runner.RUN_OPTION_RANGES, num_steps="an integer >= 1", ent_coef=">= 0", vf_coef=">= 0",
+    gae_lambda="in [0, 1]", gamma="in (0, 1]", rms_alpha="in [0, 1)", learning_rate="> 0", rms_eps="> 0",
+    max_grad_norm="> 0")
+
 #: The published Atari A2C (baselines / SB3 zoo): 16 envs x 5 steps, RMSProp 7e-4.
 ATARI_DEFAULTS = dict(total_timesteps=10_000_000, num_envs=16, learning_rate=7e-4,
                       ent_coef=0.01, vf_coef=0.25, checkpoint_every=1_000_000)
@@ -159,10 +165,7 @@ def resolve(config: Config) -> Config:
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
     if c.chunk_steps is None:
         c = dataclasses.replace(c, chunk_steps=runner.default_chunk_steps(envs.is_atari(c.env)))
-    runner.check_ranges(c, dict(
-        runner.RUN_OPTION_RANGES, num_steps="an integer >= 1", ent_coef=">= 0", vf_coef=">= 0",
-        gae_lambda="in [0, 1]", gamma="in (0, 1]", rms_alpha="in [0, 1)", learning_rate="> 0", rms_eps="> 0",
-        max_grad_norm="> 0"))
+    runner.check_ranges(c, RANGES)
     if c.target not in TARGETS:
         raise runner.ConfigError(f"--target {c.target!r} is not accepted; use nstep or gae.")
     if c.cfc_mode not in ("default", "no_gate", "pure"):

@@ -292,6 +292,16 @@ DQN_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: Accepted values of the numeric fields (``runner.check_ranges`` rules); ``--sweep`` values too.
+RANGES = dict(
+    runner.RUN_OPTION_RANGES, **{name: "an integer >= 1" for name in (
+        "buffer_size", "batch_size", "train_frequency", "gradient_steps", "n_step", "target_network_frequency",
+        "log_every")},
+    learning_starts="an integer >= 0", start_e="in [0, 1]", end_e="in [0, 1]", eval_epsilon="in [0, 1]",
+    gamma="in [0, 1]", rmsprop_decay="in [0, 1]", tau="in (0, 1] (1 = hard target update)",
+    learning_rate="> 0", huber_delta="> 0", max_grad_norm=">= 0 (0 = no clipping)",
+    optimizer_eps="> 0", exploration_fraction="in (0, 1]", exploration_steps="an integer >= 1")
+
 ATARI_DEFAULTS = dict(num_envs=8, checkpoint_every=1_000_000)
 CLASSIC_DEFAULTS = dict(num_envs=4, checkpoint_every=100_000)
 
@@ -305,16 +315,12 @@ def resolve(config: Config) -> Config:
         raise runner.ConfigError(f"--dqn-preset {preset!r} is not accepted; use one of {', '.join(DQN_PRESETS)}.")
     fill = dict(ATARI_DEFAULTS if atari else CLASSIC_DEFAULTS, **DQN_PRESETS[preset])
     fill = {k: v for k, v in fill.items() if getattr(config, k) is None}
+    if config.exploration_fraction is not None and config.exploration_steps is None:
+        fill.pop("exploration_steps", None)  # an explicit --exploration-fraction beats the preset's step count
     c = dataclasses.replace(config, dqn_preset=preset, **fill)
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
 
-    runner.check_ranges(c, dict(
-        runner.RUN_OPTION_RANGES, **{name: "an integer >= 1" for name in (
-            "buffer_size", "batch_size", "train_frequency", "gradient_steps", "n_step", "target_network_frequency",
-            "log_every")},
-        learning_starts="an integer >= 0", start_e="in [0, 1]", end_e="in [0, 1]", eval_epsilon="in [0, 1]",
-        gamma="in [0, 1]", rmsprop_decay="in [0, 1]", tau="in (0, 1] (1 = hard target update)",
-        learning_rate="> 0", huber_delta="> 0", max_grad_norm=">= 0 (0 = no clipping)"))
+    runner.check_ranges(c, RANGES)
     if not c.mlp_hidden or min(c.mlp_hidden) < 1:
         raise runner.ConfigError(f"--mlp-hidden {' '.join(map(str, c.mlp_hidden)) or '(empty)'} is not accepted: "
                                  "it needs one or more layer widths, each >= 1.")
@@ -330,12 +336,7 @@ def resolve(config: Config) -> Config:
     if c.optimizer_eps is None:
         c = dataclasses.replace(c, optimizer_eps=1e-8 if c.optimizer == "adam" else 0.01)
     if c.exploration_steps is None:
-        if not 0.0 < c.exploration_fraction <= 1.0:
-            raise runner.ConfigError(
-                f"--exploration-fraction {c.exploration_fraction} is not accepted: it must be in (0, 1].")
         c = dataclasses.replace(c, exploration_steps=max(1, round(c.exploration_fraction * c.total_timesteps)))
-    if c.exploration_steps < 1:
-        raise runner.ConfigError(f"--exploration-steps {c.exploration_steps} is not accepted: it must be >= 1.")
     if c.total_timesteps <= c.learning_starts:
         log.warning("--total-timesteps %d does not exceed --learning-starts %d: this run fills the replay buffer "
                     "but takes no gradient step.", c.total_timesteps, c.learning_starts)
@@ -1134,7 +1135,7 @@ def train_population(c: Config) -> runner.RunResult:
     agent's final checkpoint (without its buffer) and config."""
     from jaxatari.checkpoint import Checkpointer
 
-    name, values, K = parallel.parse_sweep(c.sweep, c, c.num_agents, SWEEPABLE)
+    name, values, K = parallel.parse_sweep(c.sweep, c.num_agents, SWEEPABLE, RANGES)
     c = dataclasses.replace(c, num_agents=K)
     env_options = envs.parse_env_options(c.env_option)
     seeds = parallel.agent_seeds(c.seed, K)

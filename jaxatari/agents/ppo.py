@@ -164,6 +164,13 @@ RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_
 #: Float fields ``--sweep`` may vary across the agents of a population.
 SWEEPABLE = ("learning_rate", "ent_coef", "vf_coef", "gamma", "gae_lambda", "max_grad_norm", "clip_coef", "adam_eps")
 
+#: Accepted values of the numeric fields (``runner.check_ranges`` rules); ``--sweep`` values too.
+RANGES = dict(
+    runner.RUN_OPTION_RANGES, num_steps="an integer >= 1", num_minibatches="an integer >= 1",
+    update_epochs="an integer >= 1",
+    learning_rate="> 0", adam_eps="> 0", gamma="in (0, 1]", gae_lambda="in [0, 1]", clip_coef="> 0",
+    ent_coef=">= 0", vf_coef=">= 0", max_grad_norm="> 0")
+
 ATARI_DEFAULTS = dict(total_timesteps=10_000_000, num_envs=8, num_steps=128, clip_coef=0.1,
                       checkpoint_every=1_000_000)
 CLASSIC_DEFAULTS = dict(total_timesteps=500_000, num_envs=4, num_steps=128, clip_coef=0.2,
@@ -179,11 +186,7 @@ def resolve(config: Config) -> Config:
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
     if c.chunk_steps is None:
         c = dataclasses.replace(c, chunk_steps=runner.default_chunk_steps(envs.is_atari(c.env)))
-    runner.check_ranges(c, dict(
-        runner.RUN_OPTION_RANGES, num_steps="an integer >= 1", num_minibatches="an integer >= 1",
-        update_epochs="an integer >= 1",
-        learning_rate="> 0", adam_eps="> 0", gamma="in (0, 1]", gae_lambda="in [0, 1]", clip_coef="> 0",
-        ent_coef=">= 0", vf_coef=">= 0", max_grad_norm="> 0"))
+    runner.check_ranges(c, RANGES)
     if c.network == "cfc":
         if c.num_envs % c.num_minibatches:
             raise runner.ConfigError(

@@ -56,6 +56,12 @@ def test_explicit_flags_win_over_the_preset():
     c = dqn.resolve(dqn.Config(env="Pong-v5", dqn_preset="pong-fast", buffer_size=4000, learning_rate=3e-4,
                                exploration_steps=5, target_return=-21.0, num_envs=4))
     assert (c.buffer_size, c.learning_rate, c.exploration_steps, c.target_return) == (4000, 3e-4, 5, -21.0)
+    # An explicit --exploration-fraction beats the preset's step count (pong-fast decays over 150k steps) ...
+    c = dqn.resolve(dqn.Config(env="Pong-v5", dqn_preset="pong-fast", exploration_fraction=0.5))
+    assert c.exploration_steps == c.total_timesteps // 2 == 1_000_000
+    # ... an explicit --exploration-steps beats the preset's fraction, and resolving is idempotent (resume).
+    c = dqn.resolve(dqn.Config(env="Breakout-v5", exploration_steps=1234))
+    assert c.exploration_steps == 1234 and dqn.resolve(c) == c
 
 
 def test_classic_defaults_and_buffer_rounding():
@@ -93,6 +99,9 @@ def test_replay_ratio_is_kept_for_any_env_count(num_envs, freq, grad_steps, peri
     (dict(learning_starts=-1), r"--learning-starts -1 is not accepted: it must be an integer >= 0\."),
     (dict(max_grad_norm=-1.0), r"--max-grad-norm -1.0 .* >= 0 \(0 = no clipping\)\."),
     (dict(huber_delta=0.0), r"--huber-delta 0.0 .* > 0\."),
+    (dict(optimizer_eps=-1.0), r"--optimizer-eps -1.0 is not accepted: it must be > 0\."),
+    (dict(exploration_fraction=0.0), r"--exploration-fraction 0.0 is not accepted: it must be in \(0, 1\]\."),
+    (dict(exploration_steps=0), r"--exploration-steps 0 is not accepted: it must be an integer >= 1\."),
     (dict(overlap_learning=True, env_backend="callback"), r"--overlap-learning .* --env-backend callback"),
     (dict(overlap_learning=True, num_agents=2), r"--overlap-learning runs on the single-device path.* --num-agents 2 "),
     (dict(overlap_learning=True, devices=2), r"single-device path; it is not accepted with --devices 2 "),
@@ -316,6 +325,26 @@ def test_resume_is_exact_with_the_buffer_and_refills_without(tmp_path, capsys, f
     # The first row after the resume holds only the refilled transitions, with no learning yet.
     assert float(rows[3]["buffer_size"]) <= 200 and rows[3]["loss"] in ("", "nan")
     assert rows[-1]["loss"] not in ("", "nan")
+
+
+@pytest.mark.slow
+def test_sampling_a_q_network_is_refused(tmp_path, full_run):
+    """Q-values are not a distribution: ``--mode sample`` (evaluate, collect) and
+    ``LoadedPolicy.act(mode="sample")`` refuse a DQN run instead of playing softmax(Q)."""
+    from jaxatari import data
+    from jaxatari.checkpoint import load_policy
+
+    policy = load_policy(full_run)
+    obs = np.zeros((2, 4), np.float32)
+    assert np.asarray(policy.act(obs)[0]).shape == (2,)
+    with pytest.raises(ValueError, match=r"mode='sample' is not accepted for a DQN policy"):
+        policy.act(obs, mode="sample", key=jax.random.key(0))
+    with pytest.raises(runner.ConfigError, match=r"--mode sample is not accepted for a DQN run"):
+        data.collect(data.CollectConfig(run_dir=str(full_run), out=str(tmp_path / "data"), mode="sample"))
+    assert not (tmp_path / "data").exists()
+    r = run_script("scripts/evaluate.py", "--run-dir", str(full_run), "--mode", "sample", "--episodes", "1", timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "--mode sample is not accepted for a DQN run" in r.stderr and "use greedy or epsilon" in r.stderr
 
 
 @pytest.mark.slow
