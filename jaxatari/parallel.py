@@ -68,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxatari import envs, runner
+from jaxatari.ops import standardize
 
 log = logging.getLogger(__name__)
 
@@ -465,9 +466,9 @@ def env_index(local_envs: int) -> jax.Array:
 
 
 def psum_masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """``sum(x * mask) / max(sum(mask), 1)`` over the global batch."""
+    """``sum(x * mask) / max(sum(mask), 1)`` over the global batch (masked-out samples count as 0)."""
     mask = mask.astype(x.dtype)
-    s, n = jax.lax.psum(((x * mask).sum(), mask.sum()), AXIS)
+    s, n = jax.lax.psum((jnp.where(mask != 0, x * mask, 0.0).sum(), mask.sum()), AXIS)
     return s / jnp.maximum(n, 1.0)
 
 
@@ -478,10 +479,9 @@ def psum_masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def normalize_advantages(adv: jax.Array, mask: jax.Array) -> jax.Array:
-    """``(A - mean) / (std + 1e-8)`` with the global masked mean and std, as in :func:`jaxatari.ops.ppo_loss`."""
-    mean = psum_masked_mean(adv, mask)
-    std = jnp.sqrt(psum_masked_mean((adv - mean) ** 2, mask))
-    return (adv - mean) / (std + 1e-8)
+    """``(A - mean) / (std + 1e-8)`` with the global masked mean and std, as in :func:`jaxatari.ops.ppo_loss`
+    (:func:`jaxatari.ops.standardize`: a constant ``A`` gives zeros)."""
+    return standardize(adv, lambda v: psum_masked_mean(v, mask))
 
 
 def global_weight(mask: jax.Array) -> jax.Array:

@@ -32,7 +32,7 @@ from flax import struct
 
 from jaxatari import envs, parallel, runner
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry, resolve_network_spec
-from jaxatari.ops import PPOBatch, PPOLossInfo, gae, ppo_loss, weighted_loss
+from jaxatari.ops import PPOBatch, PPOLossInfo, gae, ppo_loss, standardize, weighted_loss
 from jaxatari.rollout import bootstrap_value, rollout, rollout_population, rollout_with_work
 
 ALGO = "ppo"
@@ -545,9 +545,7 @@ def sgd_plan(batch: PPOBatch, key: jax.Array, *, epochs: int, minibatches: int, 
     mask = mask.astype(jnp.float32)
     n_minibatch = jnp.maximum(mask.sum(axis=axes, keepdims=True), 1.0)
     if norm_adv:  # as ppo_loss normalises each minibatch
-        mean = (adv * mask).sum(axis=axes, keepdims=True) / n_minibatch
-        std = jnp.sqrt((((adv - mean) ** 2) * mask).sum(axis=axes, keepdims=True) / n_minibatch)
-        adv = (adv - mean) / (std + 1e-8)
+        adv = standardize(adv, lambda v: jnp.where(mask != 0, v * mask, 0.0).sum(axis=axes, keepdims=True) / n_minibatch)
     weight = mask.sum(axis=axes[1:]) / n_minibatch.reshape(E, M, 1)
     return SGDPlan(batch=data, index=index, advantages=adv, weight=weight)
 

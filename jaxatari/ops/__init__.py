@@ -10,6 +10,7 @@ from jaxatari.ops.losses import (
     categorical_log_prob,
     masked_mean,
     ppo_loss,
+    standardize,
     weighted_loss,
 )
 from jaxatari.ops.returns import gae, n_step_returns
@@ -38,6 +39,7 @@ __all__ = [
     "masked_mean",
     "n_step_returns",
     "ppo_loss",
+    "standardize",
     "q_learning_target",
     "td_loss",
     "weighted_loss",

@@ -21,10 +21,27 @@ ApplyFn = Callable[[Any, Any], tuple[jax.Array, jax.Array]]
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``sum(x * mask) / max(sum(mask), 1)``: the mean of ``x`` over the samples
     where ``mask`` is set; ``x`` and ``mask`` have the same shape (a mask that
-    would broadcast is refused: it would count each sample several times)."""
+    would broadcast is refused: it would count each sample several times).
+    Masked-out samples count as 0 whatever they hold (NaN and inf included)."""
     chex.assert_equal_shape([x, mask])
     mask = mask.astype(x.dtype)
-    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return jnp.where(mask != 0, x * mask, 0.0).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def standardize(x: jax.Array, mean_fn: Callable[[jax.Array], jax.Array], eps: float = 1e-8) -> jax.Array:
+    """``(x - mean) / (std + eps)``, ``mean_fn(v)`` being the (masked) mean of ``v``
+    that broadcasts against it (``lambda v: masked_mean(v, mask)``, a per-minibatch
+    or a cross-device mean). Shape of ``x`` kept.
+
+    The mean is corrected by a second pass over the centred values, so that a
+    constant ``x`` gives exact zeros: one pass leaves every centred value equal
+    to the same rounding error, whose std is that error, and normalises a
+    minibatch without signal to +-1 (a full-strength policy gradient of
+    arbitrary sign).
+    """
+    centred = x - mean_fn(x)
+    centred = centred - mean_fn(centred)
+    return centred / (jnp.sqrt(mean_fn(centred * centred)) + eps)
 
 
 def weighted_loss(loss_fn: Callable) -> Callable:
@@ -52,9 +69,12 @@ def categorical_log_prob(logits: jax.Array, actions: jax.Array) -> jax.Array:
 
 
 def categorical_entropy(logits: jax.Array) -> jax.Array:
-    """``-sum_a pi(a) log pi(a)`` over the last axis: ``logits [*S, A]`` -> ``[*S]``."""
+    """``-sum_a pi(a) log pi(a)`` over the last axis: ``logits [*S, A]`` -> ``[*S]``.
+    Actions of probability 0 (``-inf`` logits, e.g. masked illegal actions)
+    contribute 0, with finite gradients."""
     logp = jax.nn.log_softmax(logits)
-    return -(jnp.exp(logp) * logp).sum(-1)
+    p = jnp.exp(logp)
+    return -(p * jnp.where(p > 0, logp, 0.0)).sum(-1)
 
 
 class PPOBatch(NamedTuple):
@@ -133,9 +153,7 @@ def ppo_loss(
 
     adv = batch.advantages
     if normalize_advantages:
-        mean = masked_mean(adv, mask)
-        std = jnp.sqrt(masked_mean((adv - mean) ** 2, mask))
-        adv = (adv - mean) / (std + 1e-8)
+        adv = standardize(adv, lambda v: masked_mean(v, mask))
     pg1 = ratio * adv
     pg2 = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
     policy_loss = -masked_mean(jnp.minimum(pg1, pg2), mask)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxatari.ops import PPOBatch, ppo_loss
+from jaxatari.ops import PPOBatch, categorical_entropy, masked_mean, ppo_loss, standardize
 
 
 def fixed_apply(logits, values):
@@ -50,6 +50,45 @@ def test_mask_excludes_samples():
     l3, _ = ppo_loss({"scale": 1.0}, masked, apply_fn=fixed_apply(logits, values), **kw)
     l2, _ = ppo_loss({"scale": 1.0}, two, apply_fn=fixed_apply(logits[:2], values[:2]), **kw)
     np.testing.assert_allclose(l3, l2, rtol=1e-6)
+
+
+def _constant_advantage_batch(n, advantage, valid):
+    rng = np.random.default_rng(0)
+    return PPOBatch(
+        obs=jnp.asarray(rng.normal(size=(n, 3)), jnp.float32), actions=jnp.asarray(rng.integers(0, 4, n)),
+        log_probs=jnp.zeros(n), values=jnp.zeros(n), returns=jnp.zeros(n),
+        advantages=jnp.where(jnp.arange(n) < valid, advantage, 1e6).astype(jnp.float32),  # garbage where masked
+        mask=(jnp.arange(n) < valid).astype(jnp.float32))
+
+
+def test_constant_advantages_give_no_policy_gradient():
+    """A minibatch whose advantages are all equal carries no signal: normalised, they
+    are 0, not the +-1 a one-pass mean's rounding error would make of them."""
+    def apply_fn(p, b):
+        out = b.obs @ p["w"]
+        return out - jax.lax.stop_gradient(out), out[:, 0] * 0  # uniform policy (ratio 1/4), with gradients
+
+    params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32)}
+    kw = dict(apply_fn=apply_fn, clip_eps=0.2, vf_coef=0.0, ent_coef=0.0)
+    for c in (0.1, 3.7, -3.7, 123.4):
+        batch = _constant_advantage_batch(777, c, valid=700)
+        loss, info = ppo_loss(params, batch, **kw)
+        grads = jax.grad(lambda p: ppo_loss(p, batch, **kw)[0])(params)
+        assert float(info.policy_loss) == 0.0 and float(jnp.abs(grads["w"]).max()) == 0.0, c
+    # and the normalisation is still (x - mean) / std on real data
+    x = jnp.asarray(np.random.default_rng(2).normal(5.0, 2.0, 300), jnp.float32)
+    np.testing.assert_allclose(standardize(x, lambda v: v.mean()), (x - x.mean()) / x.std(), atol=2e-6)
+
+
+def test_masked_out_nan_and_impossible_actions_stay_finite():
+    assert float(masked_mean(jnp.array([1.0, jnp.nan, 3.0]), jnp.array([1.0, 0.0, 1.0]))) == 2.0
+    assert float(masked_mean(jnp.array([2.0, jnp.inf]), jnp.array([0.5, 0.0]))) == 1.0  # a weight, not a flag
+    logits = jnp.array([[0.0, -jnp.inf, 0.0], [1.0, 2.0, 3.0]])
+    ent = categorical_entropy(logits)
+    np.testing.assert_allclose(ent[0], np.log(2.0), rtol=1e-6)  # two equally likely legal actions
+    p = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()
+    np.testing.assert_allclose(ent[1], -(p * np.log(p)).sum(), rtol=1e-6)
+    assert np.isfinite(jax.grad(lambda x: categorical_entropy(x).sum())(logits)).all()
 
 
 class TestJit(chex.TestCase):
