@@ -20,8 +20,11 @@ full games (evaluation settings, :data:`jaxatari.envs.EVAL_OVERRIDES`) and each
 episode is cut into consecutive windows of ``S`` steps. The tail of an episode
 shorter than ``S`` is **dropped** (the layout has no mask), so an episode of
 ``L`` steps gives ``L // S`` sequences. Episodes, not sequences, are split into
-train and validation, so no validation frame has a near-duplicate neighbour in
-the training set.
+train and validation, so no validation sequence is a neighbour of a training
+one; and since a deterministic game played greedily repeats whole games (only
+the no-op starts differ), validation sequences that repeat a training sequence
+frame for frame are dropped (counted in the manifest, with a warning naming the
+fix: sticky actions, ``--preset machado``, or ``--mode sample``).
 
 Reading never unpickles (``np.load(..., allow_pickle=False)``), and a shard that
 is not a well-formed sequence is rejected with :class:`DataError` naming the
@@ -34,6 +37,8 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import math
@@ -113,10 +118,12 @@ def write_sequence(path: str | os.PathLike, obs: np.ndarray, actions: np.ndarray
 
 
 #: NumPy parses .npy headers with ``ast.literal_eval``, which CPython before
-#: 3.12.1 (and 3.11.8) can break when threads call it at once ("SystemError: AST
+#: 3.11.8 (and 3.12.0) can break when threads call it at once ("SystemError: AST
 #: constructor recursion depth mismatch", CPython gh-106905); the loader's reader
-#: threads then take turns parsing. A no-op lock on fixed Pythons.
-_NPY_PARSE_LOCK = threading.Lock() if sys.version_info < (3, 12, 1) else contextlib.nullcontext()
+#: threads then take turns parsing the (small) headers, while decompression, the
+#: bulk of a read, runs outside the lock. A no-op lock on fixed Pythons.
+_NPY_PARSE_LOCK = (threading.Lock() if sys.version_info < (3, 11, 8) or (3, 12, 0) <= sys.version_info < (3, 12, 1)
+                   else contextlib.nullcontext())
 
 
 def read_sequence(
@@ -133,16 +140,19 @@ def read_sequence(
     path = Path(path)
     expected = "an .npz archive with obs uint8 [S, 84, 84, 4] and actions int64 [S] (the ncps layout)"
     try:
-        with _NPY_PARSE_LOCK:
+        with _NPY_PARSE_LOCK:  # a lone .npy file would be parsed (and loaded) here
             f = np.load(path, allow_pickle=False)
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise DataError(f"{path} holds a single array, not {expected}.")
-            with f:
-                missing = [k for k in ("obs", "actions") if k not in f.files]
-                if missing:
-                    raise DataError(f"{path} lacks {' and '.join(missing)} (it has "
-                                    f"{', '.join(f.files) or 'nothing'}); expected {expected}.")
-                obs, actions = f["obs"], f["actions"]
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} holds a single array, not {expected}.")
+        with f:
+            missing = [k for k in ("obs", "actions") if k not in f.files]
+            if missing:
+                raise DataError(f"{path} lacks {' and '.join(missing)} (it has "
+                                f"{', '.join(f.files) or 'nothing'}); expected {expected}.")
+            names = set(f.zip.namelist())
+            raw = {k: f.zip.read(k + ".npy" if k + ".npy" in names else k) for k in ("obs", "actions")}  # inflate
+        with _NPY_PARSE_LOCK:
+            obs, actions = (np.lib.format.read_array(io.BytesIO(raw[k]), allow_pickle=False) for k in ("obs", "actions"))
     except DataError:
         raise
     except FileNotFoundError:
@@ -152,6 +162,10 @@ def read_sequence(
     if obs.dtype != np.uint8 or obs.ndim != 4:
         raise DataError(f"{path}: obs has dtype {obs.dtype} and shape {list(obs.shape)}; expected uint8 "
                         "[S, H, W, C], e.g. [32, 84, 84, 4].")
+    if obs.shape[1] in (1, 3, 4) and obs.shape[3] not in (1, 3, 4):
+        raise DataError(f"{path}: obs of shape {list(obs.shape)} look channels-first [S, C, H, W]; the ncps "
+                        "layout stores frames channels-last, [S, H, W, C] (e.g. [32, 84, 84, 4]): "
+                        "transpose them with obs.transpose(0, 2, 3, 1).")
     S = obs.shape[0]
     if S < 1 or actions.shape != (S,) or not np.issubdtype(actions.dtype, np.integer):
         raise DataError(f"{path}: actions have dtype {actions.dtype} and shape {list(actions.shape)}; expected "
@@ -398,6 +412,8 @@ def _check_collect(cfg: CollectConfig) -> None:
         bad("num-envs", cfg.num_envs, "it must be >= 1")
     if cfg.max_episode_steps is not None and cfg.max_episode_steps < 1:
         bad("max-episode-steps", cfg.max_episode_steps, "it must be >= 1")
+    if cfg.seed < 0:
+        bad("seed", cfg.seed, "it must be an integer >= 0")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         bad("out", cfg.out, "it is a file; pass a directory")
@@ -468,6 +484,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
     out.mkdir(parents=True, exist_ok=True)
     S = cfg.seq_len
     counters = {"train": 0, "val": 0}
+    digests: dict[str, dict[int, str]] = {"train": {}, "val": {}}  # shard index -> content digest
     episodes: list[dict[str, Any]] = []
 
     k = np.zeros(B, np.int64)
@@ -503,8 +520,9 @@ def collect(cfg: CollectConfig) -> CollectResult:
                 buf_act[b].append(int(actions[b]))
                 if len(buf_act[b]) == S:
                     split = split_of(b)
-                    write_sequence(shard_path(out, split, counters[split]), np.stack(buf_obs[b]),
-                                   np.asarray(buf_act[b], np.int64))
+                    seq_obs, seq_act = np.stack(buf_obs[b]), np.asarray(buf_act[b], np.int64)
+                    write_sequence(shard_path(out, split, counters[split]), seq_obs, seq_act)
+                    digests[split][counters[split]] = _sequence_digest(seq_obs, seq_act)
                     shards[b].append(counters[split])
                     counters[split] += 1
                     buf_obs[b], buf_act[b] = [], []
@@ -537,7 +555,10 @@ def collect(cfg: CollectConfig) -> CollectResult:
         progress.close()
         env.close()
 
+    dropped = _drop_val_repeats(out, digests, episodes)
+    counters["val"] -= dropped
     manifest = _manifest(cfg, pol, spec, S, episodes, counters, status, time.perf_counter() - t0, runner.versions())
+    manifest.update(val_repeats_dropped=dropped, distinct_train_sequences=len(set(digests["train"].values())))
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)
@@ -547,11 +568,45 @@ def collect(cfg: CollectConfig) -> CollectResult:
           f"{counters['val']} val sequences of {S} steps to {out}.", flush=True)
     if status == "interrupted":
         print("Interrupted: the manifest lists the sequences written so far.", file=sys.stderr, flush=True)
+    repeats = counters["train"] - manifest["distinct_train_sequences"]
+    if dropped or repeats > 0.1 * counters["train"]:
+        sticky = manifest["options"].get("repeat_action_probability", 0.0)
+        log.warning("%d validation sequence(s) repeated a training sequence frame for frame and were dropped, and "
+                    "%d of %d training sequences repeat another: the games %s. For varied games collect with "
+                    "--preset machado (sticky actions) or --mode sample.", dropped, repeats, counters["train"],
+                    f"barely differ (sticky actions {sticky:g}, {cfg.mode} expert)" if sticky or cfg.mode != "greedy"
+                    else f"are deterministic (preset {spec.preset}: no sticky actions) and the expert greedy")
     if counters["train"] == 0 or counters["val"] == 0:
         log.warning("The dataset in %s has %d train and %d val sequences; behaviour cloning needs both "
                     "(more --episodes, a smaller --seq-len or a larger --val-fraction).",
                     out, counters["train"], counters["val"])
     return CollectResult(status, manifest)
+
+
+def _sequence_digest(obs: np.ndarray, actions: np.ndarray) -> str:
+    """A digest of one sequence's frames and actions: equal digests, equal sequences."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(obs).tobytes())
+    h.update(np.ascontiguousarray(actions, np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _drop_val_repeats(out: Path, digests: dict[str, dict[int, str]], episodes: list[dict[str, Any]]) -> int:
+    """Delete the validation shards that repeat a training shard frame for frame
+    (a deterministic game played by a greedy expert repeats whole games: such a
+    validation accuracy measures memory, not generalisation), and take them out
+    of ``episodes``' shard lists. Returns how many were dropped; the remaining
+    ``val_<i>.npz`` keep their indices (readers glob and sort them)."""
+    train = set(digests["train"].values())
+    drop = {i for i, d in digests["val"].items() if d in train}
+    for i in sorted(drop):
+        shard_path(out, "val", i).unlink(missing_ok=True)
+    for e in episodes:
+        if e["split"] == "val":
+            kept = [i for i in e["shards"] if i not in drop]
+            e["repeats_dropped"] = len(e["shards"]) - len(kept)
+            e["shards"], e["sequences"] = kept, len(kept)
+    return len(drop)
 
 
 def _manifest(cfg, pol, spec, S, episodes, counters, status, seconds, versions) -> dict[str, Any]:

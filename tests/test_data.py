@@ -165,11 +165,38 @@ def test_collect_refuses_to_overwrite_a_dataset(collected):
     (dict(seq_len=0), r"--seq-len 0"),
     (dict(val_fraction=1.0), r"--val-fraction 1.0 .* \[0, 1\)"),
     (dict(mode="argmax"), r"--mode 'argmax' .* greedy or sample"),
+    (dict(seed=-1), r"--seed -1 is not accepted: it must be an integer >= 0"),
 ])
 def test_collect_bad_flags(tmp_path, kwargs, message):
     cfg = data.CollectConfig(run_dir=str(tmp_path / "nope"), out=str(tmp_path / "d"), **kwargs)
     with pytest.raises(runner.ConfigError, match=message):
         data.collect(cfg)
+
+
+def test_repeated_games_do_not_leak_into_validation(tmp_path, caplog):
+    """Without no-op starts or sticky actions a greedy expert plays the same game
+    in every env: the validation sequences repeat training ones frame for frame,
+    so they are dropped (a validation accuracy on them would measure memory)."""
+    expert = make_expert(tmp_path / "expert", env_option=("noop_max=1",))  # no random no-ops: one game
+    cfg = data.CollectConfig(run_dir=str(expert), out=str(tmp_path / "data"), episodes=4, seq_len=SEQ_LEN,
+                             num_envs=2, val_fraction=0.25, max_episode_steps=CAP, seed=3)
+    with caplog.at_level("WARNING"):
+        m = data.collect(cfg).manifest
+    val = [e for e in m["episode_log"] if e["split"] == "val"]
+    assert len(val) == 1 and val[0]["repeats_dropped"] == val[0]["length"] // SEQ_LEN > 0
+    assert val[0]["shards"] == [] and m["val_sequences"] == 0 and data.list_shards(cfg.out, "val") == []
+    assert m["val_repeats_dropped"] == val[0]["repeats_dropped"]
+    assert m["distinct_train_sequences"] == m["train_sequences"] // 3  # three training games, one game's windows
+    assert "repeated a training sequence frame for frame and were dropped" in caplog.text
+    assert "--preset machado (sticky actions) or --mode sample" in caplog.text
+    # The manifest records the options the games were played with (BC's closed loop takes them).
+    assert data.read_manifest(tmp_path / "data")["options"]["noop_max"] == 1
+
+
+def test_collected_varied_games_keep_every_sequence(collected):
+    _, result = collected
+    m = result.manifest
+    assert m["val_repeats_dropped"] == 0 and m["distinct_train_sequences"] == m["train_sequences"]
 
 
 def test_val_split_sizes():
@@ -237,6 +264,8 @@ def _bad_shards():
                          r"action 9 is out of range; this game's actions are 0 \.\. 3"),
         "other_shape": (lambda p: np.savez(p, obs=np.zeros((4, 84, 84, 3), np.uint8), actions=ok_act),
                         r"obs has shape \[4, 84, 84, 3\] but train_0.npz has \[4, 84, 84, 4\]"),
+        "channels_first": (lambda p: np.savez(p, obs=ok_obs.transpose(0, 3, 1, 2), actions=ok_act),
+                           r"obs of shape \[4, 4, 84, 84\] look channels-first .* obs.transpose\(0, 2, 3, 1\)"),
     }
 
 

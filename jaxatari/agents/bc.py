@@ -65,7 +65,8 @@ class Config:
     preset: str | None = None
     """Atari preset of the closed-loop games. Default: the manifest's, else nature."""
     env_option: tuple[str, ...] = ()
-    """EnvPool option overrides for the closed-loop games, KEY=VALUE (e.g. max_episode_steps=1000)."""
+    """EnvPool option overrides for the closed-loop games, KEY=VALUE (e.g. max_episode_steps=1000). With the
+    dataset's preset, the options its manifest records beyond the preset apply too, unless set here."""
     epochs: int = 50
     """Passes over the training sequences."""
     batch_size: int = 32
@@ -128,7 +129,16 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
     if not envs.is_atari(c.env):
         raise runner.ConfigError(f"--env {c.env}: behaviour cloning takes Atari games (pixel sequences).")
     preset = c.preset or (manifest or {}).get("preset")
+    dataset_game = c.preset in (None, (manifest or {}).get("preset"))
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, preset))
+    if dataset_game and (manifest or {}).get("options"):
+        # Closed-loop games are the dataset's: its options beyond the preset (the expert's --env-option
+        # values, collect's --max-episode-steps), each unless --env-option sets it.
+        given = envs.parse_env_options(c.env_option)
+        base = envs.resolve_options(c.env, c.preset)
+        extra = [f"{k}={v}" for k, v in manifest["options"].items()
+                 if k not in envs.EVAL_OVERRIDES and k not in given and (k not in base or base[k] != v)]
+        c = dataclasses.replace(c, env_option=tuple(extra) + tuple(c.env_option))
 
     def bad(flag, value, what):
         raise runner.ConfigError(f"--{flag} {value!r} is not accepted: {what}.")
@@ -154,6 +164,8 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
         bad("cfc-mode", c.cfc_mode, "use default, no_gate or pure")
     if c.eval_mode not in ("greedy", "sample"):
         bad("eval-mode", c.eval_mode, "use greedy or sample")
+    if c.seed < 0:
+        bad("seed", c.seed, "it must be an integer >= 0")
     return c, manifest
 
 
@@ -416,6 +428,14 @@ def train(config: Config) -> Result:
                             if sig.received is not None:
                                 status, received = "interrupted", sig.received
                                 break
+                    except data.DataError as e:  # a bad shard mid-epoch: keep the batches trained so far
+                        if int(state.batch) > start and _finite(state.params):
+                            save(state)
+                            raise data.DataError(
+                                f"{e} Training stopped at epoch {epoch + 1} + {int(state.batch)} batches, saved in "
+                                f"{run_dir / 'checkpoints'}; replace the file and resume with "
+                                f"--resume {run_dir}.") from None
+                        raise
                     finally:
                         bar.close()
                     if status == "interrupted" and int(state.batch) < batches_per_epoch:

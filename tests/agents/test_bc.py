@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.experimental import io_callback
 
-from jaxatari import data, runner
+from jaxatari import data, envs, runner
 from jaxatari.agents import bc
 from jaxatari.checkpoint import load_policy
 from jaxatari.evaluate import evaluate
@@ -252,6 +252,47 @@ def test_interrupted_mid_epoch_and_resumed_matches_uninterrupted(tmp_path, monke
     assert a == b
 
 
+def test_a_bad_shard_mid_epoch_keeps_the_batches_trained(tmp_path):
+    """A shard that cannot be read stops training with the file named and the
+    batches before it saved; with the file replaced, --resume ends where an
+    unbroken run does."""
+    write_memory_task(tmp_path / "data", n_train=12, n_val=3, S=4, size=16)
+    base = dict(data=str(tmp_path / "data"), env="Breakout-v5", env_option=("img_height=16", "img_width=16"), epochs=1,
+                batch_size=4, eval_episodes=0, tensorboard=False, conv_channels=(4, 4), cfc_units=4,
+                cfc_backbone_units=8, num_workers=0)
+    full = bc.train(bc.Config(**base, run_dir=str(tmp_path / "full")))
+    train_ds = data.SequenceDataset(tmp_path / "data", "train")
+    victim = train_ds.files[train_ds.order(shuffle=True, seed=1, epoch=0)[8]]  # read by the third batch
+    good = victim.read_bytes()
+    victim.write_bytes(b"not a zip")
+    part = tmp_path / "part"
+    with pytest.raises(data.DataError, match=rf"{victim.name} is not a readable shard .* Training stopped at epoch "
+                                             r"1 \+ 2 batches, saved in .* --resume "):
+        bc.train(bc.Config(**base, run_dir=str(part)))
+    assert load_policy(part / "checkpoints" / "latest").meta["update"] == 2
+    victim.write_bytes(good)
+    resumed = bc.train(dataclasses.replace(bc.Config(**base, run_dir=str(part)), resume=str(part)))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params), jax.device_get(full.state.params))
+
+
+def test_closed_loop_games_are_the_datasets(tmp_path):
+    """With the dataset's preset, the options its games were played with beyond
+    the preset (the expert's --env-option values, collect's cap) apply to the
+    clone's games too, and to scripts/evaluate.py through config.json."""
+    write_memory_task(tmp_path / "d", n_train=2, n_val=1, S=2, size=16)
+    played = dict(envs.resolve_options("Breakout-v5", "nature"), max_episode_steps=500, repeat_action_probability=0.1,
+                  **envs.EVAL_OVERRIDES)  # evaluation applies EVAL_OVERRIDES itself
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps({"env": "Breakout-v5", "preset": "nature",
+                                                                "options": played}))
+    c, _ = bc.resolve(bc.Config(data=str(tmp_path / "d")))
+    assert sorted(c.env_option) == ["max_episode_steps=500", "repeat_action_probability=0.1"]
+    assert envs.resolve_options(c.env, c.preset, envs.parse_env_options(c.env_option))["max_episode_steps"] == 500
+    c, _ = bc.resolve(bc.Config(data=str(tmp_path / "d"), env_option=("max_episode_steps=100",)))
+    assert c.env_option == ("repeat_action_probability=0.1", "max_episode_steps=100")  # the flag wins
+    assert bc.resolve(c)[0] == c  # resolving a resolved config (a resume) adds nothing
+    assert bc.resolve(bc.Config(data=str(tmp_path / "d"), preset="machado"))[0].env_option == ()  # another game
+
+
 # ---------------------------------------------------------------------------
 # Bad input fails before compiling, naming the values
 # ---------------------------------------------------------------------------
@@ -265,6 +306,8 @@ def test_bad_input(tmp_path):
         bc.resolve(bc.Config(data=str(tmp_path / "d")))
     with pytest.raises(runner.ConfigError, match=r"--network 'lstm' .* cfc, convblock, nature, impala"):
         bc.resolve(bc.Config(data=str(tmp_path / "d"), env="Breakout-v5", network="lstm"))
+    with pytest.raises(runner.ConfigError, match=r"--seed -1 is not accepted: it must be an integer >= 0"):
+        bc.resolve(bc.Config(data=str(tmp_path / "d"), env="Breakout-v5", seed=-1))
     (tmp_path / "d" / "manifest.json").write_text(json.dumps({"env": "Pong-v5", "preset": "machado"}))
     c, _ = bc.resolve(bc.Config(data=str(tmp_path / "d")))
     assert (c.env, c.preset) == ("Pong-v5", "machado")
@@ -297,8 +340,10 @@ def test_collect_then_bc_scripts_on_breakout(tmp_path):
                          update_epochs=1, run_dir=str(expert), tensorboard=False))
 
     d = tmp_path / "data"
+    # Sampled actions: played greedily, the untrained expert's two 20-step games are the same frames (Breakout's
+    # screen does not change over the no-op starts), and collect would drop the validation game as a repeat.
     r = run_script("scripts/collect.py", "--run-dir", str(expert), "--episodes", "2", "--out", str(d),
-                   "--seq-len", "4", "--max-episode-steps", "20")
+                   "--seq-len", "4", "--max-episode-steps", "20", "--mode", "sample")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((d / "manifest.json").read_text())
     assert (m["train_episodes"], m["val_episodes"], m["train_sequences"], m["val_sequences"]) == (1, 1, 5, 5)
@@ -307,13 +352,14 @@ def test_collect_then_bc_scripts_on_breakout(tmp_path):
     run = tmp_path / "bc"
     r = run_script("scripts/bc.py", "--data", str(d), "--epochs", "1", "--eval-episodes", "1", "--batch-size", "4",
                    "--conv-channels", "8", "8", "8", "8", "--cfc-units", "8", "--cfc-backbone-units", "16",
-                   "--env-option", "max_episode_steps=20", "--run-dir", str(run), "--no-tensorboard")
+                   "--run-dir", str(run), "--no-tensorboard")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epoch 1/1" in r.stdout
     rows = read_csv(run / "metrics.csv")
     assert len(rows) == 1 and rows[0]["eval_return"] != "" and rows[0]["val_accuracy"] != ""
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["algo"], cfg["env"], cfg["preset"]) == ("bc", "Breakout-v5", "nature")  # from the manifest
+    assert cfg["env_option"] == ["max_episode_steps=20"]  # the games the data came from (collect's cap)
     assert (run / "checkpoints" / "best").is_dir() and (run / "checkpoints" / "latest").is_dir()
 
     pol = load_policy(run)
