@@ -67,11 +67,12 @@ def measure(algo: str, flags: list[str], *, devices: int = 1, agents: int = 1, p
         else:
             from jaxatari import parallel
 
-            own_gpu = (lambda i: {"CUDA_VISIBLE_DEVICES": str(i)}) if gpu_per_process else None
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            own_gpu = (lambda i: {"CUDA_VISIBLE_DEVICES": visible[i] if visible else str(i)}) if gpu_per_process else None
             for rc, _, err in parallel.launch_local(cmd, processes, Path(tmp) / "logs", env=base, cwd=ROOT,
                                                     timeout=timeout, process_env=own_gpu):
                 if rc:
-                    raise RuntimeError(err[-3000:])
+                    raise RuntimeError(f"exit status {rc}\n{err[-3000:]}")
         return _sps(run_dir, agents)
 
 
@@ -173,8 +174,9 @@ def main(argv: Sequence[str] | None = None, measure_fn: Callable[..., float] | N
             else:
                 try:
                     row.update(status="ok", reason=None, sps=round(measure_fn(script, flags + algo_flags + extra, **kw), 1))
-                except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-                    row.update(status="failed", reason=str(err).strip().splitlines()[-1][:300], sps=None)
+                except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as err:
+                    lines = str(err).strip().splitlines()
+                    row.update(status="failed", reason=(lines[-1] if lines else type(err).__name__)[:300], sps=None)
             doc["results"].append(row)
             shown = f"{row['sps']:10,.0f} SPS" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
             print(f"{algo:7s} {name:50s} {shown}", flush=True)

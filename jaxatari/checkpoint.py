@@ -84,6 +84,26 @@ _TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # '.orbax-checkpoint-tmp'
 _MAX_LISTED = 5  # differences named in a mismatch message
 
 
+_writing = 0  # saves and waits in progress in this process (see writing())
+
+
+def writing() -> bool:
+    """True while this process is handing a checkpoint to orbax or waiting for one
+    to be written: interrupting it there (a second Ctrl-C) would leave orbax's
+    writer threads waiting for ever (:class:`jaxatari.runner.Signals` defers it)."""
+    return _writing > 0
+
+
+class _Writing:
+    def __enter__(self):
+        global _writing
+        _writing += 1
+
+    def __exit__(self, *exc):
+        global _writing
+        _writing -= 1
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or restored; the message says why."""
 
@@ -246,7 +266,8 @@ class Checkpointer:
         self._wait(manager, manager.directory.name)  # a failed previous save is reported as such
         try:
             # force: we decide which steps to save (see save/save_best).
-            manager.save(step, args=ocp.args.Composite(**items), force=True)
+            with _Writing():
+                manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:
             raise CheckpointSaveError(
                 f"Saving checkpoint step {step} in {manager.directory} failed: {_reason(e)}."
@@ -292,7 +313,8 @@ class Checkpointer:
 
     def _wait(self, manager, kind: str) -> None:
         try:
-            manager.wait_until_finished()
+            with _Writing():
+                manager.wait_until_finished()
         except Exception as e:
             manager.reload()  # orbax already dropped the steps it meant to rotate away; they are still there
             raise CheckpointSaveError(f"A background save in {self.directory / kind} failed: {_reason(e)}.") from e
@@ -454,17 +476,30 @@ def _json_default(x):
 
 
 def _best_score_on_disk(directory: Path) -> float | None:
-    scores = [_score(directory / str(step)) for step in _list_steps(directory)]
+    """The highest score among the best checkpoints whose policy can be read in
+    full: an unreadable one (a truncated file) must not block every later best
+    (it is replaced by the next best save, which rotates it away)."""
+    scores = [_score(directory / str(step), verify=True) for step in _list_steps(directory)]
     return max((s for s in scores if s is not None), default=None)
 
 
-def _score(step_dir: Path) -> float | None:
+def _score(step_dir: Path, *, verify: bool = False) -> float | None:
+    """The score in a best checkpoint's meta; with ``verify``, None unless its policy
+    (else its state's tree metadata) reads in full."""
     try:
         with _StepReader() as reader:
             score = float(reader.json(step_dir, "meta")["score"])
+            if verify:
+                item = "policy" if "policy" in reader.json(step_dir, "format")["items"] else "state"
+                saved = reader.tree_metadata(step_dir, item)
+                if item == "policy":  # params: small; the state may hold a GiB replay buffer
+                    sharding = _default_sharding()
+                    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+                                            saved, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+                    jax.block_until_ready(reader.tree(step_dir, item, abstract))
         return None if math.isnan(score) else score
     except Exception as e:
-        log.warning("Cannot read the score of %s (%s); it does not count as best.", step_dir, _reason(e))
+        log.warning("Cannot read %s (%s); it does not count as best.", step_dir, _reason(e, step_dir))
         return None
 
 

@@ -640,21 +640,38 @@ class MetricsWriter:
         if new:
             self._w.writerow(self.columns)
         self.tb = None
+        self._tb_dir = run_dir / "tb"
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(self._tb_dir))
 
     def truncate_after(self, global_step: int) -> None:
-        """Drop rows past ``global_step`` (written after the checkpoint being resumed)."""
+        """Drop rows past ``global_step`` (written after the checkpoint being resumed),
+        and a last row cut short by a crash (no newline, or missing fields); the file
+        is replaced atomically. TensorBoard is told to discard its events past
+        ``global_step`` too (``purge_step``)."""
         self._f.close()
-        with open(self.path) as f:
-            rows = list(csv.reader(f))
-        keep = [rows[0]] + [r for r in rows[1:] if r and int(float(r[0])) <= global_step]
-        with open(self.path, "w", newline="") as f:
+        text = self.path.read_text()
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines = lines[:-1]  # the crash cut the last row mid-write
+        rows = list(csv.reader(lines))
+        width = len(rows[0])
+        keep = [rows[0]] + [r for r in rows[1:] if len(r) == width and int(float(r[0])) <= global_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
         self._f = open(self.path, "a", newline="")
         self._w = csv.writer(self._f)
+        if self.tb is not None:
+            from tensorboardX import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(str(self._tb_dir), purge_step=global_step + 1)
 
     def write(self, row: dict[str, Any]) -> None:
         self._w.writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
@@ -677,7 +694,10 @@ class MetricsWriter:
 
 class Signals:
     """SIGINT/SIGTERM set a flag checked between ``unit``s (chunks, batches); a
-    second SIGINT aborts. Use as a context manager; handlers are restored on exit."""
+    second SIGINT aborts, except while a checkpoint is being written
+    (:func:`jaxatari.checkpoint.writing`): an abort there would leave orbax's
+    writer threads waiting for ever, so the write finishes first. Use as a
+    context manager; handlers are restored on exit."""
 
     def __init__(self, unit: str = "chunk"):
         self.unit = unit
@@ -694,6 +714,12 @@ class Signals:
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
+            from jaxatari.checkpoint import writing
+
+            if writing():
+                print(f"\n{signal.Signals(signum).name} received while a checkpoint is being written: it is "
+                      "finished first.", file=sys.stderr, flush=True)
+                return
             raise KeyboardInterrupt
         self.received = signum
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after the current {self.unit} "
@@ -706,6 +732,20 @@ class Signals:
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def _wait_keeping_the_error(checkpointer, *, replace: bool) -> None:
+    """``checkpointer.wait()``; a failed background save raises, unless another
+    error is already on its way out (``replace`` False): then it is logged, and
+    the first error is the one reported."""
+    from jaxatari.checkpoint import CheckpointError
+
+    try:
+        checkpointer.wait()
+    except CheckpointError as e:
+        if replace:
+            raise
+        log.error("%s", e)
 
 
 @dataclasses.dataclass
@@ -812,6 +852,7 @@ def run(
         return path
 
     progress = _Progress(schedule.total_steps, step0) if is_main else _NoProgress()
+    completed = False
     try:
         with Signals() as sig:
             for chunk in range(start_chunk, schedule.num_chunks):
@@ -895,14 +936,19 @@ def run(
                     last_ckpt = global_step
                 if status != "done":
                     break
+            if checkpointer is not None:
+                checkpointer.wait()  # under the handlers: a SIGTERM now cannot kill the final save
+        completed = True
     except KeyboardInterrupt:
         status = "aborted"
         raise
     finally:
-        progress.close()
-        writer.close()
-        if checkpointer is not None:
-            checkpointer.wait()
+        try:
+            progress.close()
+            writer.close()
+        finally:
+            if checkpointer is not None:
+                _wait_keeping_the_error(checkpointer, replace=completed)
 
     if status == "interrupted" and is_main:
         print(f"\nInterrupted at env step {global_step:,}. Checkpoint saved in {run_dir / 'checkpoints'}.\n"

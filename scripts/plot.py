@@ -287,9 +287,9 @@ def _resumable_tuples() -> dict[str, tuple[str, ...]]:
 
 
 LEARNING_BUT_RESUMABLE = ("total_timesteps",)
-"""`RESUMABLE` fields that still shape learning: the learning-rate decay and DQN's
-exploration schedule stretch over `total_timesteps`, so runs of different lengths
-are different configs."""
+"""`RESUMABLE` fields that still shape learning: the learning-rate decay and (in a
+fresh run) DQN's exploration schedule stretch over `total_timesteps`, so runs of
+different lengths are different configs."""
 
 
 def non_learning_keys(algo: Any) -> frozenset[str]:

@@ -84,6 +84,8 @@ def test_parallel_modes_fit_the_machine_and_every_row_is_kept(tmp_path, monkeypa
         calls.append((script, kw))
         if "--sharded" in flags:
             raise RuntimeError("scripts/ppo.py failed:\nTraceback ...\nValueError: boom")
+        if "--num-agents" in flags:
+            raise RuntimeError("")  # a process killed without a word on stderr
         return 1234.5
 
     out = tmp_path / "par"
@@ -93,6 +95,7 @@ def test_parallel_modes_fit_the_machine_and_every_row_is_kept(tmp_path, monkeypa
     assert status["1 device (default path)"] == ("ok", 1234.5, None)
     assert status["1 device, sharded path"] == ("failed", None, "ValueError: boom")
     assert status["2 devices, one process"][0] == status["2 processes x 1 device (jax.distributed)"][0] == "skipped"
+    assert status["population of 4 agents, one process"] == ("failed", None, "RuntimeError")
     assert len(calls) == 3 and doc["settings"]["env"] == "CartPole-v1"
     md = out.with_suffix(".md").read_text()
     assert "| ppo | 2 devices, one process | skipped: needs 2 or more gpu devices" in md and "fake" not in md
@@ -295,7 +298,9 @@ FAKE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_learning_launches_seeds_in_parallel_and_passes_args_through(tmp_path):
+def test_learning_launches_seeds_in_parallel_and_passes_args_through(tmp_path, monkeypatch):
+    for var in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(var, raising=False)  # a GPU machine's own allocator settings are left alone (below)
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     (scripts / "fake.py").write_text(FAKE_SCRIPT)

@@ -207,6 +207,23 @@ def test_best_only_replaced_on_a_higher_score_and_persists(tmp_path):
         assert ckpt.restore_best(abstract(make_state())).meta["score"] == 6.0
 
 
+def test_an_unreadable_best_does_not_block_later_bests(tmp_path, caplog):
+    """A best checkpoint whose meta reads but whose arrays do not (a truncated file)
+    does not count: a lower score than its own becomes the best, and rotates it away."""
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save_best(3, make_state(3), score=3.0, policy=make_state(3).params)
+    for f in data_files(tmp_path / "checkpoints" / "best" / "3", "policy"):
+        os.truncate(f, f.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="jaxatari.checkpoint"), Checkpointer(tmp_path) as ckpt:
+        assert ckpt.best_score is None
+        assert ckpt.save_best(4, make_state(4), score=2.5, policy=make_state(4).params)
+        ckpt.wait()
+    assert step_dirs(tmp_path / "checkpoints" / "best") == ["4"]
+    assert any("best/3" in r.getMessage() and "does not count as best" in r.getMessage() for r in caplog.records)
+    with Checkpointer(tmp_path) as ckpt:  # a readable best keeps its score across restarts
+        assert ckpt.best_score == 2.5
+
+
 def test_saving_an_existing_or_older_step(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(5, make_state(5))

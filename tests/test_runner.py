@@ -137,6 +137,69 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
 
 
+def test_the_last_save_is_waited_for_under_the_signal_handlers(tmp_path, monkeypatch):
+    """A SIGTERM while the final checkpoint is still being written must not kill it:
+    the runner waits for it before giving the default handlers back."""
+    import signal
+
+    seen = []
+    with Checkpointer(tmp_path, keep=2) as ck:
+        wait = ck.wait
+        monkeypatch.setattr(ck, "wait", lambda: (seen.append(signal.getsignal(signal.SIGTERM)), wait())[1])
+        drive(tmp_path, fake_chunk(), num_chunks=2, ckpt=ck)
+    assert seen and getattr(seen[0], "__self__", None).__class__ is runner.Signals
+
+
+def test_a_second_ctrl_c_waits_for_a_checkpoint_being_written(capsys):
+    import signal
+
+    from jaxatari import checkpoint
+
+    with runner.Signals() as sig:
+        sig._handle(signal.SIGINT, None)  # the first asks for a save
+        assert sig.received == signal.SIGINT
+        with checkpoint._Writing():
+            assert checkpoint.writing()
+            sig._handle(signal.SIGINT, None)  # deferred: aborting orbax mid-save would hang the process
+        assert not checkpoint.writing()
+        with pytest.raises(KeyboardInterrupt):
+            sig._handle(signal.SIGINT, None)
+    assert "while a checkpoint is being written: it is finished first" in capsys.readouterr().err
+
+
+def test_resume_truncation_drops_rows_past_the_checkpoint_and_a_cut_last_row(tmp_path):
+    w = runner.MetricsWriter(tmp_path, ["global_step", "loss"], tensorboard=True)
+    for step in (8, 16, 24, 32):
+        w.write(dict(global_step=step, loss=0.5))
+    w.close()
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("4")  # a kill in the middle of writing the row of step 40
+    w = runner.MetricsWriter(tmp_path, ["global_step", "loss"], tensorboard=True)
+    w.truncate_after(24)
+    w.write(dict(global_step=32, loss=0.25))
+    w.close()
+    assert (tmp_path / "metrics.csv").read_text() == "global_step,loss\n8,0.5\n16,0.5\n24,0.5\n32,0.25\n"
+    assert not list(tmp_path.glob("*.tmp"))  # replaced atomically
+    # TensorBoard is told to drop what the first run logged past step 24: a START session log at step 25.
+    starts = [e.step for e in _tb_events(tmp_path / "tb") if e.session_log.status == e.session_log.START]
+    assert starts == [25]
+
+
+def _tb_events(directory):
+    """Every event of the TFRecord event files in ``directory``."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            yield Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+
+
 @pytest.mark.parametrize("outcome, code", [("SIGTERM", 143), ("SIGINT", 130), ("complete", 0), ("bad", 2),
                                            ("corrupt", 2), ("save", 1)])
 def test_cli_exit_codes(monkeypatch, capsys, outcome, code):

@@ -131,7 +131,7 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
     preset = c.preset or (manifest or {}).get("preset")
     dataset_game = c.preset in (None, (manifest or {}).get("preset"))
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, preset))
-    if dataset_game and (manifest or {}).get("options"):
+    if dataset_game and (manifest or {}).get("options") and not c.resume:  # a resume keeps its stored games
         # Closed-loop games are the dataset's: its options beyond the preset (the expert's --env-option
         # values, collect's --max-episode-steps), each unless --env-option sets it.
         given = envs.parse_env_options(c.env_option)
@@ -476,6 +476,7 @@ def train(config: Config) -> Result:
                     if sig.received is not None:
                         status, received = "interrupted", sig.received
                         break
+                ckpt.wait()  # under the handlers: a SIGTERM now cannot kill the last save
         finally:
             writer.close()
             ckpt.wait()

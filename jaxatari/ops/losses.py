@@ -22,10 +22,19 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``sum(x * mask) / max(sum(mask), 1)``: the mean of ``x`` over the samples
     where ``mask`` is set; ``x`` and ``mask`` have the same shape (a mask that
     would broadcast is refused: it would count each sample several times).
-    Masked-out samples count as 0 whatever they hold (NaN and inf included)."""
+    Masked-out samples count as 0 whatever they hold (NaN and inf included) in the
+    value; the gradient with respect to a NaN masked-out input is still NaN
+    (``0 * NaN``), so the losses zero those inputs first."""
     chex.assert_equal_shape([x, mask])
     mask = mask.astype(x.dtype)
     return jnp.where(mask != 0, x * mask, 0.0).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _where_valid(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``x`` where ``mask`` is set, 0 elsewhere: a masked-out sample's batch fields
+    (padding, EnvPool reset steps) may hold anything, NaN included, without
+    reaching the loss or, through ``0 * NaN`` in the backward pass, its gradient."""
+    return jnp.where(mask != 0, x, jnp.zeros((), x.dtype))
 
 
 def standardize(x: jax.Array, mean_fn: Callable[[jax.Array], jax.Array], eps: float = 1e-8) -> jax.Array:
@@ -146,22 +155,23 @@ def ppo_loss(
     logits, values = apply_fn(params, batch)
     chex.assert_equal_shape([values, batch.returns])
     mask = batch.mask.astype(jnp.float32)
+    old_log_probs, old_values, adv, returns = (_where_valid(x, mask) for x in (
+        batch.log_probs, batch.values, batch.advantages, batch.returns))
 
     log_prob = categorical_log_prob(logits, batch.actions)
-    log_ratio = log_prob - batch.log_probs
+    log_ratio = log_prob - old_log_probs
     ratio = jnp.exp(log_ratio)
 
-    adv = batch.advantages
     if normalize_advantages:
         adv = standardize(adv, lambda v: masked_mean(v, mask))
     pg1 = ratio * adv
     pg2 = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
     policy_loss = -masked_mean(jnp.minimum(pg1, pg2), mask)
 
-    v_err = (values - batch.returns) ** 2
+    v_err = (values - returns) ** 2
     if clip_value:
-        v_clipped = batch.values + jnp.clip(values - batch.values, -clip_eps, clip_eps)
-        v_err = jnp.maximum(v_err, (v_clipped - batch.returns) ** 2)
+        v_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+        v_err = jnp.maximum(v_err, (v_clipped - returns) ** 2)
     value_loss = 0.5 * masked_mean(v_err, mask)
 
     entropy = masked_mean(categorical_entropy(logits), mask)
@@ -223,9 +233,9 @@ def a2c_loss(
     chex.assert_equal_shape([values, batch.targets])
     mask = batch.mask.astype(jnp.float32)
     log_prob = categorical_log_prob(logits, batch.actions)
-    adv = jax.lax.stop_gradient(batch.advantages)
+    adv = jax.lax.stop_gradient(_where_valid(batch.advantages, mask))
     policy_loss = -masked_mean(adv * log_prob, mask)
-    value_loss = masked_mean((values - jax.lax.stop_gradient(batch.targets)) ** 2, mask)
+    value_loss = masked_mean((values - jax.lax.stop_gradient(_where_valid(batch.targets, mask))) ** 2, mask)
     entropy = masked_mean(categorical_entropy(logits), mask)
     loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
     return loss, A2CLossInfo(policy_loss, value_loss, entropy)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxatari.ops import PPOBatch, categorical_entropy, masked_mean, ppo_loss, standardize
+from jaxatari.ops import A2CBatch, PPOBatch, a2c_loss, categorical_entropy, masked_mean, ppo_loss, standardize
 
 
 def fixed_apply(logits, values):
@@ -89,6 +89,30 @@ def test_masked_out_nan_and_impossible_actions_stay_finite():
     p = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()
     np.testing.assert_allclose(ent[1], -(p * np.log(p)).sum(), rtol=1e-6)
     assert np.isfinite(jax.grad(lambda x: categorical_entropy(x).sum())(logits)).all()
+
+
+def test_nan_in_masked_out_samples_reaches_neither_loss_nor_gradient():
+    rng = np.random.default_rng(3)
+    n, valid = 6, jnp.arange(6) < 4
+    nan_where_masked = lambda x: jnp.where(valid, jnp.asarray(x, jnp.float32), jnp.nan)  # noqa: E731
+    obs = jnp.asarray(rng.normal(size=(n, 3)), jnp.float32)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)}
+
+    def apply_fn(p, b):
+        out = b.obs @ p["w"]
+        return out[:, :4], out[:, 4]
+
+    ppo = PPOBatch(obs=obs, actions=jnp.asarray(rng.integers(0, 4, n)), mask=valid,
+                   log_probs=nan_where_masked(rng.normal(size=n) - 1.5), values=nan_where_masked(rng.normal(size=n)),
+                   advantages=nan_where_masked(rng.normal(size=n)), returns=nan_where_masked(rng.normal(size=n)))
+    a2c = A2CBatch(obs=obs, actions=ppo.actions, advantages=ppo.advantages, targets=ppo.returns, mask=valid)
+    for loss_fn, batch in ((functools.partial(ppo_loss, clip_eps=0.2, vf_coef=0.5, ent_coef=0.01), ppo),
+                           (functools.partial(a2c_loss, vf_coef=0.5, ent_coef=0.01), a2c)):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(p, batch, apply_fn=apply_fn)[0])(params)
+        clean = jax.tree.map(lambda x: x[:4] if x.ndim and x.shape[0] == n else x, batch)
+        ref, _ = loss_fn(params, clean, apply_fn=apply_fn)  # the same loss on the valid samples alone
+        np.testing.assert_allclose(loss, ref, rtol=1e-5)
+        assert np.isfinite(grads["w"]).all()
 
 
 class TestJit(chex.TestCase):
