@@ -776,7 +776,9 @@ def _reason(e: BaseException, root: Path | None = None) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _find_run_dir(path: Path) -> Path:
+def find_run_dir(path: str | os.PathLike) -> Path:
+    """The run directory holding ``path``: ``path`` itself or its nearest parent with a ``config.json``."""
+    path = Path(path)
     for p in (path, *path.parents):
         if (p / "config.json").is_file():
             return p
@@ -905,8 +907,12 @@ def load_policy(path: str | os.PathLike) -> LoadedPolicy:
     from jaxatari.networks import ActorCritic, NetworkSpec, QNetwork, initial_carry
 
     path = Path(path)
-    run_dir = _find_run_dir(path)
+    run_dir = find_run_dir(path)
     config = json.loads((run_dir / "config.json").read_text())
+    agents = config.get("num_agents") or 1
+    if agents > 1:  # its checkpoints hold [K, ...] stacked params
+        raise CheckpointError(f"{run_dir} is a population of {agents} agents (--num-agents/--sweep); load one "
+                              f"agent's run directory, {run_dir / 'agents' / '<k>'} with k in 0..{agents - 1}.")
     if "network_spec" not in config or "env_spec" not in config:
         raise CheckpointError(f"{run_dir / 'config.json'} lacks network_spec/env_spec; was it written by jaxatari?")
     spec = NetworkSpec.from_json(config["network_spec"])

@@ -362,6 +362,14 @@ def check_arguments(*, episodes: int = 30, num_envs: int | None = None, mode: st
                 f"video={str(video)!r} has extension {suffix or '(none)'!r}; accepted: "
                 f"{', '.join(VIDEO_EXTENSIONS)}."
             )
+        if suffix == ".mp4":
+            try:  # before any game is played: the writer needs imageio-ffmpeg's ffmpeg binary
+                import imageio_ffmpeg
+
+                imageio_ffmpeg.get_ffmpeg_exe()
+            except (ImportError, RuntimeError) as e:
+                raise EvalError(f"video={str(video)!r}: mp4 needs ffmpeg through imageio-ffmpeg, which is not usable "
+                                f"here ({type(e).__name__}: {e}); pip install imageio-ffmpeg, or record a .gif.") from None
         if not (isinstance(video_fps, (int, float)) and video_fps > 0):
             raise EvalError(f"video_fps={video_fps!r} is not accepted: it must be a number > 0.")
         _check_int("video_episodes", video_episodes, 1)

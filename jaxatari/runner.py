@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -953,13 +954,16 @@ def run(
     if status == "interrupted" and is_main:
         print(f"\nInterrupted at env step {global_step:,}. Checkpoint saved in {run_dir / 'checkpoints'}.\n"
               f"Resume with:  {resume_command}", flush=True)
-    elif status == "target_reached" and is_main:
-        print(f"\nTarget return {target_return} reached (mean of last 100 episodes {mean100:.1f}) at step "
-              f"{global_step:,}; saved as best.", flush=True)
-    elif status == "done" and is_main:
-        print(f"\nDone: {global_step:,} env steps in {_duration(prev_wall + time.perf_counter() - wall0)}; "
-              f"run in {run_dir}. Watch the agent: python scripts/evaluate.py --run-dir {run_dir} --video play.mp4",
-              flush=True)
+    elif status in ("done", "target_reached") and is_main:
+        agent = Path(run_dir) / "agents" / "0" if num_agents > 1 else Path(run_dir)  # a population: one agent
+        watch = (f"python scripts/evaluate.py --run-dir {shlex.quote(str(agent))} --video play.mp4"
+                 + (f" (agent 0 of {num_agents}: agents/<k> for the others)" if num_agents > 1 else ""))
+        if status == "target_reached":
+            print(f"\nTarget return {target_return} reached (mean of last 100 episodes {mean100:.1f}) at step "
+                  f"{global_step:,}; saved as best. Run in {run_dir}. Watch the agent: {watch}", flush=True)
+        else:
+            print(f"\nDone: {global_step:,} env steps in {_duration(prev_wall + time.perf_counter() - wall0)}; "
+                  f"run in {run_dir}. Watch the agent: {watch}", flush=True)
     return RunResult(state, status, global_step, mean100, compile_s, sps, received)
 
 

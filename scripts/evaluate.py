@@ -53,7 +53,7 @@ class Config:
 
 def main(cfg: Config) -> int:
     from jaxatari import envs, runner
-    from jaxatari.checkpoint import CheckpointError
+    from jaxatari.checkpoint import CheckpointError, find_run_dir
     from jaxatari.evaluate import EvalError, check_arguments, evaluate, load_checkpoint
 
     try:
@@ -83,9 +83,9 @@ def main(cfg: Config) -> int:
     print(f"{c['env']} ({c['algo']}, {loaded['checkpoint']} checkpoint, env step {step_text}): {res.format()}")
     if cfg.video:
         print(f"video: {cfg.video}")
-    run_dir = Path(pol.config.get("run_dir") or cfg.run_dir)
     out = dict(res.to_json(), **loaded, checkpoint_requested=cfg.checkpoint)
-    target = (run_dir if run_dir.is_dir() else Path(cfg.run_dir)) / "eval.json"
+    # The run directory holding the config.json just read (not the path stored in it: the run may have moved).
+    target = find_run_dir(Path(cfg.run_dir)) / "eval.json"
     target.write_text(json.dumps(out, indent=2))
     print(f"wrote {target}")
     return 0

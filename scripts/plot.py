@@ -180,9 +180,10 @@ def spread_wall_time(steps: np.ndarray, wall: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_metrics(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_metrics(path: Path, agent: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(global_step, wall_time, episode_return) for the rows of metrics.csv with a
-    return, wall_time spread within chunks logged at once (`spread_wall_time`)."""
+    return, wall_time spread within chunks logged at once (`spread_wall_time`);
+    with `agent`, only that agent's rows of a population's file."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
@@ -193,6 +194,8 @@ def read_metrics(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             raise PlotError(f"{path} has no column {', '.join(missing)} (its header is: {','.join(fields) or 'empty'}).")
         steps, times, returns = [], [], []
         for row in reader:
+            if agent is not None and row.get("agent") != str(agent):
+                continue
             step = _float(row.get("global_step"))
             if step is None:
                 continue
@@ -208,8 +211,39 @@ def read_metrics(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return steps_a[has_return], times_a[has_return], returns_a[has_return]
 
 
+def runs_of(run_dir: str | Path) -> list[Run]:
+    """The runs of one run directory: itself, or one per agent of a population
+    (``--num-agents``/``--sweep``: an ``agent`` column in metrics.csv), each with the
+    population's config given the agent's seed and swept value, so that agents
+    group and are labelled like lone runs.
+    Agents without a finished episode yet are left out; PlotError as `load_run`."""
+    path = Path(run_dir)
+    run = load_run(path)  # also checks the directory, and that some agent finished an episode
+    with open(path / "metrics.csv", newline="") as f:
+        header = next(csv.reader(f), [])
+    if "agent" not in header:
+        return [run]
+    scale = run.config.get("scale_out") or {}
+    num_agents = int(scale.get("num_agents") or run.config.get("num_agents") or 1)
+    sweep = scale.get("sweep") or {}
+    runs = []
+    for k in range(num_agents):  # agent k is the run --seed seed+k (with its swept value) would be alone
+        config = {key: v for key, v in run.config.items() if key not in ("scale_out", "sweep")}
+        config.update(seed=(run.config.get("seed") or 0) + k, num_agents=1, run_dir=f"{path}#agent{k}")
+        if sweep.get("name"):
+            config[sweep["name"]] = sweep["values"][k]
+        try:
+            steps, times, returns = read_metrics(path / "metrics.csv", agent=k)
+        except NoReturnsYet:
+            continue
+        order = np.argsort(steps, kind="stable")
+        runs.append(Run(path=path, config=config, steps=steps[order], wall_time=times[order], returns=returns[order]))
+    return runs
+
+
 def load_run(run_dir: str | Path) -> Run:
-    """Read one run directory; raise PlotError naming the path when it is not a usable run."""
+    """Read one run directory (a population's agents all together: see `runs_of`);
+    raise PlotError naming the path when it is not a usable run."""
     path = Path(run_dir)
     if not path.is_dir():
         raise PlotError(f"Run directory {path} does not exist.")
@@ -616,7 +650,7 @@ def load_runs(run_dirs: Sequence[str | Path], warn: Callable[[str], None] = _std
     empty: list[tuple[Path, NoReturnsYet]] = []
     for p in expand_run_dirs(run_dirs):
         try:
-            runs.append(load_run(p))
+            runs.extend(runs_of(p))
         except NoReturnsYet as err:
             empty.append((p, err))
     if not runs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image, ImageSequence
 
 from jaxatari import envs
 from jaxatari.evaluate import (
-    EvalError, EvalResult, episode_quotas, evaluate, gif_frame_ms, q_policy, random_policy,
+    EvalError, EvalResult, check_arguments, episode_quotas, evaluate, gif_frame_ms, q_policy, random_policy,
 )
 
 pytestmark = [
@@ -342,6 +343,29 @@ def fake_run(run_dir: Path) -> Path:
         ckpt.save(200, params, policy=params)
         ckpt.save_best(100, params, score=1.0, policy=params)
     return run_dir
+
+
+def test_eval_json_goes_to_the_run_directory_evaluated(tmp_path, monkeypatch, capsys):
+    """A copied (or moved) run writes eval.json into itself, not into the directory
+    its config.json was first written in."""
+    script = evaluate_script(monkeypatch)
+    original = fake_run(tmp_path / "run")
+    copy = tmp_path / "my copy"
+    shutil.copytree(original, copy)
+    assert script.main(script.Config(run_dir=str(copy / "checkpoints" / "latest"), episodes=1, num_envs=1,
+                                     max_episode_steps=3)) == 0
+    assert (copy / "eval.json").is_file() and not (original / "eval.json").exists()
+    assert f"wrote {copy / 'eval.json'}" in capsys.readouterr().out
+
+
+def test_mp4_without_a_usable_ffmpeg_is_refused_before_playing(monkeypatch):
+    def missing():
+        raise RuntimeError("No ffmpeg exe could be found.")
+
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", missing)
+    with pytest.raises(EvalError, match=r"mp4 needs ffmpeg .* No ffmpeg exe could be found.* or record a .gif"):
+        check_arguments(video="play.mp4")
+    check_arguments(video="play.gif")  # Pillow writes gifs
 
 
 def test_loaded_policy_sampling_needs_a_key(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 
 from jaxatari import parallel
 from jaxatari.agents import a2c, ppo
-from jaxatari.checkpoint import load_policy
+from jaxatari.checkpoint import CheckpointError, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "_scale_worker.py")
@@ -240,6 +240,8 @@ def test_ppo_population_matches_agents_trained_alone(tmp):
     a0 = [np.asarray(x) for x in jax.tree.leaves(load_policy(pop / "agents" / "0").params)]
     a1 = [np.asarray(x) for x in jax.tree.leaves(load_policy(pop / "agents" / "1").params)]
     assert_differs(a0, a1)
+    with pytest.raises(CheckpointError, match=r"is a population of 2 agents .* agents/<k> with k in 0\.\.1"):
+        load_policy(pop)  # its checkpoints stack the agents' params: one agent's directory is the policy
 
 
 def test_a2c_sweep_matches_agents_trained_alone(tmp):

@@ -149,6 +149,37 @@ def test_aggregate_union_grid_without_extrapolation():
     np.testing.assert_array_equal(count, [2, 2, 1])
 
 
+def make_population(root: Path, name: str, sweep: dict | None, *, agents: int = 2, n: int = 12) -> Path:
+    """A population's run directory: one metrics.csv row per update and agent (the
+    `agent` column), agent k returning 10 ** (k + 1); the sweep recorded in scale_out."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**BASE, "seed": 5, "run_dir": str(run), "num_agents": agents,
+                                                 "sweep": sweep and f"lr={','.join(map(str, sweep['values']))}",
+                                                 "scale_out": {"num_agents": agents, "sweep": sweep}}))
+    with open(run / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["global_step", "update", "agent", "wall_time", "sps", "episode_return", "episode_length"])
+        for i in range(n):
+            for k in range(agents):
+                w.writerow([(i + 1) * 1000, i, k, i + 1.0, 500, 10 ** (k + 1) if k or i > 2 else "", 100])
+    return run
+
+
+def test_a_population_plots_one_curve_per_agent_config(tmp_path):
+    """Agents are runs of their own: a sweep's values are separate configs, and the
+    agents of a plain population are the seeds of one config."""
+    sweep = plot.runs_of(make_population(tmp_path, "sweep", {"name": "lr", "values": [1e-3, 3e-3]}))
+    assert [(r.seed, r.config["lr"]) for r in sweep] == [(5, 1e-3), (6, 3e-3)]
+    np.testing.assert_array_equal(sweep[0].returns, [10.0] * 9)  # agent 0's rows only, from its first return
+    np.testing.assert_array_equal(sweep[1].returns, [100.0] * 12)
+    groups = plot.group_runs(sweep)
+    assert len(groups) == 2 and "lr=0.001" in plot.group_labels(groups)[0] and "lr=0.003" in plot.group_labels(groups)[1]
+    seeds = plot.group_runs(plot.runs_of(make_population(tmp_path, "pop", None, agents=3)))
+    assert len(seeds) == 1 and [r.seed for r in seeds[0].runs] == [5, 6, 7]
+    assert plot.main([str(tmp_path / "sweep"), str(tmp_path / "pop"), "--out", str(tmp_path / "c.png")]) == 0
+
+
 def test_smooth_matches_a_loop():
     y = np.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0])
     expected = [np.mean(y[max(0, i - 2) : i + 1]) for i in range(len(y))]

@@ -66,11 +66,15 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert float(restored.state["x"]) == 8.0
 
 
-def test_target_return_stops_and_saves_best(tmp_path):
-    with Checkpointer(tmp_path, keep=2, async_save=False) as ck:
-        res = drive(tmp_path, fake_chunk(ret=20.0), ckpt=ck, target_return=19.0)
+def test_target_return_stops_and_saves_best(tmp_path, capsys):
+    run = tmp_path / "my runs"  # the printed command quotes a path with a space
+    with Checkpointer(run, keep=2, async_save=False) as ck:
+        res = drive(run, fake_chunk(ret=20.0), ckpt=ck, target_return=19.0)
         assert res.status == "target_reached" and res.global_step == U * 2 * B
         assert ck.best_score == 20.0
+    out = capsys.readouterr().out
+    assert "Target return 19.0 reached" in out
+    assert f"Watch the agent: python scripts/evaluate.py --run-dir '{run}' --video play.mp4" in out
 
 
 @pytest.mark.parametrize("total,per_update,chunk,expect", [
