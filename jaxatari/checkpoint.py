@@ -57,6 +57,7 @@ number of readers may call :func:`restore_policy`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -916,6 +917,10 @@ def load_policy(path: str | os.PathLike) -> LoadedPolicy:
     if "network_spec" not in config or "env_spec" not in config:
         raise CheckpointError(f"{run_dir / 'config.json'} lacks network_spec/env_spec; was it written by jaxatari?")
     spec = NetworkSpec.from_json(config["network_spec"])
+    if spec.torso != "mlp" and "conv_impl" not in spec.torso_kwargs:
+        # It acts a step at a time, outside any loop: there XLA's convolution is the fast one on every backend
+        # (the CPU default, im2col, is for convolutions inside compiled chunks; the parameters are the same).
+        spec = dataclasses.replace(spec, torso_kwargs={**spec.torso_kwargs, "conv_impl": "xla"})
     env_spec = config["env_spec"]
     obs = jnp.zeros((1, *env_spec["obs_shape"]), env_spec["obs_dtype"])
     if config.get("algo") == "dqn":

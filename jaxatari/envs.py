@@ -134,7 +134,10 @@ def parse_env_options(items: tuple[str, ...] | list[str]) -> dict[str, str]:
         if "=" not in item:
             raise EnvError(f"Env option {item!r} is not of the form KEY=VALUE, e.g. 'noop_max=30'.")
         k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        k = k.strip()
+        if k in out:
+            raise EnvError(f"Env option {k} is given twice ({k}={out[k]} and {k}={v.strip()}); give it once.")
+        out[k] = v.strip()
     return out
 
 

@@ -115,13 +115,33 @@ def config_from_json(cls, d: dict[str, Any]):
     return cls(**kw)
 
 
+def _flag_name(token: str) -> str:
+    """``--run_dir=x`` -> ``--run-dir``; ``--no-tensorboard`` -> ``--tensorboard`` (one flag, two spellings)."""
+    name = token.split("=", 1)[0].replace("_", "-")
+    return "--" + name[5:] if name.startswith("--no-") else name
+
+
 def _flag_value(argv: Sequence[str], flag: str) -> str | None:
     for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
+        if a.startswith("--") and _flag_name(a) == flag:
+            if "=" in a:
+                return a.split("=", 1)[1]
+            if i + 1 < len(argv):
+                return argv[i + 1]
     return None
+
+
+def _refuse_repeated_flags(argv: Sequence[str]) -> None:
+    """tyro keeps the last of a repeated flag and drops the others without a word
+    (``--env-option a=1 --env-option b=2`` would lose ``a=1``): refuse instead."""
+    seen: set[str] = set()
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name = _flag_name(a)
+            if name in seen:
+                raise ConfigError(f"{name} is given more than once; give it once (several --env-option values "
+                                  "go after one flag: --env-option noop_max=30 frame_skip=4).")
+            seen.add(name)
 
 
 def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = None, description: str | None = None):
@@ -134,6 +154,8 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not {"-h", "--help"} & set(argv):
+        _refuse_repeated_flags(argv)
     resume = _flag_value(argv, "--resume")
     if resume is None:
         return tyro.cli(config_cls, args=argv, description=description)
@@ -142,6 +164,10 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
         raise ConfigError(f"--run-dir cannot be combined with --resume: a run continues in its own directory "
                           f"({resume}); to continue a copy elsewhere, copy the directory and resume the copy.")
     stored = load_run_config(resume)
+    if "population" in stored:
+        raise ConfigError(f"{resume} is agent {stored.get('agent', '?')} of the population {stored['population']}: a "
+                          f"snapshot to evaluate or load, not a run; resume the population, --resume "
+                          f"{stored['population']}.")
     algo = getattr(sys.modules.get(config_cls.__module__), "ALGO", None)
     if algo and stored.get("algo", algo) != algo:
         raise ConfigError(f"{resume} is a {stored['algo']} run, not {algo}; resume it with "
@@ -168,9 +194,12 @@ def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: {run_dir!s} is not a jaxatari run directory.")
     try:
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path} holds a JSON {type(stored).__name__}, not a jaxatari run config (an object).")
+    return stored
 
 
 def run_dir_for(config, algo: str) -> Path:

@@ -93,6 +93,8 @@ def test_recorded_frames_and_actions_are_the_experts_games(collected):
     cfg, result = collected
     log = result.manifest["episode_log"]
     pol = load_policy(cfg.run_dir)
+    # Acting a step at a time, a loaded policy convolves with XLA (im2col is for loops on a CPU): same params.
+    assert pol.spec.torso_kwargs["conv_impl"] == "xla"
     for e in log:
         obs, actions = episode_frames(cfg.out, e)
         T = len(actions)

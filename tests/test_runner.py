@@ -549,3 +549,42 @@ def test_resume_accepts_its_own_run_dir(tmp_path):
     with pytest.raises(runner.ConfigError, match="On resume you may change: --total-timesteps") as e:
         runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--seed", "7"])
     assert "--run-dir" not in str(e.value)
+
+
+def test_flags_given_twice_and_odd_resume_targets_are_refused(tmp_path):
+    """tyro keeps the last of a repeated flag (losing the others without a word):
+    refused, as are a population's agent snapshot and a config.json that is no object."""
+    from jaxatari import envs
+    from jaxatari.agents import ppo
+
+    def cli(*argv):
+        return runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv))
+
+    for argv in (["--env-option", "noop_max=10", "--env-option", "frame_skip=2"],
+                 ["--tensorboard", "--no-tensorboard"], ["--num_envs", "4", "--num-envs", "8"]):
+        with pytest.raises(runner.ConfigError, match=r"is given more than once; give it once"):
+            cli("--env", "CartPole-v1", *argv)
+    assert cli("--env", "Breakout-v5", "--env-option", "noop_max=10", "frame_skip=2").env_option == (
+        "noop_max=10", "frame_skip=2")
+    with pytest.raises(envs.EnvError, match=r"noop_max is given twice \(noop_max=10 and noop_max=20\)"):
+        envs.parse_env_options(("noop_max=10", "noop_max=20"))
+
+    d, other = tmp_path / "run", tmp_path / "other"
+    for run in (d, other):
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")),
+                                                     "algo": "ppo"}))
+    with pytest.raises(runner.ConfigError, match=r"--resume is given more than once"):
+        cli("--resume", str(d), "--resume", str(other))  # tyro would resume `other` with `d`'s config
+    with pytest.raises(runner.ConfigError, match=r"--run-dir cannot be combined with --resume"):
+        cli("--resume", str(d), "--run_dir", str(other))  # either spelling
+    agent = tmp_path / "pop" / "agents" / "0"
+    agent.mkdir(parents=True)
+    (agent / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")),
+                                                   "algo": "ppo", "agent": 0, "population": str(tmp_path / "pop")}))
+    with pytest.raises(runner.ConfigError, match=rf"is agent 0 of the population {tmp_path / 'pop'}: .* --resume "):
+        cli("--resume", str(agent))
+    (other / "config.json").write_text("[1, 2]")
+    with pytest.raises(runner.ConfigError, match=r"holds a JSON list, not a jaxatari run config"):
+        cli("--resume", str(other))
+

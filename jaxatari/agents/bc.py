@@ -356,6 +356,15 @@ def train(config: Config) -> Result:
         raise data.DataError(f"The dataset in {c.data} has {manifest['num_actions']} actions but {c.env} has "
                              f"{spec.num_actions}; was it recorded with full_action_space?")
     train_ds, val_ds = data.load_splits(c.data, num_actions=spec.num_actions)
+    if c.resume:  # --data may move (a copy elsewhere), not change: the epochs and batches index this dataset
+        was = runner.load_run_config(c.resume).get("dataset") or {}
+        now = dict(train_sequences=len(train_ds), val_sequences=len(val_ds), seq_len=train_ds.seq_len)
+        if any(k in was and was[k] != v for k, v in now.items()):
+            raise data.DataError(
+                f"--data {c.data} holds {now['train_sequences']} train / {now['val_sequences']} val sequences of "
+                f"{now['seq_len']} steps, but the run being resumed trained on {was.get('train_sequences')} / "
+                f"{was.get('val_sequences')} of {was.get('seq_len')}: another dataset would change the learning "
+                "problem; pass the run's own dataset (a moved copy is fine).")
     if train_ds.obs_shape != tuple(spec.obs_shape):
         raise data.DataError(f"The dataset's frames are {list(train_ds.obs_shape)} (channels first) but {c.env} "
                              f"under preset {c.preset} gives {list(spec.obs_shape)}; pass the matching --preset "

@@ -157,7 +157,7 @@ class Config:
     """Gradient steps per training event: the replay ratio is gradient_steps / train_frequency updates per env step."""
     target_return: float | None = None
     """Stop once the mean of the last 100 full-game training returns reaches this; the policy is saved as best.
-    Preset: 19 (pong-fast), none otherwise."""
+    Preset: 19 (pong-fast), none otherwise. To train on past it: --resume RUN --target-return None (or inf)."""
     network: str = "auto"
     """auto (Nature CNN on pixels, MLP on vectors), nature, impala or mlp."""
     mlp_hidden: tuple[int, ...] = (120, 84)
@@ -318,6 +318,8 @@ def resolve(config: Config) -> Config:
     fill = {k: v for k, v in fill.items() if getattr(config, k) is None}
     if config.exploration_fraction is not None and config.exploration_steps is None:
         fill.pop("exploration_steps", None)  # an explicit --exploration-fraction beats the preset's step count
+    if config.resume:
+        fill.pop("target_return", None)  # a resume's --target-return None means: no target any more
     c = dataclasses.replace(config, dqn_preset=preset, **fill)
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
 

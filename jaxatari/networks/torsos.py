@@ -43,13 +43,14 @@ class Conv(nn.Module):
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
     impl: str = "auto"
+    param_dtype: Any = jnp.float32  # as nn.Conv: float32 parameters even with jax_enable_x64
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
         c = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (kh, kw, c, self.features))
-        bias = self.param("bias", self.bias_init, (self.features,))
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, c, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         impl = self.impl
         if impl == "auto":
             impl = "im2col" if jax.default_backend() == "cpu" else "xla"

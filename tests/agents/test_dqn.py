@@ -62,6 +62,9 @@ def test_explicit_flags_win_over_the_preset():
     # ... an explicit --exploration-steps beats the preset's fraction, and resolving is idempotent (resume).
     c = dqn.resolve(dqn.Config(env="Breakout-v5", exploration_steps=1234))
     assert c.exploration_steps == 1234 and dqn.resolve(c) == c
+    # A resume may drop the preset's target (--target-return None): it is not filled in again.
+    assert dqn.resolve(dqn.Config(env="Pong-v5", dqn_preset="pong-fast")).target_return == 19.0
+    assert dqn.resolve(dqn.Config(env="Pong-v5", dqn_preset="pong-fast", resume="r")).target_return is None
 
 
 def test_classic_defaults_and_buffer_rounding():

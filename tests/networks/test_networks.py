@@ -72,6 +72,19 @@ def test_conv_im2col_matches_xla_and_flax(padding, stride):
     np.testing.assert_allclose(y_xla, y_flax, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "im2col"])
+def test_torso_parameters_are_float32_even_with_x64(impl):
+    """As flax's own layers: float64 kernels would train in float64 on CPU, fail the
+    XLA convolution against float32 frames, and mismatch float32 checkpoints."""
+    from jaxatari.networks.torsos import NatureCNN
+
+    with jax.enable_x64(True):
+        net = NatureCNN(conv_impl=impl)
+        params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 84, 84), jnp.uint8))
+        assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+        assert net.apply(params, jnp.zeros((1, 4, 84, 84), jnp.uint8)).dtype == jnp.float32
+
+
 def test_pixel_torsos_refuse_float_frames():
     """Frames already scaled to [0, 1] would be scaled again by 1/255: refused, naming the dtype."""
     from jaxatari.networks.torsos import pixels_to_float
