@@ -560,8 +560,9 @@ def parse_sweep(sweep: str | None, num_agents: int, sweepable: Sequence[str],
         values = [float(v) for v in vals.split(",") if v.strip()]
     except ValueError:
         raise ParallelError(f"--sweep values {vals!r} are not numbers.") from None
-    if not values:
-        raise ParallelError(f"--sweep {sweep!r} gives no values; give one or more, e.g. {name}=1e-4,2.5e-4.")
+    if len(values) < 2:
+        raise ParallelError(f"--sweep {sweep!r} gives {len(values)} value(s); a sweep takes two or more, e.g. "
+                            f"{name}=1e-4,2.5e-4 (for one value, pass --{name.replace('_', '-')} alone).")
     for v in values:
         try:
             runner.check_ranges(types.SimpleNamespace(**{name: v}), {name: ranges[name]})

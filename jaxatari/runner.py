@@ -747,8 +747,8 @@ class Signals:
             from jaxatari.checkpoint import writing
 
             if writing():
-                print(f"\n{signal.Signals(signum).name} received while a checkpoint is being written: it is "
-                      "finished first.", file=sys.stderr, flush=True)
+                print(f"\n{signal.Signals(signum).name} ignored: a checkpoint is being written, and aborting it "
+                      "would hang the process; the run stops once it is written.", file=sys.stderr, flush=True)
                 return
             raise KeyboardInterrupt
         self.received = signum

@@ -275,15 +275,18 @@ def test_bad_scale_out_flags_are_named():
         parallel.parse_sweep("gamma=0.9,1.5", 1, ppo.SWEEPABLE, ppo.RANGES)
     with pytest.raises(parallel.ParallelError, match=r"--rms-alpha 1.0 is not accepted: it must be in \[0, 1\)"):
         parallel.parse_sweep("rms_alpha=0.99,1.0,-1", 1, a2c.SWEEPABLE, a2c.RANGES)
-    with pytest.raises(parallel.ParallelError, match=r"gives no values"):
+    with pytest.raises(parallel.ParallelError, match=r"gives 0 value\(s\); a sweep takes two or more"):
         parallel.parse_sweep("learning_rate=,", 1, ppo.SWEEPABLE, ppo.RANGES)
+    with pytest.raises(parallel.ParallelError, match=r"gives 1 value\(s\).* pass --learning-rate alone"):
+        parallel.parse_sweep("learning_rate=1e-4", 1, ppo.SWEEPABLE, ppo.RANGES)
     assert set(ppo.SWEEPABLE) <= set(ppo.RANGES) and set(a2c.SWEEPABLE) <= set(a2c.RANGES)
     assert parallel.resolve_devices(None, 7) == 1
 
 
 def test_script_rejects_uneven_split_before_compiling(tmp):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    r = subprocess.run([sys.executable, "scripts/ppo.py", *PPO, "--num-envs", "3", "--devices", "2",
+    uneven = [a if a != "4" else "3" for a in PPO]  # --num-envs 3
+    r = subprocess.run([sys.executable, "scripts/ppo.py", *uneven, "--devices", "2",
                         "--run-dir", str(tmp / "bad")], cwd=ROOT, capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 2 and "--num-envs 3 is not divisible by --devices 2" in r.stderr

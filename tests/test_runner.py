@@ -168,7 +168,7 @@ def test_a_second_ctrl_c_waits_for_a_checkpoint_being_written(capsys):
         assert not checkpoint.writing()
         with pytest.raises(KeyboardInterrupt):
             sig._handle(signal.SIGINT, None)
-    assert "while a checkpoint is being written: it is finished first" in capsys.readouterr().err
+    assert "SIGINT ignored: a checkpoint is being written" in capsys.readouterr().err
 
 
 def test_resume_truncation_drops_rows_past_the_checkpoint_and_a_cut_last_row(tmp_path):
@@ -582,7 +582,7 @@ def test_flags_given_twice_and_odd_resume_targets_are_refused(tmp_path):
     agent.mkdir(parents=True)
     (agent / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")),
                                                    "algo": "ppo", "agent": 0, "population": str(tmp_path / "pop")}))
-    with pytest.raises(runner.ConfigError, match=rf"is agent 0 of the population {tmp_path / 'pop'}: .* --resume "):
+    with pytest.raises(runner.ConfigError, match=rf"is agent 0 of the population {re.escape(str(tmp_path / 'pop'))}: "):
         cli("--resume", str(agent))
     (other / "config.json").write_text("[1, 2]")
     with pytest.raises(runner.ConfigError, match=r"holds a JSON list, not a jaxatari run config"):

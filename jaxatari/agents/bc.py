@@ -358,13 +358,12 @@ def train(config: Config) -> Result:
     train_ds, val_ds = data.load_splits(c.data, num_actions=spec.num_actions)
     if c.resume:  # --data may move (a copy elsewhere), not change: the epochs and batches index this dataset
         was = runner.load_run_config(c.resume).get("dataset") or {}
-        now = dict(train_sequences=len(train_ds), val_sequences=len(val_ds), seq_len=train_ds.seq_len)
+        now = dict(train_sequences=len(train_ds), seq_len=train_ds.seq_len)  # what epochs and batches index
         if any(k in was and was[k] != v for k, v in now.items()):
             raise data.DataError(
-                f"--data {c.data} holds {now['train_sequences']} train / {now['val_sequences']} val sequences of "
-                f"{now['seq_len']} steps, but the run being resumed trained on {was.get('train_sequences')} / "
-                f"{was.get('val_sequences')} of {was.get('seq_len')}: another dataset would change the learning "
-                "problem; pass the run's own dataset (a moved copy is fine).")
+                f"--data {c.data} holds {now['train_sequences']} train sequences of {now['seq_len']} steps, but the "
+                f"run being resumed trained on {was.get('train_sequences')} of {was.get('seq_len')}: another "
+                "dataset would change the learning problem; pass the run's own dataset (a moved copy is fine).")
     if train_ds.obs_shape != tuple(spec.obs_shape):
         raise data.DataError(f"The dataset's frames are {list(train_ds.obs_shape)} (channels first) but {c.env} "
                              f"under preset {c.preset} gives {list(spec.obs_shape)}; pass the matching --preset "
@@ -424,6 +423,7 @@ def train(config: Config) -> Result:
             if score is not None:
                 ckpt.save_best(step, state, score, policy=state.params, meta=m)
 
+        completed = False
         try:
             with runner.Signals("batch") as sig:
                 for epoch in range(int(state.epoch), c.epochs):
@@ -487,9 +487,12 @@ def train(config: Config) -> Result:
                         status, received = "interrupted", sig.received
                         break
                 ckpt.wait()  # under the handlers: a SIGTERM now cannot kill the last save
+            completed = True
         finally:
-            writer.close()
-            ckpt.wait()
+            try:
+                writer.close()
+            finally:
+                runner._wait_keeping_the_error(ckpt, replace=completed)
 
     if status == "interrupted":
         print(f"\nInterrupted at epoch {int(state.epoch)} + {int(state.batch)} batches. Checkpoint saved in "

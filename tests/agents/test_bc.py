@@ -275,7 +275,7 @@ def test_a_bad_shard_mid_epoch_keeps_the_batches_trained(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params), jax.device_get(full.state.params))
     # --data may point at a moved copy on resume, not at another dataset.
     write_memory_task(tmp_path / "other", n_train=16, n_val=3, S=4, size=16)
-    with pytest.raises(data.DataError, match=r"holds 16 train / 3 val .* resumed trained on 12 / 3 of 4"):
+    with pytest.raises(data.DataError, match=r"holds 16 train sequences of 4 steps, .* resumed trained on 12 of 4"):
         bc.train(dataclasses.replace(bc.Config(**dict(base, data=str(tmp_path / "other"), epochs=2),
                                                run_dir=str(part)), resume=str(part)))
 
