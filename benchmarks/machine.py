@@ -15,6 +15,7 @@ or an empty list. The hostname, user name and paths are never recorded.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -138,12 +139,13 @@ _JAX_QUERY = (
 )
 
 
+@functools.lru_cache(maxsize=1)
 def _jax() -> dict[str, Any]:
     """jax's default backend and its devices; errors become a note, never an exception.
 
     Asked in a child process (without preallocation): initialising a GPU
     backend here would take most of its memory away from the training runs a
-    benchmark launches as subprocesses afterwards.
+    benchmark launches as subprocesses afterwards. Asked once per process.
     """
     import sys
 
