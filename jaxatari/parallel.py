@@ -58,7 +58,6 @@ import dataclasses
 import functools
 import logging
 import os
-import shlex
 import types
 from typing import Any, Callable, Sequence
 
@@ -796,7 +795,7 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
             start_chunk=start_chunk, num_envs=total_B, env_steps=env_steps, policy_of=lambda s: s.params,
             checkpointer=ckpt, checkpoint_every=c.checkpoint_every, metric_columns=mod.METRIC_COLUMNS,
             eval_fn=eval_fn, eval_every=c.eval_every, meta=meta, tensorboard=c.tensorboard,
-            resume_command=f"python scripts/{algo}.py --resume {shlex.quote(str(run_dir))}", num_agents=K, is_main=main, fetch=fetch,
+            resume_command=runner.resume_command(algo, run_dir), num_agents=K, is_main=main, fetch=fetch,
         )
     if population and main:
         save_agents(run_dir, result.state, c, agents, algo, spec, net_spec, sched, result.global_step)

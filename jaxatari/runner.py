@@ -189,6 +189,11 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
     return config
 
 
+def resume_command(algo: str, run_dir: str | os.PathLike) -> str:
+    """The command that continues the run in ``run_dir`` (the path quoted for a shell)."""
+    return f"python scripts/{algo}.py --resume {shlex.quote(str(run_dir))}"
+
+
 def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shlex
 import sys
 from typing import Any
 
@@ -514,7 +513,7 @@ def train(config: Config) -> runner.RunResult:
             env_steps=lambda s: int(s.update) * c.batch_size, policy_of=lambda s: s.params,
             checkpointer=ckpt, checkpoint_every=c.checkpoint_every, eval_fn=eval_fn, eval_every=c.eval_every,
             metric_columns=METRIC_COLUMNS, meta=meta, tensorboard=c.tensorboard,
-            resume_command=f"python scripts/a2c.py --resume {shlex.quote(str(run_dir))}",
+            resume_command=runner.resume_command(ALGO, run_dir),
         )
 
 

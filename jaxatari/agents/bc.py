@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -496,7 +495,7 @@ def train(config: Config) -> Result:
 
     if status == "interrupted":
         print(f"\nInterrupted at epoch {int(state.epoch)} + {int(state.batch)} batches. Checkpoint saved in "
-              f"{run_dir / 'checkpoints'}.\nResume with:  python scripts/bc.py --resume {shlex.quote(str(run_dir))}", flush=True)
+              f"{run_dir / 'checkpoints'}.\nResume with:  {runner.resume_command(ALGO, run_dir)}", flush=True)
     else:
         print(f"Best validation accuracy {100 * best:.2f}% (checkpoint in {run_dir / 'checkpoints' / 'best'}).",
               flush=True)

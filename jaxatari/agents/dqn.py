@@ -72,7 +72,6 @@ import dataclasses
 import functools
 import logging
 import math
-import shlex
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -976,7 +975,7 @@ def train(config: Config) -> runner.RunResult:
             checkpointer=ckpt if save_buffer else _WithoutBuffer(ckpt),
             checkpoint_every=c.checkpoint_every, eval_fn=eval_fn, eval_every=c.eval_every,
             target_return=c.target_return, metric_columns=METRIC_COLUMNS, meta=meta,
-            tensorboard=c.tensorboard, resume_command=f"python scripts/dqn.py --resume {shlex.quote(str(run_dir))}",
+            tensorboard=c.tensorboard, resume_command=runner.resume_command(ALGO, run_dir),
         )
 
 
@@ -1125,7 +1124,7 @@ def train_sharded(c: Config) -> runner.RunResult:
             checkpointer=ckpt if save_buffer else _WithoutBuffer(ckpt),
             checkpoint_every=c.checkpoint_every, eval_fn=eval_fn, eval_every=c.eval_every,
             target_return=c.target_return, metric_columns=METRIC_COLUMNS, meta=meta, tensorboard=c.tensorboard,
-            resume_command=f"python scripts/dqn.py --resume {shlex.quote(str(run_dir))}", is_main=main, fetch=parallel.fetch,
+            resume_command=runner.resume_command(ALGO, run_dir), is_main=main, fetch=parallel.fetch,
         )
 
 
@@ -1210,7 +1209,7 @@ def train_population(c: Config) -> runner.RunResult:
             checkpointer=ckpt if save_buffer else _WithoutBuffer(ckpt),
             checkpoint_every=c.checkpoint_every, eval_fn=eval_fn, eval_every=c.eval_every,
             target_return=c.target_return, metric_columns=METRIC_COLUMNS, meta=meta, tensorboard=c.tensorboard,
-            resume_command=f"python scripts/dqn.py --resume {shlex.quote(str(run_dir))}", num_agents=K,
+            resume_command=runner.resume_command(ALGO, run_dir), num_agents=K,
         )
     parallel.save_agents(run_dir, result.state.replace(replay=None), c, agents, ALGO, spec, net_spec, sched,
                          result.global_step)
