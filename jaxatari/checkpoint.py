@@ -831,6 +831,14 @@ class LoadedPolicy:
         return dict(env_id=self.config["env"], preset=self.config.get("preset"),
                     options=envs.parse_env_options(self.config.get("env_option") or []))
 
+    @property
+    def reset_on_life_loss(self) -> bool:
+        """Whether to restart the recurrent state at each life lost, as training did: a
+        recurrent PPO/A2C run under ``episodic_life`` (pass it to :func:`jaxatari.evaluate.evaluate`)."""
+        from jaxatari.evaluate import run_resets_at_life_loss
+
+        return run_resets_at_life_loss(self.config, self.recurrent)
+
     def initial_carry(self, batch_size: int):
         from jaxatari.networks import initial_carry
 

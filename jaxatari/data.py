@@ -439,7 +439,10 @@ def collect(cfg: CollectConfig) -> CollectResult:
 
     The expert plays full games under evaluation settings (the run's preset and
     env options plus :data:`jaxatari.envs.EVAL_OVERRIDES`); a recurrent expert's
-    state is reset on each episode's first observation. Env ``i`` of
+    state is reset on each episode's first observation, and at each life lost if it
+    trained under ``episodic_life`` (:func:`jaxatari.evaluate.run_resets_at_life_loss`;
+    the manifest's ``expert.reset_on_life_loss``, and each episode's ``life_starts``:
+    the frame indices where it restarted mid-game). Env ``i`` of
     ``num_envs`` records a fixed quota of episodes (as :func:`jaxatari.evaluate.evaluate`
     counts them, so short games are not favoured); which episodes go to
     validation is drawn before play, so sequences are written as soon as they
@@ -452,7 +455,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
 
     from jaxatari import envs, runner
     from jaxatari.checkpoint import load_policy
-    from jaxatari.evaluate import episode_quotas
+    from jaxatari.evaluate import episode_quotas, life_lost, lives_of
 
     _check_collect(cfg)
     path = Path(cfg.run_dir)
@@ -465,6 +468,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
     c = pol.config
     env_id = c["env"]
     options = envs.parse_env_options(c.get("env_option", []))
+    reset_on_life_loss = pol.reset_on_life_loss  # as it trained (the run's options, before EVAL_OVERRIDES)
     if envs.is_atari(env_id):
         options.update(envs.EVAL_OVERRIDES)
     if cfg.max_episode_steps is not None:
@@ -491,6 +495,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
     buf_obs: list[list[np.ndarray]] = [[] for _ in range(B)]
     buf_act: list[list[int]] = [[] for _ in range(B)]
     shards: list[list[int]] = [[] for _ in range(B)]
+    life_starts: list[list[int]] = [[] for _ in range(B)]  # frames where the expert's state restarted mid-game
     ep_ret = np.zeros(B, np.float64)
     ep_len = np.zeros(B, np.int64)
 
@@ -506,7 +511,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
     key = jax.random.PRNGKey(cfg.seed)
     t0 = time.perf_counter()
     try:
-        obs, _ = env.reset()
+        obs, info = env.reset()
+        lives = lives_of(info, B) if reset_on_life_loss else None
         carry = pol.initial_carry(B)
         first = np.ones(B, bool)
         reset_step = np.zeros(B, bool)
@@ -536,13 +542,20 @@ def collect(cfg: CollectConfig) -> CollectResult:
                     episodes.append(dict(
                         split=split_of(b), env=int(b), **{"return": float(ep_ret[b])}, length=int(ep_len[b]),
                         truncated=bool(np.asarray(trunc)[b] and not np.asarray(term)[b]),
-                        sequences=len(shards[b]), shards=list(shards[b]), finished=True))
+                        sequences=len(shards[b]), shards=list(shards[b]), life_starts=list(life_starts[b]),
+                        finished=True))
                     progress.episode(episodes[-1])
                     k[b] += 1
                 buf_obs[b], buf_act[b], shards[b] = [], [], []  # the tail shorter than S is dropped
+                life_starts[b] = []
             ep_ret[done] = 0.0
             ep_len[done] = 0
             first = ~valid
+            if reset_on_life_loss:  # a recurrent expert trained under episodic_life restarts its carry per life
+                lost, lives = life_lost(info, lives, valid & ~done)
+                first |= lost
+                for b in np.flatnonzero(lost):
+                    life_starts[b].append(int(ep_len[b]))  # the index of the frame just returned
             reset_step = done
     except KeyboardInterrupt:
         status = "interrupted"
@@ -550,7 +563,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
             if k[b] < quotas[b] and shards[b]:
                 episodes.append(dict(split=split_of(b), env=int(b), **{"return": None}, length=int(ep_len[b]),
                                      truncated=False, sequences=len(shards[b]), shards=list(shards[b]),
-                                     finished=False))
+                                     life_starts=list(life_starts[b]), finished=False))
     finally:
         progress.close()
         env.close()
@@ -628,7 +641,8 @@ def _manifest(cfg, pol, spec, S, episodes, counters, status, seconds, versions) 
         "obs_shape": [H, W, C],
         "seq_len": S,
         "expert": dict(run_dir=str(cfg.run_dir), algo=pol.config.get("algo"), checkpoint=cfg.checkpoint,
-                       checkpoint_step=pol.meta.get("step"), mode=cfg.mode),
+                       checkpoint_step=pol.meta.get("step"), mode=cfg.mode,
+                       reset_on_life_loss=pol.reset_on_life_loss),
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "requested_episodes": cfg.episodes,

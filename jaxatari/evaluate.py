@@ -24,7 +24,11 @@ Protocol:
   (forward pass + action choice) is one jitted function, compiled once per
   (policy, mode, shapes) and reused by later calls. ``first`` is set exactly on
   the first observation of each episode (including the very first step), and the
-  recurrent carry flows across steps. EnvPool's auto-reset step (see
+  recurrent carry flows across steps. With ``reset_on_life_loss`` (what a run
+  trained under EnvPool's ``episodic_life`` saw: every life lost ended its
+  "episode"), ``first`` is also set on the observation of the step that lost a
+  life, so a recurrent policy's carry restarts at each life as in training; the
+  game and its score go on (:func:`resets_at_life_loss` says which runs). EnvPool's auto-reset step (see
   :mod:`jaxatari.envs`) is played but neither counted nor recorded as an agent
   step.
 * Actions: ``greedy`` (argmax), ``sample`` (categorical on the logits),
@@ -102,6 +106,8 @@ class EvalResult:
     video: str | None = None
     max_episode_steps: int | None = None
     """The time limit the games were played under (agent steps), if the env reports one."""
+    reset_on_life_loss: bool = False
+    """Whether ``first`` (the recurrent carry's reset) was also set at each life lost."""
 
     @property
     def episodes(self) -> int:
@@ -157,6 +163,7 @@ class EvalResult:
             requested=self.requested,
             episodes=self.episodes,
             steps=self.steps,
+            reset_on_life_loss=self.reset_on_life_loss,
             mean=num(self.mean),
             std=num(self.std),
             min=num(self.min),
@@ -395,6 +402,7 @@ def evaluate(
     max_video_frames: int | None = None,
     max_steps: int | None = None,
     max_episode_steps: int | None = None,
+    reset_on_life_loss: bool = False,
 ) -> EvalResult:
     """Play ``episodes`` full games with ``policy_fn`` and return their scores.
 
@@ -424,6 +432,11 @@ def evaluate(
         score so far. ``None``: the env's own limit (``options``, else the preset's:
         27,000 for the Atari presets, i.e. 30 minutes of play; EnvPool's default
         otherwise, e.g. 500 for CartPole-v1).
+      reset_on_life_loss: also set ``first`` on the observation of each step that
+        lost a life (EnvPool's ``info["lives"]`` fell), so a recurrent carry
+        restarts there as it did in training under ``episodic_life``; pass
+        :func:`resets_at_life_loss` of the training options. Feed-forward policies
+        ignore ``first``. Refused for envs without ``info["lives"]``.
 
     Returns:
       :class:`EvalResult`.
@@ -431,6 +444,10 @@ def evaluate(
     check_arguments(episodes=episodes, num_envs=num_envs, mode=mode, epsilon=epsilon, video=video,
                     video_fps=video_fps, video_episodes=video_episodes, max_video_frames=max_video_frames,
                     max_steps=max_steps, max_episode_steps=max_episode_steps)
+    if not isinstance(reset_on_life_loss, (bool, np.bool_)):
+        raise EvalError(f"reset_on_life_loss={reset_on_life_loss!r} is not accepted; use True or False.")
+    if reset_on_life_loss and not envs.is_atari(env_id):
+        raise EvalError(f"reset_on_life_loss=True is not accepted for {env_id}: it has no lives (Atari games do).")
     num_envs = num_envs or min(episodes, DEFAULT_MAX_NUM_ENVS)
     opts = dict(options or {})
     if envs.is_atari(env_id):
@@ -461,6 +478,7 @@ def evaluate(
             env, act, params, carry, key, eps,
             quotas=episode_quotas(episodes, num_envs), writer=writer, env_id=env_id,
             video_episodes=video_episodes, max_video_frames=max_video_frames, max_steps=max_steps,
+            reset_on_life_loss=bool(reset_on_life_loss),
         )
     finally:
         if writer is not None:
@@ -485,15 +503,17 @@ def evaluate(
         steps=steps,
         video=str(video) if video is not None else None,
         max_episode_steps=None if limit is None else int(limit),
+        reset_on_life_loss=bool(reset_on_life_loss),
     )
 
 
 def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_episodes,
-          max_video_frames, max_steps):
+          max_video_frames, max_steps, reset_on_life_loss=False):
     """The host loop. Returns ``(returns, lengths, steps)``, ordered by env then episode."""
     B = len(quotas)
-    obs, _ = env.reset()
-    first = np.ones(B, bool)          # obs is the first observation of an episode
+    obs, info = env.reset()
+    lives = lives_of(info, B) if reset_on_life_loss else None
+    first = np.ones(B, bool)          # obs is the first observation of an episode (or life)
     reset_step = np.zeros(B, bool)    # the next step is EnvPool's (invalid) auto-reset step
     ep_ret = np.zeros(B, np.float64)
     ep_len = np.zeros(B, np.int64)
@@ -525,6 +545,9 @@ def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_ep
         ep_ret[done] = 0.0
         ep_len[done] = 0
         first = ~valid
+        if reset_on_life_loss:  # a life lost, the game goes on: the carry restarts
+            lost, lives = life_lost(info, lives, valid & ~done)
+            first |= lost
         reset_step = done
         if recording:
             # A valid step shows the frame after the action (the final frame if it
@@ -537,14 +560,52 @@ def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_ep
     return returns, lengths, steps
 
 
+def lives_of(info: dict[str, Any], num_envs: int) -> np.ndarray:
+    """EnvPool's ``info["lives"]`` as ``[num_envs]``; :class:`EvalError` if the env reports none."""
+    if "lives" not in info:
+        raise EvalError("reset_on_life_loss needs EnvPool's info['lives'], which this env does not report.")
+    return np.asarray(info["lives"]).reshape(num_envs)
+
+
+def life_lost(info: dict[str, Any], lives: np.ndarray, going_on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lost [B], lives_now [B])``: envs whose game goes on (``going_on``: a valid step
+    that did not end the episode) but whose lives fell since ``lives`` (the last step's)."""
+    now = lives_of(info, len(lives))
+    return going_on & (now < lives), now
+
+
+def resets_at_life_loss(env_id: str, preset: str | None, options: dict[str, Any] | None = None) -> bool:
+    """Whether training under ``preset`` + ``options`` ended an "episode" at each life
+    lost (EnvPool's ``episodic_life``; the ``nature`` preset does, ``machado`` does
+    not), so a recurrent policy's carry restarted there: the ``reset_on_life_loss``
+    that plays it as trained. ``False`` for envs without lives."""
+    if not envs.is_atari(env_id):
+        return False
+    return bool(envs.resolve_options(env_id, preset, options).get("episodic_life", False))
+
+
+def run_resets_at_life_loss(config: dict[str, Any], recurrent: bool) -> bool:
+    """:func:`resets_at_life_loss` for a run's ``config.json``: a recurrent PPO or A2C
+    policy trained under ``episodic_life``. BC is not: it learns the expert's
+    sequences, which run through whole games."""
+    if not recurrent or config.get("algo") not in ("ppo", "a2c"):
+        return False
+    options = envs.parse_env_options(config.get("env_option", []))
+    return resets_at_life_loss(config["env"], config.get("preset"), options)
+
+
 def actor_critic_eval_fn(net, spec, *, env_id: str, preset, options, episodes: int, seed: int):
     """``params -> mean greedy full-game return``: the trainers' ``--eval-every`` hook
-    for an ``ActorCritic`` built from ``spec`` (recurrent or not)."""
+    for an ``ActorCritic`` built from ``spec`` (recurrent or not; a recurrent carry
+    restarts at each life lost when the run trains under ``episodic_life``)."""
     from jaxatari.networks import initial_carry
+
+    reset = spec.recurrent and resets_at_life_loss(env_id, preset, options)
 
     def eval_fn(params) -> float:
         return evaluate(net.apply, params, lambda b: initial_carry(spec, b), env_id=env_id, preset=preset,
-                        options=options, episodes=episodes, seed=seed, mode="greedy").mean
+                        options=options, episodes=episodes, seed=seed, mode="greedy",
+                        reset_on_life_loss=reset).mean
 
     return eval_fn
 

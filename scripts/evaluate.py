@@ -71,7 +71,8 @@ def main(cfg: Config) -> int:
                        preset=cfg.preset or c.get("preset"), options=options, episodes=cfg.episodes,
                        num_envs=cfg.num_envs, seed=cfg.seed, mode=cfg.mode, epsilon=cfg.epsilon,
                        video=cfg.video, video_episodes=cfg.video_episodes,
-                       max_episode_steps=cfg.max_episode_steps)
+                       max_episode_steps=cfg.max_episode_steps,
+                       reset_on_life_loss=pol.reset_on_life_loss)
     except (CheckpointError, EvalError, envs.EnvError, runner.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,7 +89,9 @@ def test_recorded_frames_and_actions_are_the_experts_games(collected):
     """Frame t of an episode is what the env showed before action t (replaying the
     recorded actions in a fresh env with the same seed reproduces every frame), and
     action t is the recurrent expert's greedy action after frames 0..t from a zero
-    state (its state is reset at each episode start and carried within it)."""
+    state (its state is reset at each episode start and, as a PPO expert trained
+    under the nature preset's episodic life, at each life lost: the episode's
+    ``life_starts``, which the replay's lives confirm; carried otherwise)."""
     cfg, result = collected
     log = result.manifest["episode_log"]
     pol = load_policy(cfg.run_dir)
@@ -99,7 +101,7 @@ def test_recorded_frames_and_actions_are_the_experts_games(collected):
         obs, actions = episode_frames(cfg.out, e)
         T = len(actions)
         first = np.zeros((T, 1), bool)
-        first[0] = True
+        first[[0, *e["life_starts"]]] = True
         _, logits, _ = pol.network.apply(pol.params, pol.initial_carry(1), jnp.asarray(obs[:, None]), first)
         np.testing.assert_array_equal(np.asarray(logits[:, 0].argmax(-1)), actions)
         assert len(set(actions.tolist())) > 1, "the test expert should not play one action"
@@ -108,11 +110,17 @@ def test_recorded_frames_and_actions_are_the_experts_games(collected):
     obs, actions = episode_frames(cfg.out, e0)
     options = dict(envs.EVAL_OVERRIDES, max_episode_steps=CAP)
     env, _ = envs.make("Breakout-v5", NUM_ENVS, seed=cfg.seed, options=options)
-    o, _ = env.reset()
+    o, info = env.reset()
+    lives, starts = info["lives"][0], []
     for t in range(len(actions)):
         np.testing.assert_array_equal(o[0], obs[t])
-        o, *_ = env.step(np.array([actions[t]] + [0] * (NUM_ENVS - 1), np.int32))
+        o, _, term, trunc, info = env.step(np.array([actions[t]] + [0] * (NUM_ENVS - 1), np.int32))
+        if info["lives"][0] < lives and not (term[0] or trunc[0]):
+            starts.append(t + 1)
+        lives = info["lives"][0]
     env.close()
+    assert result.manifest["expert"]["reset_on_life_loss"] is True
+    assert e0["life_starts"] == [s for s in starts if s < e0["length"]]
 
 
 def test_loader_batches_shapes_dtypes_and_coverage(collected):

@@ -21,6 +21,7 @@ from PIL import Image, ImageSequence
 from jaxatari import envs
 from jaxatari.evaluate import (
     EvalError, EvalResult, check_arguments, episode_quotas, evaluate, gif_frame_ms, q_policy, random_policy,
+    resets_at_life_loss, run_resets_at_life_loss,
 )
 
 pytestmark = [
@@ -137,6 +138,76 @@ def test_first_marks_exactly_each_episode_start():
         starts += first.sum()
         obs, _, _, _, info = env.step((elapsed % 2).astype(np.int32))
     assert starts >= B + 6 - 1  # every env's start plus the later episodes' starts
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_reset_on_life_loss_sets_first_exactly_after_each_life_lost(reset):
+    """Breakout under evaluation settings (no episodic life: one game, lives 5 -> 0).
+    The policy cycles NOOP, FIRE, RIGHT, LEFT from its carry (steps since ``first``),
+    so a ``first`` one step early or late changes the game. Replaying it in a
+    plain env, ``first`` must come exactly on the observation of each step that
+    lost a life with the game going on (with ``reset``), or only at the start."""
+    seen = []
+
+    def policy(params, carry, obs, first):
+        count = jnp.where(first[0], 0, carry)
+        io_callback(lambda f: seen.append(bool(np.asarray(f)[0])), None, first[0], ordered=True)
+        return count + 1, 10.0 * jax.nn.one_hot(count % 4, 4)[None], jnp.zeros(obs.shape[:2])
+
+    limit = 700
+    r = evaluate(policy, None, lambda b: jnp.zeros((b,), jnp.int32), env_id="Breakout-v5", preset="nature",
+                 episodes=1, num_envs=1, seed=3, max_episode_steps=limit, reset_on_life_loss=reset)
+    assert r.reset_on_life_loss is reset and r.to_json()["reset_on_life_loss"] is reset
+    assert len(seen) == r.steps
+
+    env, _ = envs.make("Breakout-v5", 1, seed=3, preset="nature",
+                       options={**envs.EVAL_OVERRIDES, "max_episode_steps": limit})
+    _, info = env.reset()
+    lives, count, expected, lost = int(info["lives"][0]), 0, True, 0
+    for first in seen:
+        assert first is expected
+        count = 0 if first else count
+        _, _, term, trunc, info = env.step(np.array([count % 4], np.int32))
+        count += 1
+        now = int(info["lives"][0])
+        life_lost = now < lives and not (term[0] or trunc[0])
+        lost += life_lost
+        expected, lives = reset and life_lost, now
+    assert term[0] or trunc[0]  # the replay ended where the evaluation did
+    assert lost >= 1  # the case under test happened
+
+
+def test_which_runs_reset_at_life_loss():
+    assert resets_at_life_loss("Breakout-v5", "nature") and not resets_at_life_loss("Breakout-v5", "machado")
+    assert not resets_at_life_loss("Breakout-v5", "nature", {"episodic_life": False})
+    assert not resets_at_life_loss("CartPole-v1", None)
+    run = dict(algo="ppo", env="Breakout-v5", preset="nature")
+    assert run_resets_at_life_loss(run, recurrent=True)
+    assert not run_resets_at_life_loss(run, recurrent=False)  # feed-forward: nothing to reset
+    assert run_resets_at_life_loss(dict(run, algo="a2c"), recurrent=True)
+    assert not run_resets_at_life_loss(dict(run, algo="bc"), recurrent=True)  # its sequences span whole games
+    assert not run_resets_at_life_loss(dict(run, env_option=["episodic_life=False"]), recurrent=True)
+    with pytest.raises(EvalError, match=r"reset_on_life_loss=True is not accepted for CartPole-v1: it has no lives"):
+        evaluate(left_policy, None, env_id="CartPole-v1", episodes=1, reset_on_life_loss=True)
+    with pytest.raises(EvalError, match=r"reset_on_life_loss='yes' is not accepted; use True or False"):
+        evaluate(left_policy, None, env_id="CartPole-v1", episodes=1, reset_on_life_loss="yes")
+
+
+@pytest.mark.parametrize("network,preset,expected", [("cfc", "nature", True), ("cfc", "machado", False),
+                                                      ("auto", "nature", False)])
+def test_trainers_periodic_eval_plays_recurrent_policies_as_trained(monkeypatch, network, preset, expected):
+    """--eval-every's hook (PPO, A2C, populations) asks for the life resets exactly
+    for a recurrent policy trained under episodic_life."""
+    evaluate_module = importlib.import_module("jaxatari.evaluate")  # the package exports evaluate(), the function
+    from jaxatari.networks import ActorCritic, resolve_network_spec
+
+    got = {}
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **kw: got.update(kw) or EvalResult(
+        returns=np.ones(1), lengths=np.ones(1, np.int64)))
+    spec = resolve_network_spec(network, num_actions=4, atari=True)
+    eval_fn = evaluate_module.actor_critic_eval_fn(ActorCritic(spec), spec, env_id="Breakout-v5", preset=preset,
+                                                   options={}, episodes=1, seed=0)
+    assert eval_fn(None) == 1.0 and got["reset_on_life_loss"] is expected
 
 
 # ---------------------------------------------------------------------------
@@ -355,6 +426,7 @@ def test_eval_json_goes_to_the_run_directory_evaluated(tmp_path, monkeypatch, ca
     assert script.main(script.Config(run_dir=str(copy / "checkpoints" / "latest"), episodes=1, num_envs=1,
                                      max_episode_steps=3)) == 0
     assert (copy / "eval.json").is_file() and not (original / "eval.json").exists()
+    assert json.loads((copy / "eval.json").read_text())["reset_on_life_loss"] is False  # CartPole has no lives
     assert f"wrote {copy / 'eval.json'}" in capsys.readouterr().out
 
 
