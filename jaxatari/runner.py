@@ -179,6 +179,9 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
         if f.name in ("resume", *resumable):
             continue
         new, old = getattr(config, f.name), getattr(default, f.name)
+        if new != old and f.name == "env_option" and _same_env_options(new, old):
+            config = dataclasses.replace(config, env_option=old)  # the same options in another order
+            continue
         if new != old:
             flag = "--" + f.name.replace("_", "-")
             raise ConfigError(
@@ -187,6 +190,16 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
                 f"{', '.join('--' + r.replace('_', '-') for r in resumable if r != 'run_dir')}."
             )
     return config
+
+
+def _same_env_options(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two ``--env-option`` lists set the same values (in any order, spaces around ``=`` aside)."""
+    from jaxatari import envs
+
+    try:
+        return envs.parse_env_options(list(a)) == envs.parse_env_options(list(b))
+    except envs.EnvError:
+        return False
 
 
 def resume_command(algo: str, run_dir: str | os.PathLike) -> str:

@@ -551,6 +551,24 @@ def test_resume_accepts_its_own_run_dir(tmp_path):
     assert "--run-dir" not in str(e.value)
 
 
+def test_resume_accepts_the_same_env_options_in_another_order(tmp_path):
+    from jaxatari.agents import ppo
+
+    d = tmp_path / "run"
+    d.mkdir()
+    stored = ppo.Config(env="Breakout-v5", env_option=("noop_max=10", "frame_skip=2"))
+    (d / "config.json").write_text(json.dumps({**runner.config_to_json(stored), "algo": "ppo"}))
+
+    def resume(*options):
+        return runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--env-option", *options])
+
+    assert resume("frame_skip=2", "noop_max=10").env_option == ("noop_max=10", "frame_skip=2")  # the run's own
+    assert resume("noop_max = 10", "frame_skip=2").env_option == ("noop_max=10", "frame_skip=2")
+    for options in (("frame_skip=2",), ("noop_max=10", "frame_skip=3"), ("noop_max=10", "frame_skip=2", "stack_num=2")):
+        with pytest.raises(runner.ConfigError, match=r"--env-option .* differs from the run being resumed"):
+            resume(*options)
+
+
 def test_flags_given_twice_and_odd_resume_targets_are_refused(tmp_path):
     """tyro keeps the last of a repeated flag (losing the others without a word):
     refused, as are a population's agent snapshot and a config.json that is no object."""
