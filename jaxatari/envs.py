@@ -686,6 +686,17 @@ def episode_stats_init(num_envs: int, window: int = 100) -> EpisodeStats:
     )
 
 
+def ring_slots(count: jax.Array, done: jax.Array, window: int) -> jax.Array:
+    """``[B]`` slots of a ``window``-long ring for the episodes ``done [B]`` ending now,
+    after ``count`` earlier ones: consecutive from ``count % window`` in env order;
+    ``window`` (out of range: not written) for the others. When more than ``window``
+    end together only the last ``window`` get a slot, so no slot is written twice
+    (with a repeated index which write wins is unspecified, on a GPU run to run)."""
+    rank = jnp.cumsum(done)
+    slot = (count + rank - 1) % window
+    return jnp.where(done & (rank > rank[-1] - window), slot, window)
+
+
 def episode_stats_update(
     stats: EpisodeStats,
     raw_reward: jax.Array,
@@ -711,11 +722,8 @@ def episode_stats_update(
     ret = stats.returns + jnp.where(valid, raw_reward, 0.0)
     length = stats.lengths + valid.astype(jnp.int32)
     done = (game_over | truncated) & valid
-    # Write finished returns into the ring at consecutive slots.
     W = stats.window.shape[0]
-    slot = (stats.count + jnp.cumsum(done) - 1) % W
-    slot = jnp.where(done, slot, W)  # out of range -> dropped
-    window = stats.window.at[slot].set(ret, mode="drop")
+    window = stats.window.at[ring_slots(stats.count, done, W)].set(ret, mode="drop")
     new = EpisodeStats(
         returns=jnp.where(done, 0.0, ret),
         lengths=jnp.where(done, 0, length),

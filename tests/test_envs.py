@@ -56,6 +56,27 @@ def test_tracker_many_envs_finishing_together_fill_the_window_once_each():
     assert np.isnan(np.asarray(stats.window)[2:]).all()
 
 
+def test_more_episodes_ending_on_one_step_than_the_window_keep_the_last_in_env_order():
+    """12 envs end together into a window of 5 (after 3 earlier episodes): each slot is
+    written once (a repeated scatter index would leave the winner unspecified, on a GPU
+    run to run), holding the last 5 in env order; the count includes all 15."""
+    stats = envs.episode_stats_init(3, window=5)
+    stats, _ = envs.episode_stats_update(stats, jnp.array([-1.0, -2.0, -3.0]), jnp.ones(3, bool),
+                                         jnp.zeros(3, bool), jnp.ones(3, bool))
+    big = envs.episode_stats_init(12, window=5).replace(window=stats.window, count=stats.count)
+    returns = jnp.arange(12, dtype=jnp.float32)
+    big, out = jax.jit(envs.episode_stats_update)(big, returns, jnp.ones(12, bool), jnp.zeros(12, bool),
+                                                  jnp.ones(12, bool))
+    assert int(big.count) == 15 and out.done.all()
+    # Slots continue the ring at count 3: envs 7..11 land in slots 0, 1, 2, 3, 4 (rank 8..12).
+    slots = np.asarray(envs.ring_slots(jnp.int32(3), jnp.ones(12, bool), 5))
+    assert slots.tolist() == [5] * 7 + [0, 1, 2, 3, 4]  # each slot once; 5 = not written
+    slots = np.asarray(envs.ring_slots(jnp.int32(9), jnp.array([True, False, True, True]), 5))
+    assert slots.tolist() == [4, 5, 0, 1]
+    np.testing.assert_array_equal(np.asarray(big.window), [7.0, 8.0, 9.0, 10.0, 11.0])
+    np.testing.assert_allclose(envs.window_mean(big), 9.0)
+
+
 def test_tracker_is_jittable():
     f = jax.jit(envs.episode_stats_update)
     stats = envs.episode_stats_init(2)
