@@ -803,6 +803,9 @@ class LoadedPolicy:
 
         actions, carry = policy.act(obs, carry, first)   # first [B]: episode starts
 
+    When ``policy.reset_on_life_loss`` (a recurrent PPO/A2C run trained under
+    ``episodic_life``), set ``first`` also on the frame after each life lost, as
+    training did (:class:`jaxatari.evaluate.LifeResets` tracks it for a host loop).
     ``policy.env_kwargs`` are the run's game, preset and env options, for
     :func:`jaxatari.evaluate` or :func:`jaxatari.envs.make`.
     """

@@ -442,7 +442,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
     state is reset on each episode's first observation, and at each life lost if it
     trained under ``episodic_life`` (:func:`jaxatari.evaluate.run_resets_at_life_loss`;
     the manifest's ``expert.reset_on_life_loss``, and each episode's ``life_starts``:
-    the frame indices where it restarted mid-game). Env ``i`` of
+    the indices of the recorded frames where it restarted mid-game, for reference:
+    BC's student restarts its state only at each sequence's start). Env ``i`` of
     ``num_envs`` records a fixed quota of episodes (as :func:`jaxatari.evaluate.evaluate`
     counts them, so short games are not favoured); which episodes go to
     validation is drawn before play, so sequences are written as soon as they
@@ -455,7 +456,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
 
     from jaxatari import envs, runner
     from jaxatari.checkpoint import load_policy
-    from jaxatari.evaluate import episode_quotas, life_lost, lives_of
+    from jaxatari.evaluate import LifeResets, episode_quotas
 
     _check_collect(cfg)
     path = Path(cfg.run_dir)
@@ -512,7 +513,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
     t0 = time.perf_counter()
     try:
         obs, info = env.reset()
-        lives = lives_of(info, B) if reset_on_life_loss else None
+        life_resets = LifeResets(info, B) if reset_on_life_loss else None
         carry = pol.initial_carry(B)
         first = np.ones(B, bool)
         reset_step = np.zeros(B, bool)
@@ -542,8 +543,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
                     episodes.append(dict(
                         split=split_of(b), env=int(b), **{"return": float(ep_ret[b])}, length=int(ep_len[b]),
                         truncated=bool(np.asarray(trunc)[b] and not np.asarray(term)[b]),
-                        sequences=len(shards[b]), shards=list(shards[b]), life_starts=list(life_starts[b]),
-                        finished=True))
+                        sequences=len(shards[b]), shards=list(shards[b]),
+                        life_starts=[t for t in life_starts[b] if t < len(shards[b]) * S], finished=True))
                     progress.episode(episodes[-1])
                     k[b] += 1
                 buf_obs[b], buf_act[b], shards[b] = [], [], []  # the tail shorter than S is dropped
@@ -551,10 +552,10 @@ def collect(cfg: CollectConfig) -> CollectResult:
             ep_ret[done] = 0.0
             ep_len[done] = 0
             first = ~valid
-            if reset_on_life_loss:  # a recurrent expert trained under episodic_life restarts its carry per life
-                lost, lives = life_lost(info, lives, valid & ~done)
-                first |= lost
-                for b in np.flatnonzero(lost):
+            if life_resets is not None:  # a recurrent expert trained under episodic_life restarts its carry per life
+                start = life_resets.step(info, valid, done)
+                first |= start
+                for b in np.flatnonzero(start):
                     life_starts[b].append(int(ep_len[b]))  # the index of the frame just returned
             reset_step = done
     except KeyboardInterrupt:
@@ -563,7 +564,8 @@ def collect(cfg: CollectConfig) -> CollectResult:
             if k[b] < quotas[b] and shards[b]:
                 episodes.append(dict(split=split_of(b), env=int(b), **{"return": None}, length=int(ep_len[b]),
                                      truncated=False, sequences=len(shards[b]), shards=list(shards[b]),
-                                     life_starts=list(life_starts[b]), finished=False))
+                                     life_starts=[t for t in life_starts[b] if t < len(shards[b]) * S],
+                                     finished=False))
     finally:
         progress.close()
         env.close()

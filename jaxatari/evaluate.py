@@ -26,9 +26,10 @@ Protocol:
   the first observation of each episode (including the very first step), and the
   recurrent carry flows across steps. With ``reset_on_life_loss`` (what a run
   trained under EnvPool's ``episodic_life`` saw: every life lost ended its
-  "episode"), ``first`` is also set on the observation of the step that lost a
-  life, so a recurrent policy's carry restarts at each life as in training; the
-  game and its score go on (:func:`resets_at_life_loss` says which runs). EnvPool's auto-reset step (see
+  "episode"), ``first`` is also set on the observation after each life-loss
+  frame, so a recurrent policy's carry restarts at each life as in training
+  (:class:`LifeResets`); the game and its score go on
+  (:func:`resets_at_life_loss` says which runs). EnvPool's auto-reset step (see
   :mod:`jaxatari.envs`) is played but neither counted nor recorded as an agent
   step.
 * Actions: ``greedy`` (argmax), ``sample`` (categorical on the logits),
@@ -432,9 +433,10 @@ def evaluate(
         score so far. ``None``: the env's own limit (``options``, else the preset's:
         27,000 for the Atari presets, i.e. 30 minutes of play; EnvPool's default
         otherwise, e.g. 500 for CartPole-v1).
-      reset_on_life_loss: also set ``first`` on the observation of each step that
-        lost a life (EnvPool's ``info["lives"]`` fell), so a recurrent carry
-        restarts there as it did in training under ``episodic_life``; pass
+      reset_on_life_loss: also set ``first`` on the observation after each frame
+        that lost a life with lives left (EnvPool's ``info["lives"]``), so a
+        recurrent carry restarts there as it did in training under
+        ``episodic_life`` (:class:`LifeResets`); pass
         :func:`resets_at_life_loss` of the training options. Feed-forward policies
         ignore ``first``. Refused for envs without ``info["lives"]``.
 
@@ -446,6 +448,8 @@ def evaluate(
                     max_steps=max_steps, max_episode_steps=max_episode_steps)
     if not isinstance(reset_on_life_loss, (bool, np.bool_)):
         raise EvalError(f"reset_on_life_loss={reset_on_life_loss!r} is not accepted; use True or False.")
+    if reset_on_life_loss:
+        envs.validate_env_id(env_id)  # a mistyped id is named as such, not as a game without lives
     if reset_on_life_loss and not envs.is_atari(env_id):
         raise EvalError(f"reset_on_life_loss=True is not accepted for {env_id}: it has no lives (Atari games do).")
     num_envs = num_envs or min(episodes, DEFAULT_MAX_NUM_ENVS)
@@ -512,7 +516,7 @@ def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_ep
     """The host loop. Returns ``(returns, lengths, steps)``, ordered by env then episode."""
     B = len(quotas)
     obs, info = env.reset()
-    lives = lives_of(info, B) if reset_on_life_loss else None
+    life_resets = LifeResets(info, B) if reset_on_life_loss else None
     first = np.ones(B, bool)          # obs is the first observation of an episode (or life)
     reset_step = np.zeros(B, bool)    # the next step is EnvPool's (invalid) auto-reset step
     ep_ret = np.zeros(B, np.float64)
@@ -545,9 +549,8 @@ def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_ep
         ep_ret[done] = 0.0
         ep_len[done] = 0
         first = ~valid
-        if reset_on_life_loss:  # a life lost, the game goes on: the carry restarts
-            lost, lives = life_lost(info, lives, valid & ~done)
-            first |= lost
+        if life_resets is not None:  # a life lost, the game goes on: the carry restarts on the next frame
+            first |= life_resets.step(info, valid, done)
         reset_step = done
         if recording:
             # A valid step shows the frame after the action (the final frame if it
@@ -567,11 +570,31 @@ def lives_of(info: dict[str, Any], num_envs: int) -> np.ndarray:
     return np.asarray(info["lives"]).reshape(num_envs)
 
 
-def life_lost(info: dict[str, Any], lives: np.ndarray, going_on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(lost [B], lives_now [B])``: envs whose game goes on (``going_on``: a valid step
-    that did not end the episode) but whose lives fell since ``lives`` (the last step's)."""
-    now = lives_of(info, len(lives))
-    return going_on & (now < lives), now
+class LifeResets:
+    """Where a policy trained under ``episodic_life`` had its recurrent state restart
+    mid-game, for a host loop playing full games.
+
+    In training, a step that loses a life (EnvPool ends a life only while lives
+    remain: ``0 < lives < before``) ends the episode: its frame is still acted on
+    with the old state (EnvPool's reset step, whose action is ignored) and the
+    state restarts on the frame after. Here the game goes on, so the state
+    restarts on the frame after the life-loss frame too: :meth:`step` returns
+    ``[B]`` True for the envs whose just-returned frame is that one. (The action
+    taken on the life-loss frame counts here; in training it was ignored.)
+    """
+
+    def __init__(self, info: dict[str, Any], num_envs: int):
+        self.lives = lives_of(info, num_envs)
+        self.pending = np.zeros(num_envs, bool)
+
+    def step(self, info: dict[str, Any], valid: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """After one env step (``valid``: not EnvPool's reset step; ``done``: it ended the game)."""
+        going_on = valid & ~done
+        start = self.pending & going_on
+        now = lives_of(info, len(self.lives))
+        self.pending = going_on & (now < self.lives) & (now > 0)
+        self.lives = now
+        return start
 
 
 def resets_at_life_loss(env_id: str, preset: str | None, options: dict[str, Any] | None = None) -> bool:

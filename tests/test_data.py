@@ -90,8 +90,9 @@ def test_recorded_frames_and_actions_are_the_experts_games(collected):
     recorded actions in a fresh env with the same seed reproduces every frame), and
     action t is the recurrent expert's greedy action after frames 0..t from a zero
     state (its state is reset at each episode start and, as a PPO expert trained
-    under the nature preset's episodic life, at each life lost: the episode's
-    ``life_starts``, which the replay's lives confirm; carried otherwise)."""
+    under the nature preset's episodic life, on the frame after each life-loss
+    frame: the episode's ``life_starts``, which the replay's lives confirm;
+    carried otherwise)."""
     cfg, result = collected
     log = result.manifest["episode_log"]
     pol = load_policy(cfg.run_dir)
@@ -115,12 +116,13 @@ def test_recorded_frames_and_actions_are_the_experts_games(collected):
     for t in range(len(actions)):
         np.testing.assert_array_equal(o[0], obs[t])
         o, _, term, trunc, info = env.step(np.array([actions[t]] + [0] * (NUM_ENVS - 1), np.int32))
-        if info["lives"][0] < lives and not (term[0] or trunc[0]):
-            starts.append(t + 1)
+        if 0 < info["lives"][0] < lives and not (term[0] or trunc[0]):
+            starts.append(t + 2)  # frame t + 1 lost the life; the state restarts on the next
         lives = info["lives"][0]
     env.close()
     assert result.manifest["expert"]["reset_on_life_loss"] is True
-    assert e0["life_starts"] == [s for s in starts if s < e0["length"]]
+    assert e0["life_starts"] == [s for s in starts if s < len(actions)]
+    assert any(e["life_starts"] for e in log)  # the case under test happened
 
 
 def test_loader_batches_shapes_dtypes_and_coverage(collected):

@@ -21,7 +21,7 @@ from PIL import Image, ImageSequence
 from jaxatari import envs
 from jaxatari.evaluate import (
     EvalError, EvalResult, check_arguments, episode_quotas, evaluate, gif_frame_ms, q_policy, random_policy,
-    resets_at_life_loss, run_resets_at_life_loss,
+    LifeResets, resets_at_life_loss, run_resets_at_life_loss,
 )
 
 pytestmark = [
@@ -145,8 +145,9 @@ def test_reset_on_life_loss_sets_first_exactly_after_each_life_lost(reset):
     """Breakout under evaluation settings (no episodic life: one game, lives 5 -> 0).
     The policy cycles NOOP, FIRE, RIGHT, LEFT from its carry (steps since ``first``),
     so a ``first`` one step early or late changes the game. Replaying it in a
-    plain env, ``first`` must come exactly on the observation of each step that
-    lost a life with the game going on (with ``reset``), or only at the start."""
+    plain env, ``first`` must come exactly on the frame after each life-loss frame
+    (where training's reset step restarted the state; with ``reset``), or only at
+    the start."""
     seen = []
 
     def policy(params, carry, obs, first):
@@ -163,18 +164,42 @@ def test_reset_on_life_loss_sets_first_exactly_after_each_life_lost(reset):
     env, _ = envs.make("Breakout-v5", 1, seed=3, preset="nature",
                        options={**envs.EVAL_OVERRIDES, "max_episode_steps": limit})
     _, info = env.reset()
-    lives, count, expected, lost = int(info["lives"][0]), 0, True, 0
+    lives, count, expected, pending, restarts = int(info["lives"][0]), 0, True, False, 0
     for first in seen:
         assert first is expected
         count = 0 if first else count
         _, _, term, trunc, info = env.step(np.array([count % 4], np.int32))
         count += 1
-        now = int(info["lives"][0])
-        life_lost = now < lives and not (term[0] or trunc[0])
-        lost += life_lost
-        expected, lives = reset and life_lost, now
-    assert term[0] or trunc[0]  # the replay ended where the evaluation did
-    assert lost >= 1  # the case under test happened
+        now, done = int(info["lives"][0]), bool(term[0] or trunc[0])
+        expected = reset and pending and not done
+        restarts += expected
+        pending, lives = not done and 0 < now < lives, now
+    assert done  # the replay ended where the evaluation did
+    assert restarts >= 1 or not reset  # the case under test happened
+
+
+def test_life_resets_follow_episodic_life():
+    """EnvPool ends a life only while lives remain (0 < lives < before); the state
+    restarts on the frame after the life-loss frame, unless that step ends the game;
+    a reset step (invalid) that refills the lives is no loss."""
+    def info(*lives):
+        return {"lives": np.array(lives)}
+
+    r = LifeResets(info(3, 3), 2)
+    yes, no = np.array([True, True]), np.array([False, False])
+    steps = [  # (lives after the step, valid, done) -> expected restarts on the frame just returned
+        (info(2, 3), yes, no, [False, False]),   # env 0 loses a life
+        (info(2, 2), yes, no, [True, False]),    # ... restarts here; env 1 loses one
+        (info(2, 1), yes, np.array([False, True]), [False, False]),  # env 1's game ends on the next step
+        (info(1, 3), np.array([True, False]), no, [False, False]),    # env 1's reset step refills its lives
+        (info(0, 3), yes, no, [True, False]),    # env 0: 1 -> 0 with the game going on is no life lost
+        (info(0, 2), yes, no, [False, False]),
+        (info(0, 2), yes, no, [False, True]),
+    ]
+    for i, (inf, valid, done, expected) in enumerate(steps):
+        assert r.step(inf, valid, done).tolist() == expected, i
+    with pytest.raises(EvalError, match=r"needs EnvPool's info\['lives'\]"):
+        LifeResets({}, 2)
 
 
 def test_which_runs_reset_at_life_loss():
@@ -189,6 +214,8 @@ def test_which_runs_reset_at_life_loss():
     assert not run_resets_at_life_loss(dict(run, env_option=["episodic_life=False"]), recurrent=True)
     with pytest.raises(EvalError, match=r"reset_on_life_loss=True is not accepted for CartPole-v1: it has no lives"):
         evaluate(left_policy, None, env_id="CartPole-v1", episodes=1, reset_on_life_loss=True)
+    with pytest.raises(envs.EnvError, match=r"Unknown env id 'Breakuot-v5'"):
+        evaluate(left_policy, None, env_id="Breakuot-v5", episodes=1, reset_on_life_loss=True)
     with pytest.raises(EvalError, match=r"reset_on_life_loss='yes' is not accepted; use True or False"):
         evaluate(left_policy, None, env_id="CartPole-v1", episodes=1, reset_on_life_loss="yes")
 
