@@ -30,6 +30,9 @@ _MADE_HERE = None
 if _CACHE_ENV not in os.environ:  # the controller (or a plain run) makes it; xdist workers inherit it
     _MADE_HERE = os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="jaxatari-tests-xla-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the small programs add up too
+    # No size limit, so no file lock: a process that reads an entry another is still writing gets JAX's
+    # "Error reading persistent compilation cache entry" warning and compiles it (the result is the same).
+    # A limit would lock every read and write and rescan the whole directory on each write (~3,000 entries).
 
 
 LONGEST_FIRST = (  # seconds summed over each file's tests with 2 workers on 2 cores (session 10)
