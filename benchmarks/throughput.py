@@ -39,6 +39,14 @@ the machine description.
    the same thread count. A missing module or function marks the row
    "not available"; an exception marks it "failed" with the error.
 
+   `--budget S` bounds the whole run to about S seconds of wall time (a lent
+   GPU session, a CI job): the ceiling rows are measured first as usual, each
+   training row's timeout is cut to the time left, and a row that cannot start
+   with `--algo-seconds` + `BUDGET_ROW_MIN_S` left is recorded as "skipped"
+   with the reason, so rows are listed in priority order. The JSON and
+   Markdown are rewritten after every row (`"complete": false` until the last),
+   so a run stopped from outside keeps every row it finished.
+
    --quick measures one row per algorithm (`QUICK_ALGOS`: ppo, ppo-cfc, a2c,
    dqn) with 4 envs and 2 s of training each, 70-85 s in all on 2 idle CPU
    cores. Rows are cut down to fit, never skipped: ppo and ppo-cfc collect
@@ -130,6 +138,9 @@ update to warm up and at least one timed, whole rollouts of num_envs x num_steps
 ~1 s; ``ppo-cfc`` (the ncps conv block) at ~6-11 SPS: ~50 s per default update, ~3-5 s per 8-step one. The
 learning per env step is the same (every sample goes through --update-epochs passes); the rollout, the
 minibatches and, for ppo-cfc, the BPTT window are shorter."""
+BUDGET_ROW_MIN_S = 15.0
+"""With --budget, a training row starts only if at least --algo-seconds + this many seconds are left: below that it
+could not import jax, build its envs and compile (7-20 s on a 2-core CPU) before its timeout."""
 QUICK_TIMEOUT = 40.0
 """``--quick``'s --algo-timeout for rows not in `QUICK_TIMEOUTS`. ppo, a2c and dqn each take 15-22 s on 2 idle
 CPU cores (import, env, network init, compile, one warm-up call, 2 s timed) and up to ~33 s while other work
@@ -265,6 +276,16 @@ def _module_file_exists(module: str) -> bool:
     return False
 
 
+def blank_row(name: str, spec: AlgoSpec, *, preset: str | None, num_envs: int, num_threads: int, seconds: float,
+              timeout: float) -> dict[str, Any]:
+    """A training row's keys before it is measured (status None); `run_algorithm` and a --budget skip fill it."""
+    return {
+        "name": name, "module": spec.module, "overrides": spec.overrides, "preset": preset, "num_envs": num_envs,
+        "num_threads": num_threads, "seconds": seconds, "timeout": timeout, "status": None, "sps": None,
+        "compile_s": None, "steps": None, "reason": None,
+    }  # fmt: skip
+
+
 def run_algorithm(
     name: str,
     spec: AlgoSpec,
@@ -278,21 +299,8 @@ def run_algorithm(
 ) -> dict[str, Any]:
     """One training row: `spec.module.benchmark(...)` in a subprocess, or why not.
     `preset` (the env option preset the ceiling stepped) is passed with the overrides."""
-    row: dict[str, Any] = {
-        "name": name,
-        "module": spec.module,
-        "overrides": spec.overrides,
-        "preset": preset,
-        "num_envs": num_envs,
-        "num_threads": num_threads,
-        "seconds": seconds,
-        "timeout": timeout,
-        "status": None,
-        "sps": None,
-        "compile_s": None,
-        "steps": None,
-        "reason": None,
-    }
+    row = blank_row(name, spec, preset=preset, num_envs=num_envs, num_threads=num_threads, seconds=seconds,
+                    timeout=timeout)
     if not _module_file_exists(spec.module):
         row.update(status="not available", reason=f"module {spec.module} does not exist")
         return row
@@ -367,6 +375,9 @@ class Args:
     algo_timeout: float | None = None
     """Seconds before an algorithm's subprocess is stopped and marked timed out, for every row (default 1800;
     --quick 40, and 60 for ppo-cfc: about twice what each row needs on 2 idle CPU cores)."""
+    budget: float | None = None
+    """Wall-clock seconds for the whole run: training rows get at most the time left as their timeout, and a row
+    that cannot start with --algo-seconds + 15 s left is recorded as skipped (default: no limit)."""
     quick: bool = False
     """Short measurements, one small thread count, for the test suite: under two minutes on 2 CPU cores."""
     out_dir: str = str(RESULTS_DIR)
@@ -394,6 +405,8 @@ class Settings:
     algo_timeouts: dict[str, float]
     """Per-row timeouts (--quick's `QUICK_TIMEOUTS` for the rows measured, unless --algo-timeout was given)."""
     quick: bool
+    budget: float | None = None
+    """Wall-clock seconds for the whole run (None: no limit)."""
 
 
 def resolve(args: Args, cores: int) -> Settings:
@@ -423,7 +436,10 @@ def resolve(args: Args, cores: int) -> Settings:
         algo_timeout=pick(args.algo_timeout, 1800.0, QUICK_TIMEOUT),
         algo_timeouts={a: QUICK_TIMEOUTS[a] for a in algos if a in QUICK_TIMEOUTS} if own_timeouts else {},
         quick=q,
+        budget=args.budget,
     )
+    if s.budget is not None and not s.budget > 0:
+        raise ValueError(f"--budget must be a positive number of seconds, got {s.budget:g}.")
     for flag, values in (("--threads", s.threads), ("--algo-envs", s.algo_envs), ("--algo-threads", (s.algo_threads,))):
         bad = [v for v in values if v < 1]
         if bad:
@@ -474,15 +490,47 @@ def best_ceiling(ceiling: Sequence[dict[str, Any]], num_threads: int) -> dict[st
     return max(rows, key=lambda r: r["sps"]) if rows else None
 
 
-def run(s: Settings, log=print) -> dict[str, Any]:
-    """Measure everything and return the result document."""
+def run(s: Settings, log=print, on_row=None) -> dict[str, Any]:
+    """Measure everything and return the result document.
+
+    `on_row(doc)` (if given) gets the document so far after every ceiling and training row, with
+    ``doc["complete"]`` False until the last row: `main` writes the files each time, so a run stopped from outside
+    keeps every row it finished. With ``s.budget``, training rows are cut to fit it (module docstring).
+    """
     from jaxatari import envs
 
+    started = time.monotonic()
     desc = machine.describe()
     log(f"machine: {machine.summary(desc)}")
     options = envs.resolve_options(s.env, s.preset)
     log(f"env options (preset {s.preset}), for the ceiling and the training rows: {_options_text(options)}")
-    ceiling = []
+    ceiling: list[dict[str, Any]] = []
+    algorithms: list[dict[str, Any]] = []
+
+    def document(complete: bool) -> dict[str, Any]:
+        try:
+            load_end = round(os.getloadavg()[0], 2)
+        except (AttributeError, OSError):
+            load_end = None
+        return {
+            "schema": 1,
+            "kind": machine.kind(desc),
+            "complete": complete,
+            "load_avg_1m_end": load_end,
+            "machine": desc,
+            "machine_summary": machine.summary(desc),
+            "settings": dataclasses.asdict(s),
+            "env_options": options,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "elapsed_s": round(time.monotonic() - started, 1),
+            "ceiling": list(ceiling),
+            "algorithms": list(algorithms),
+        }
+
+    def done_row() -> None:
+        if on_row is not None:
+            on_row(document(complete=False))
+
     for mode, n, b, t in ceiling_configs(s):
         row = measure_envpool(
             s.env, mode=mode, num_envs=n, batch_size=b, num_threads=t, seconds=s.seconds, repeats=s.repeats, warmup=s.warmup,
@@ -490,20 +538,31 @@ def run(s: Settings, log=print) -> dict[str, Any]:
         )
         log(f"ceiling {mode:5s} threads={t:<3d} envs={n:<4d} batch={b:<4d} {row['sps']:>10,.0f} steps/s {row['fps']:>11,.0f} frames/s")
         ceiling.append(row)
-    algorithms = []
+        done_row()
     for name in s.algos:
         spec = algo_spec(name, s)
         for n in s.algo_envs:
-            row = run_algorithm(
-                name,
-                spec,
-                env_id=s.env,
-                num_envs=n,
-                num_threads=s.algo_threads,
-                seconds=s.algo_seconds,
-                timeout=s.algo_timeouts.get(name, s.algo_timeout),
-                preset=s.preset,
-            )
+            timeout = s.algo_timeouts.get(name, s.algo_timeout)
+            left = None if s.budget is None else s.budget - (time.monotonic() - started)
+            if left is not None and left < s.algo_seconds + BUDGET_ROW_MIN_S:
+                row = blank_row(name, spec, preset=s.preset, num_envs=n, num_threads=s.algo_threads,
+                                seconds=s.algo_seconds, timeout=timeout)
+                row.update(status="skipped", reason=f"not started: {max(left, 0):.0f} s of the --budget of "
+                           f"{s.budget:g} s left, a row needs {s.algo_seconds + BUDGET_ROW_MIN_S:g} s")
+            else:
+                cut = left is not None and left < timeout
+                row = run_algorithm(
+                    name,
+                    spec,
+                    env_id=s.env,
+                    num_envs=n,
+                    num_threads=s.algo_threads,
+                    seconds=s.algo_seconds,
+                    timeout=left if cut else timeout,
+                    preset=s.preset,
+                )
+                if cut and row["status"] == "timed out":
+                    row["reason"] = f"no result within the {left:.0f} s left of the --budget of {s.budget:g} s"
             ref = best_ceiling(ceiling, s.algo_threads)
             row["ceiling_sps"] = ref["sps"] if ref else None
             row["ceiling_row"] = f"{ref['mode']} envs={ref['num_envs']} batch={ref['batch_size']}" if ref else None
@@ -516,22 +575,8 @@ def run(s: Settings, log=print) -> dict[str, Any]:
             else:
                 log(f"train   {name:8s} envs={n:<4d} threads={s.algo_threads:<3d} {row['status']}: {row['reason']}")
             algorithms.append(row)
-    try:
-        load_end = round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        load_end = None
-    return {
-        "schema": 1,
-        "kind": machine.kind(desc),
-        "load_avg_1m_end": load_end,
-        "machine": desc,
-        "machine_summary": machine.summary(desc),
-        "settings": dataclasses.asdict(s),
-        "env_options": options,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "ceiling": ceiling,
-        "algorithms": algorithms,
-    }
+            done_row()
+    return document(complete=True)
 
 
 def _options_text(options: dict[str, Any]) -> str:
@@ -562,6 +607,14 @@ def _busy_warning(doc: dict[str, Any]) -> list[str]:
     return []
 
 
+def _partial_note(doc: dict[str, Any]) -> list[str]:
+    """A note while the run is still going (or was stopped): the rows below are the ones finished so far."""
+    if doc.get("complete", True):
+        return []
+    return [f"**Partial:** written after {len(doc['ceiling'])} ceiling and {len(doc['algorithms'])} training "
+            f"row(s), {doc.get('elapsed_s', 0):.0f} s into the run; the run did not finish (yet).", ""]
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     s, m = doc["settings"], doc["machine"]
     frame_skip = doc["ceiling"][0]["frame_skip"] if doc["ceiling"] else 4
@@ -582,6 +635,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"| measured | {doc['timestamp']} |",
         "",
         *_busy_warning(doc),
+        *_partial_note(doc),
         f"EnvPool options (preset {s.get('preset', '-')}), the same for the ceiling and every training row: "
         f"{_options_text(doc.get('env_options', {}))}.",
         "",
@@ -609,8 +663,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
     else:
         lines += [
             f"Each algorithm's `benchmark()` in its own process, {s['algo_seconds']:g} s of training after "
-            f"compilation (compile time separate; rows stopped after {_timeouts_text(s)} are 'timed out'). "
-            f"Fraction = training SPS / best ceiling row at the same thread count.",
+            f"compilation (compile time separate; rows stopped after {_timeouts_text(s)} are 'timed out'"
+            + (f"; a --budget of {s['budget']:g} s for the whole run" if s.get("budget") else "") + "). "
+            "Fraction = training SPS / best ceiling row at the same thread count.",
             "",
             "| algorithm | envs | threads | status | SPS | compile (s) | fraction of ceiling | ceiling row | note |",
             "|---|---:|---:|---|---:|---:|---:|---|---|",
@@ -625,6 +680,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
                 k = overrides.get("overlap_microbatches", 1)
                 notes.append("gradient steps while the envs step (--overlap-learning"
                              + (f", {k} micro-batches)" if k > 1 else ")"))
+            if r.get("backend") == "callback":
+                notes.append("envs stepped through the host callback: EnvPool's xla() did not compile here")
             if "log_every" in overrides:
                 notes.append(f"{overrides['log_every']}-step metric rows (--quick)")
             if "num_steps" in overrides:
@@ -648,8 +705,10 @@ def write_results(doc: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
-    md_path.write_text(to_markdown(doc))
+    for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"), (md_path, to_markdown(doc))):
+        tmp = path.with_name(path.name + ".tmp")  # rewritten after every row: never leave half a file
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return json_path, md_path
 
 
@@ -663,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    doc = run(settings, log=lambda msg: print(msg, flush=True))
+    doc = run(settings, log=lambda msg: print(msg, flush=True), on_row=lambda d: write_results(d, args.out_dir))
     json_path, md_path = write_results(doc, args.out_dir)
     print(f"wrote {json_path} and {md_path}")
     return 0

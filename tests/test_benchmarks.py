@@ -127,7 +127,7 @@ def test_quick_throughput_writes_expected_structure(tmp_path):
     kind = machine.kind(machine.describe())
     doc = json.loads((tmp_path / f"throughput_{kind}_quick.json").read_text())
     assert MACHINE_KEYS <= set(doc["machine"]) and doc["kind"] == kind
-    assert doc["settings"]["quick"] is True and doc["settings"]["env"] == "Breakout-v5"
+    assert doc["settings"]["quick"] is True and doc["settings"]["env"] == "Breakout-v5" and doc["complete"] is True
     assert doc["settings"]["preset"] == "nature" and doc["env_options"]["episodic_life"] is True  # both sides alike
     assert all(r["preset"] == "nature" for r in doc["algorithms"])
     modes = {r["mode"] for r in doc["ceiling"]}
@@ -190,6 +190,62 @@ def test_algorithm_rows_from_the_registry_contract(tmp_path, monkeypatch):
     missing = row("jaxatari.agents.no_such_algo")
     assert missing["status"] == "not available" and "does not exist" in missing["reason"]
     assert row("fake_slow", timeout=1.0)["status"] == "timed out"
+
+
+def test_budget_cuts_timeouts_skips_rows_and_every_row_is_written(tmp_path, monkeypatch):
+    # A fake clock: each training row takes 40 s. Budget 100 s, 10 s rows need 10 + BUDGET_ROW_MIN_S = 25 s left.
+    clock = {"t": 0.0}
+    monkeypatch.setattr(throughput.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(throughput.machine, "describe", lambda: {"usable_cores": 2, "gpus": []})
+    monkeypatch.setattr(throughput.machine, "summary", lambda d: "fake machine")
+
+    def ceiling(env, *, mode, num_envs, batch_size, num_threads, **_):
+        clock["t"] += 2.0
+        return {"mode": mode, "num_envs": num_envs, "batch_size": batch_size, "num_threads": num_threads,
+                "sps": 1000.0, "fps": 4000.0, "frame_skip": 4, "sps_repeats": [1000.0], "make_s": 0.1}
+
+    timeouts = []
+
+    def train(name, spec, *, num_envs, num_threads, seconds, timeout, preset, **_):
+        timeouts.append((name, timeout))
+        clock["t"] += 40.0
+        row = throughput.blank_row(name, spec, preset=preset, num_envs=num_envs, num_threads=num_threads,
+                                   seconds=seconds, timeout=timeout)
+        if name == "a2c":
+            return {**row, "status": "timed out", "reason": "no result within its timeout"}
+        return {**row, "status": "ok", "sps": 500.0, "compile_s": 1.0, "steps": 10, "backend": "callback"}
+
+    monkeypatch.setattr(throughput, "measure_envpool", ceiling)
+    monkeypatch.setattr(throughput, "run_algorithm", train)
+    s = throughput.resolve(throughput.Args(threads=(2,), algos=("ppo", "a2c", "dqn"), algo_envs=(4,),
+                                           algo_seconds=10.0, algo_timeout=70.0, budget=100.0), cores=2)
+    written = []
+
+    def on_row(doc):  # what main() does: rewrite both files after every row
+        written.append(doc)
+        throughput.write_results(doc, tmp_path)
+        assert json.loads(next(tmp_path.glob("throughput_*.json")).read_text())["complete"] is False
+
+    doc = throughput.run(s, log=lambda _: None, on_row=on_row)
+    # 3 ceiling rows end at t=6: ppo starts with 94 s left (its own 70 s timeout), a2c at t=46 with 54 s left
+    # (cut to 54 s), dqn at t=86 with 14 s < 25 s left: skipped, never started.
+    assert timeouts == [("ppo", 70.0), ("a2c", pytest.approx(54.0))]
+    rows = {r["name"]: r for r in doc["algorithms"]}
+    assert rows["ppo"]["status"] == "ok" and rows["ppo"]["fraction_of_ceiling"] == 0.5
+    assert rows["a2c"]["status"] == "timed out" and "54 s left of the --budget of 100 s" in rows["a2c"]["reason"]
+    assert rows["dqn"]["status"] == "skipped" and rows["dqn"]["sps"] is None and rows["dqn"]["fraction_of_ceiling"] is None
+    assert "not started: 14 s of the --budget of 100 s left, a row needs 25 s" == rows["dqn"]["reason"]
+    assert set(rows["dqn"]) == set(rows["ppo"]) - {"backend"}  # a skipped row: the keys of a measured one
+    assert [(len(d["ceiling"]), len(d["algorithms"])) for d in written] == [(1, 0), (2, 0), (3, 0), (3, 1), (3, 2), (3, 3)]
+    assert all(d["complete"] is False for d in written) and doc["complete"] is True
+    partial = throughput.to_markdown(written[3])
+    assert "**Partial:** written after 3 ceiling and 1 training row(s)" in partial
+    final = throughput.to_markdown(doc)
+    assert "Partial" not in final and "| dqn | 4 | 2 | skipped | - |" in final and "a --budget of 100 s" in final
+    assert "host callback: EnvPool's xla() did not compile here" in final
+    assert not list(tmp_path.glob("*.tmp"))  # atomic rewrites leave no temporary file behind
+    with pytest.raises(ValueError, match="--budget must be a positive number of seconds, got 0"):
+        throughput.resolve(throughput.Args(budget=0.0), cores=2)
 
 
 def test_settings_defaults_and_validation():

@@ -1,0 +1,246 @@
+"""Score measured throughput and learning against jaxatari's speed targets, per machine.
+
+    python benchmarks/targets.py                          # every machine with results in benchmarks/results/
+    python benchmarks/targets.py --results-dir /tmp/gpu   # e.g. what benchmarks/gpu_session.sh brought back
+
+Reads the files the other benchmarks write (nothing is measured here, so it runs in
+a second and needs no jax) and writes `targets_<kind>.json` and `.md` beside them,
+one pair per machine kind that has a `throughput_<kind>.json`:
+
+| target | from | threshold |
+|---|---|---|
+| feed-forward PPO SPS / EnvPool ceiling at the same thread count | `throughput_<kind>.json`: the best `ok` row among ppo, ppo-g2, ppo-ov, ppo-ov8 | >= 0.75 |
+| Conv-CfC PPO (`--network cfc`) SPS / feed-forward PPO SPS, same envs and threads | same file: rows ppo-cfc and ppo | >= 0.80 |
+| compiled DQN with parallel envs / one-env Python-loop DQN, same replay ratio | `dqn_throughput_<kind>_<env>.json` for Atari games (the best compiled row of more than one env) | >= 10 |
+| PPO on Breakout-v5: mean final return over seeds after >= 10M env steps | `learning_*.json` from `benchmarks/learning.py --algo ppo --env Breakout-v5` | >= 400 |
+
+Each target is "met", "missed" or "not measured" (no file, no usable row), with the
+file and rows it came from. The PPO ratio is only half of its target: the env count
+must also learn well, which is the learning row's job. The structural targets (no
+host transfer inside a training chunk, no recompilation after the first) are not
+scored here: tests pin them (`jax.transfer_guard("disallow")` and
+`chex.assert_max_traces` in tests/agents/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+try:  # imported as benchmarks.targets (tests) or run as a script
+    from benchmarks import machine
+except ImportError:
+    import machine  # type: ignore[no-redef]
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+PPO_ROWS = ("ppo", "ppo-g2", "ppo-ov", "ppo-ov8")
+"""Feed-forward PPO rows of `throughput.py` that count for the ceiling target (all train the same network)."""
+LEARNING_MIN_STEPS = 10_000_000
+"""A learning result counts for the Breakout target only at this many env steps or more."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    what: str
+    threshold: float
+    unit: str
+    """How the measured value is printed: "ratio" (0.42 -> 42%), "x" (12.3x) or "return"."""
+
+
+TARGETS = (
+    Target("ppo_vs_ceiling", "feed-forward PPO SPS / EnvPool ceiling (same threads)", 0.75, "ratio"),
+    Target("cfc_vs_ppo", "Conv-CfC PPO SPS / feed-forward PPO SPS (same envs, threads)", 0.80, "ratio"),
+    Target("dqn_vs_python_loop", "compiled DQN, parallel envs / one-env Python-loop DQN (same replay ratio)", 10.0,
+           "x"),
+    Target("ppo_breakout_return", "PPO on Breakout-v5, mean final return over seeds at >= 10M env steps", 400.0,
+           "return"),
+)  # fmt: skip
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _result(target: Target, value: float | None, source: str | None, detail: str) -> dict[str, Any]:
+    status = "not measured" if value is None else ("met" if value >= target.threshold else "missed")
+    return {"name": target.name, "what": target.what, "threshold": target.threshold, "unit": target.unit,
+            "value": value, "status": status, "source": source, "detail": detail}  # fmt: skip
+
+
+def _envs(n: int) -> str:
+    return f"{n} env" + ("" if n == 1 else "s")
+
+
+def _rows(doc: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [r for r in (doc or {}).get("algorithms", []) if r.get("status") == "ok" and r.get("sps")]
+
+
+def score_ppo_vs_ceiling(doc: dict[str, Any] | None, source: str | None) -> dict[str, Any]:
+    t = TARGETS[0]
+    rows = [r for r in _rows(doc) if r["name"] in PPO_ROWS and r.get("fraction_of_ceiling")]
+    if not rows:
+        return _result(t, None, source, "no feed-forward PPO row with a ceiling at its thread count")
+    best = max(rows, key=lambda r: r["fraction_of_ceiling"])
+    others = "; ".join(f"{r['name']} {_envs(r['num_envs'])} {r['fraction_of_ceiling']:.0%}"
+                       for r in rows if r is not best)  # fmt: skip
+    detail = (f"{best['name']} with {_envs(best['num_envs'])}, {best['num_threads']} threads: {best['sps']:,.0f} SPS vs "
+              f"ceiling {best['ceiling_sps']:,.0f} ({best['ceiling_row']})" + (f"; others: {others}" if others else ""))
+    return _result(t, best["fraction_of_ceiling"], source, detail)
+
+
+def score_cfc_vs_ppo(doc: dict[str, Any] | None, source: str | None) -> dict[str, Any]:
+    """At the env count where ppo-cfc is fastest, against plain ppo at the same envs and threads."""
+    t = TARGETS[1]
+    rows = _rows(doc)
+    ppo = {(r["num_envs"], r["num_threads"]): r for r in rows if r["name"] == "ppo"}
+    pairs = [(r, ppo[(r["num_envs"], r["num_threads"])]) for r in rows
+             if r["name"] == "ppo-cfc" and (r["num_envs"], r["num_threads"]) in ppo]  # fmt: skip
+    if not pairs:
+        return _result(t, None, source, "no ppo-cfc row with a ppo row at the same envs and threads")
+    cfc, ff = max(pairs, key=lambda p: p[0]["sps"])
+    detail = f"{_envs(cfc['num_envs'])}, {cfc['num_threads']} threads: ppo-cfc {cfc['sps']:,.0f} vs ppo {ff['sps']:,.0f} SPS"
+    nature = [r for r in rows if r["name"] == "ppo-cfc-nature" and (r["num_envs"], r["num_threads"]) in ppo]
+    for r in nature:  # the recurrent core's own cost, with the feed-forward torso
+        detail += (f"; Nature CNN + CfC (ppo-cfc-nature) at {_envs(r['num_envs'])}: "
+                   f"{r['sps'] / ppo[(r['num_envs'], r['num_threads'])]['sps']:.0%} of ppo")
+    return _result(t, cfc["sps"] / ff["sps"], source, detail)
+
+
+def score_dqn(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The best compiled row of the Atari DQN comparisons (classic-control ones are listed, not scored)."""
+    t = TARGETS[2]
+    best, best_src, seen = None, None, []
+    for source, doc in docs:
+        env = doc.get("env", "?")
+        rows = [r for r in doc.get("rows", []) if str(r.get("kind", "")).startswith("compiled") and r.get("speedup")
+                and r.get("num_envs", 1) > 1]  # parallel envs: the one-env compiled row is listed in the file only
+        for r in rows:
+            seen.append(f"{env} {_envs(r['num_envs'])}{' overlap' if 'overlap' in r['kind'] else ''} {r['speedup']:.1f}x")
+        if str(env).endswith("-v5") and rows:
+            top = max(rows, key=lambda r: r["speedup"])
+            if best is None or top["speedup"] > best[1]["speedup"]:
+                best, best_src = (env, top), source
+    if best is None:
+        note = f" (not Atari: {'; '.join(seen)})" if seen else ""
+        return _result(t, None, None, "no Atari DQN comparison with a compiled and a Python-loop row" + note)
+    env, r = best
+    detail = (f"{env}, {_envs(r['num_envs'])}{' with --overlap-learning' if 'overlap' in r['kind'] else ''}: "
+              f"{r['sps']:,.0f} SPS, replay ratio {r.get('replay_ratio')}; all rows: {'; '.join(seen)}")
+    return _result(t, r["speedup"], best_src, detail)
+
+
+def score_learning(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    t = TARGETS[3]
+    usable = [(src, d) for src, d in docs if d.get("algo") == "ppo" and d.get("env") == "Breakout-v5"
+              and (d.get("total_timesteps") or 0) >= LEARNING_MIN_STEPS
+              and (d.get("summary") or {}).get("final_return_mean") is not None]  # fmt: skip
+    if not usable:
+        return _result(t, None, None, f"no benchmarks/learning.py result for ppo on Breakout-v5 at >= "
+                                      f"{LEARNING_MIN_STEPS:,} env steps")
+    src, d = max(usable, key=lambda p: p[1]["summary"]["final_return_mean"])
+    s = d["summary"]
+    detail = (f"{s.get('runs_with_returns')} seeds x {d['total_timesteps']:,} steps, extra args "
+              f"{' '.join(d.get('extra_args') or []) or 'none'}: {s['final_return_mean']:.1f} +- "
+              f"{s.get('final_return_std') or 0:.1f}")
+    return _result(t, s["final_return_mean"], src, detail)
+
+
+def score(results_dir: Path, kind: str) -> dict[str, Any]:
+    """The scorecard of machine `kind` from the files in `results_dir`."""
+    tp_path = results_dir / f"throughput_{kind}.json"
+    tp = _load(tp_path)
+    tp_src = tp_path.name if tp else None
+    dqn = [(p.name, d) for p in sorted(results_dir.glob(f"dqn_throughput_{kind}_*.json")) if (d := _load(p))]
+    learning = [(p.name, d) for p in sorted(results_dir.glob("learning_*.json")) if (d := _load(p))
+                and isinstance(d.get("machine"), dict) and machine.kind(d["machine"]) == kind]  # fmt: skip
+    return {
+        "schema": 1,
+        "kind": kind,
+        "machine_summary": (tp or {}).get("machine_summary"),
+        "throughput_complete": (tp or {}).get("complete", True) if tp else None,
+        "targets": [
+            score_ppo_vs_ceiling(tp, tp_src),
+            score_cfc_vs_ppo(tp, tp_src),
+            score_dqn(dqn),
+            score_learning(learning),
+        ],
+    }
+
+
+def _value(r: dict[str, Any]) -> str:
+    v = r["value"]
+    if v is None:
+        return "-"
+    return {"ratio": f"{v:.0%}", "x": f"{v:.1f}x"}.get(r["unit"], f"{v:,.1f}")
+
+
+def _threshold(r: dict[str, Any]) -> str:
+    return _value({**r, "value": r["threshold"]})
+
+
+def to_markdown(card: dict[str, Any]) -> str:
+    lines = [
+        f"# Speed targets on {card['kind']}",
+        "",
+        f"**Machine:** {card['machine_summary'] or 'unknown (no throughput file)'}",
+        "",
+    ]
+    if card["throughput_complete"] is False:
+        lines += ["**Partial:** the throughput run these come from did not finish.", ""]
+    lines += ["| target | threshold | measured | status | source | detail |", "|---|---:|---:|---|---|---|"]
+    for r in card["targets"]:
+        detail = r["detail"].replace("|", "/")
+        lines.append(f"| {r['what']} | {_threshold(r)} | {_value(r)} | {r['status']} | {r['source'] or '-'} | {detail} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def kinds_in(results_dir: Path) -> list[str]:
+    """Machine kinds with a full `throughput_<kind>.json` (kinds have no '_'; variants like `_quick` do)."""
+    return sorted(m.group(1) for p in results_dir.glob("throughput_*.json")
+                  if (m := re.fullmatch(r"throughput_([^_]+)\.json", p.name)))  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the benchmarks wrote their files")
+    parser.add_argument("--kind", action="append", help="machine kind(s) to score (default: every kind found)")
+    args = parser.parse_args(argv)
+    results_dir = Path(args.results_dir)
+    if not results_dir.is_dir():
+        print(f"error: --results-dir {results_dir} is not a directory.", file=sys.stderr)
+        return 2
+    found = kinds_in(results_dir)
+    kinds = args.kind or found
+    if not kinds:
+        print(f"error: no throughput_<kind>.json in {results_dir}; run benchmarks/throughput.py first.", file=sys.stderr)
+        return 2
+    missing = [k for k in kinds if k not in found]
+    if missing:
+        print(f"error: no throughput_{missing[0]}.json in {results_dir}; kinds found: {', '.join(found) or 'none'}.",
+              file=sys.stderr)
+        return 2
+    for kind in kinds:
+        card = score(results_dir, kind)
+        md = to_markdown(card)
+        (results_dir / f"targets_{kind}.json").write_text(json.dumps(card, indent=2) + "\n")
+        (results_dir / f"targets_{kind}.md").write_text(md)
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
