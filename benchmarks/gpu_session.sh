@@ -3,7 +3,7 @@
 # PPO / PPO-CfC / variants training SPS, then the scorecard (benchmarks/targets.py).
 #
 #   usage: bash benchmarks/gpu_session.sh [BUDGET_S] [OUT_DIR]
-#     BUDGET_S  wall-clock seconds for all of it (default 300); the rows that do not fit are recorded as skipped
+#     BUDGET_S  wall-clock seconds for all of it (default 360); the rows that do not fit are recorded as skipped
 #     OUT_DIR   where results/ (every JSON and Markdown file, at most 6) and session.log go
 #               (default $OUT when set, else /tmp/jaxatari-gpu-session)
 #   environment: ALGO_ENVS (default 64), DQN_ENVS (default 32), ALGOS (default below, in priority order)
@@ -13,7 +13,7 @@
 # Copy OUT_DIR/results/* into benchmarks/results/ to keep them. Rows run in priority order and the
 # throughput files are rewritten (atomically) after each row, so a call killed early keeps what it measured.
 set -uo pipefail
-budget=${1:-300}
+budget=${1:-360}
 out=${2:-${OUT:-/tmp/jaxatari-gpu-session}}
 case $budget in '' | *[!0-9]*) echo "error: BUDGET_S must be a whole number of seconds, got '$budget'." >&2; exit 2 ;; esac
 [ "$budget" -ge 120 ] || { echo "error: BUDGET_S must be at least 120 s (the ceiling and one row), got $budget." >&2; exit 2; }
@@ -22,9 +22,10 @@ mkdir -p "$out" || exit 2
 export PYTHONUNBUFFERED=1
 algo_envs=${ALGO_ENVS:-64}
 dqn_envs=${DQN_ENVS:-32}
-# ppo and ppo-cfc decide two targets; ppo-ov (learning while the envs step) and ppo-g2 (pipelined acting) are
-# the PPO variants most likely to get closest to the ceiling; the rest are context.
-algos=${ALGOS:-ppo ppo-cfc ppo-ov ppo-g2 ppo-cfc-nature a2c dqn}
+# ppo and ppo-cfc decide two targets; ppo-ov (learning while the envs step) and ppo-cfc-ov (its Conv-CfC twin)
+# are the variants most likely to get closest to the ceiling on a GPU; ppo-g2 (pipelined acting) and the rest
+# are context, measured if time is left.
+algos=${ALGOS:-ppo ppo-cfc ppo-ov ppo-cfc-ov ppo-g2 ppo-cfc-nature a2c dqn}
 py=${PYTHON:-python3}
 # The offline bundle only where this Python lacks the packages (its wheels are built for one Python version).
 if [ -d .offline/site ] && ! "$py" -c 'import envpool, tyro, tensorboardX' 2> /dev/null; then

@@ -124,6 +124,9 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     # minibatches, and split into 8 micro-batches (one per env step at the defaults).
     "ppo-ov": AlgoSpec("jaxatari.agents.ppo", {"overlap_learning": True}),
     "ppo-ov8": AlgoSpec("jaxatari.agents.ppo", {"overlap_learning": True, "overlap_microbatches": 8}),
+    # The Conv-CfC policy learning while the envs step: its learner (~20x the Nature CNN's FLOPs) is what
+    # --overlap-learning can hide behind the emulator on a GPU. Compare with ppo-ov.
+    "ppo-cfc-ov": AlgoSpec("jaxatari.agents.ppo", {"network": "cfc", "overlap_learning": True}),
 }
 """Registry of training rows: name -> module with a `benchmark()` and the overrides passed to it."""
 QUICK_ALGOS = ("ppo", "ppo-cfc", "a2c", "dqn")
