@@ -16,9 +16,12 @@ set -uo pipefail
 budget=${1:-360}
 out=${2:-${OUT:-/tmp/jaxatari-gpu-session}}
 case $budget in '' | *[!0-9]*) echo "error: BUDGET_S must be a whole number of seconds, got '$budget'." >&2; exit 2 ;; esac
+budget=$(( 10#$budget ))  # 0360 is 360 seconds, not octal
 [ "$budget" -ge 120 ] || { echo "error: BUDGET_S must be at least 120 s (the ceiling and one row), got $budget." >&2; exit 2; }
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2  # relative to where the script was started, before the cd
+py=${PYTHON:-python3}
+case $py in */*) py=$(realpath "$py") || exit 2 ;; esac
 cd "$(dirname "$0")/.." || exit 2
-mkdir -p "$out" || exit 2
 export PYTHONUNBUFFERED=1
 algo_envs=${ALGO_ENVS:-64}
 dqn_envs=${DQN_ENVS:-32}
@@ -26,7 +29,6 @@ dqn_envs=${DQN_ENVS:-32}
 # are the variants most likely to get closest to the ceiling on a GPU; ppo-g2 (pipelined acting) and the rest
 # are context, measured if time is left.
 algos=${ALGOS:-ppo ppo-cfc ppo-ov ppo-cfc-ov ppo-g2 ppo-cfc-nature a2c dqn}
-py=${PYTHON:-python3}
 # The offline bundle only where this Python lacks the packages (its wheels are built for one Python version).
 if [ -d .offline/site ] && ! "$py" -c 'import envpool, tyro, tensorboardX' 2> /dev/null; then
   export PYTHONPATH=$PWD/.offline/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -39,7 +41,7 @@ trap '"$py" benchmarks/targets.py --results-dir "$res" > /dev/null 2>&1' EXIT  #
 {
   failed=0
   echo "== versions ($(date -u +%FT%TZ), budget ${budget} s)"
-  "$py" -c 'import sys, jax, flax, optax, chex, orbax.checkpoint as oc, envpool
+  timeout -k 5 60 "$py" -c 'import sys, jax, flax, optax, chex, orbax.checkpoint as oc, envpool
 print("python", sys.version.split()[0], "| jax", jax.__version__, "| flax", flax.__version__, "| optax", optax.__version__,
       "| chex", chex.__version__, "| orbax", oc.__version__, "| envpool", envpool.__version__)
 print("devices", jax.devices())' || failed=1
@@ -53,10 +55,15 @@ print("devices", jax.devices())' || failed=1
 
   # Ceiling, then the training rows in priority order with what is left (15 s spare for the scorecard).
   left=$(( budget - (SECONDS - start) - 15 ))
-  echo "== throughput (budget ${left} s)"
-  # shellcheck disable=SC2086  # $algos is a list of names
-  timeout -k 5 "$(( left + 10 ))" "$py" benchmarks/throughput.py --algos $algos --algo-envs $algo_envs \
-    --algo-seconds 15 --seconds 3 --repeats 2 --warmup 1 --budget "$left" --out-dir "$res" || failed=1
+  if [ "$left" -lt 60 ]; then  # not even the ceiling and one row (and `timeout 0` would mean no limit)
+    echo "== throughput skipped: ${left} s of the budget left"
+    failed=1
+  else
+    echo "== throughput (budget ${left} s)"
+    # shellcheck disable=SC2086  # $algos is a list of names
+    timeout -k 5 "$(( left + 10 ))" "$py" benchmarks/throughput.py --algos $algos --algo-envs $algo_envs \
+      --algo-seconds 15 --seconds 3 --repeats 2 --warmup 1 --budget "$left" --out-dir "$res" || failed=1
+  fi
 
   echo "== targets ($(( SECONDS - start )) s in)"
   "$py" benchmarks/targets.py --results-dir "$res" || failed=1

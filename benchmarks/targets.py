@@ -5,14 +5,14 @@
 
 Reads the files the other benchmarks write (nothing is measured here, so it runs in
 a second and needs no jax) and writes `targets_<kind>.json` and `.md` beside them,
-one pair per machine kind that has a `throughput_<kind>.json`:
+one pair per machine kind that has a `throughput_<kind>.json` or a DQN comparison:
 
 | target | from | threshold |
 |---|---|---|
 | feed-forward PPO SPS / EnvPool ceiling at the same thread count | `throughput_<kind>.json`: the best `ok` row among ppo, ppo-g2, ppo-ov, ppo-ov8 | >= 0.75 |
-| Conv-CfC PPO (`--network cfc`) SPS / feed-forward PPO SPS, same envs and threads | same file: the fastest of ppo-cfc (vs ppo) and ppo-cfc-ov (vs ppo-ov) | >= 0.80 |
+| Conv-CfC PPO (`--network cfc`) SPS / feed-forward PPO SPS, same envs and threads | same file: the fastest of ppo-cfc, ppo-cfc-ov against the fastest feed-forward PPO row | >= 0.80 |
 | compiled DQN with parallel envs / one-env Python-loop DQN, same replay ratio | `dqn_throughput_<kind>_<env>.json` for Atari games (the best compiled row of more than one env) | >= 10 |
-| PPO on Breakout-v5: mean final return over seeds after >= 10M env steps | `learning_*.json` from `benchmarks/learning.py --algo ppo --env Breakout-v5` | >= 400 |
+| PPO on Breakout-v5: mean final return over seeds after >= 10M env steps | `learning_*.json` from `benchmarks/learning.py --algo ppo --env Breakout-v5`, every run finished | >= 400 |
 
 Each target is "met", "missed" or "not measured" (no file, no usable row), with the
 file and rows it came from. The PPO ratio is only half of its target: the env count
@@ -83,10 +83,19 @@ def _envs(n: int) -> str:
 
 
 def _rows(doc: dict[str, Any] | None) -> list[dict[str, Any]]:
-    return [r for r in (doc or {}).get("algorithms", []) if r.get("status") == "ok" and r.get("sps")]
+    """The training rows that measured an SPS, with the keys scoring reads (older files may lack some)."""
+    return [r for r in (doc or {}).get("algorithms", [])
+            if r.get("status") == "ok" and r.get("sps") and r.get("name") and r.get("num_envs")]  # fmt: skip
+
+
+def _callback(rows: Sequence[dict[str, Any]]) -> str:
+    """A warning for rows whose envs were stepped through the host callback (EnvPool's xla() did not compile)."""
+    names = [r["name"] for r in rows if r.get("backend") == "callback"]
+    return f" (envs stepped through the host callback in {', '.join(names)})" if names else ""
 
 
 def score_ppo_vs_ceiling(doc: dict[str, Any] | None, source: str | None) -> dict[str, Any]:
+    """The feed-forward PPO row closest to the ceiling (the best ceiling row at its thread count)."""
     t = TARGETS[0]
     rows = [r for r in _rows(doc) if r["name"] in PPO_ROWS and r.get("fraction_of_ceiling")]
     if not rows:
@@ -94,33 +103,41 @@ def score_ppo_vs_ceiling(doc: dict[str, Any] | None, source: str | None) -> dict
     best = max(rows, key=lambda r: r["fraction_of_ceiling"])
     others = "; ".join(f"{r['name']} {_envs(r['num_envs'])} {r['fraction_of_ceiling']:.0%}"
                        for r in rows if r is not best)  # fmt: skip
-    detail = (f"{best['name']} with {_envs(best['num_envs'])}, {best['num_threads']} threads: {best['sps']:,.0f} SPS vs "
-              f"ceiling {best['ceiling_sps']:,.0f} ({best['ceiling_row']})" + (f"; others: {others}" if others else ""))
+    ceiling = f"{best['ceiling_sps']:,.0f}" if best.get("ceiling_sps") else "-"
+    detail = (f"{best['name']} with {_envs(best['num_envs'])}, {best.get('num_threads', '?')} threads: "
+              f"{best['sps']:,.0f} SPS vs ceiling {ceiling} ({best.get('ceiling_row') or 'row not recorded'})"
+              + _callback([best]) + (f"; others: {others}" if others else ""))
     return _result(t, best["fraction_of_ceiling"], source, detail)
 
 
-CFC_TWINS = {"ppo-cfc": "ppo", "ppo-cfc-ov": "ppo-ov"}
-"""Conv-CfC PPO rows of `throughput.py` and the feed-forward row that differs from each only in the network."""
+CFC_ROWS = ("ppo-cfc", "ppo-cfc-ov")
+"""Conv-CfC PPO rows of `throughput.py` (plain, and learning while the envs step)."""
 
 
 def score_cfc_vs_ppo(doc: dict[str, Any] | None, source: str | None) -> dict[str, Any]:
-    """The fastest Conv-CfC row (ppo-cfc, or ppo-cfc-ov) against its feed-forward twin at the same envs and threads."""
+    """The fastest Conv-CfC row against the fastest feed-forward PPO row (`PPO_ROWS`) at the same envs and threads:
+    each policy run the fastest way measured, so neither side is flattered by the other's variant."""
     t = TARGETS[1]
     rows = _rows(doc)
-    by = {(r["name"], r["num_envs"], r["num_threads"]): r for r in rows}
-    pairs = [(r, by[(CFC_TWINS[r["name"]], r["num_envs"], r["num_threads"])]) for r in rows
-             if r["name"] in CFC_TWINS and (CFC_TWINS[r["name"]], r["num_envs"], r["num_threads"]) in by]  # fmt: skip
+    fastest: dict[tuple[str, int, Any], dict[str, Any]] = {}
+    for r in rows:
+        group = "cfc" if r["name"] in CFC_ROWS else "ff" if r["name"] in PPO_ROWS else None
+        key = (group, r["num_envs"], r.get("num_threads"))
+        if group and (key not in fastest or r["sps"] > fastest[key]["sps"]):
+            fastest[key] = r
+    pairs = [(c, fastest[("ff", n, th)]) for (g, n, th), c in fastest.items() if g == "cfc" and ("ff", n, th) in fastest]
     if not pairs:
-        return _result(t, None, source, "no ppo-cfc (ppo-cfc-ov) row with a ppo (ppo-ov) row at the same envs and "
-                                        "threads")
+        return _result(t, None, source, "no Conv-CfC PPO row (ppo-cfc, ppo-cfc-ov) with a feed-forward PPO row at the "
+                                        "same envs and threads")
     cfc, ff = max(pairs, key=lambda p: p[0]["sps"])
-    detail = (f"{_envs(cfc['num_envs'])}, {cfc['num_threads']} threads: {cfc['name']} {cfc['sps']:,.0f} vs "
-              f"{ff['name']} {ff['sps']:,.0f} SPS")
+    detail = (f"{_envs(cfc['num_envs'])}, {cfc.get('num_threads', '?')} threads: {cfc['name']} {cfc['sps']:,.0f} vs "
+              f"{ff['name']} {ff['sps']:,.0f} SPS" + _callback([cfc, ff]))
     others = [f"{c['name']} at {_envs(c['num_envs'])}: {c['sps'] / f['sps']:.0%} of {f['name']}"
               for c, f in pairs if c is not cfc]  # fmt: skip
-    nature = [r for r in rows if r["name"] == "ppo-cfc-nature" and ("ppo", r["num_envs"], r["num_threads"]) in by]
+    ppo = {(r["num_envs"], r.get("num_threads")): r for r in rows if r["name"] == "ppo"}
     others += [f"Nature CNN + CfC (ppo-cfc-nature) at {_envs(r['num_envs'])}: "  # the recurrent core's own cost
-               f"{r['sps'] / by[('ppo', r['num_envs'], r['num_threads'])]['sps']:.0%} of ppo" for r in nature]
+               f"{r['sps'] / ppo[(r['num_envs'], r.get('num_threads'))]['sps']:.0%} of ppo"
+               for r in rows if r["name"] == "ppo-cfc-nature" and (r["num_envs"], r.get("num_threads")) in ppo]
     return _result(t, cfc["sps"] / ff["sps"], source, detail + "".join(f"; {o}" for o in others))
 
 
@@ -147,20 +164,33 @@ def score_dqn(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     return _result(t, r["speedup"], best_src, detail)
 
 
+def _ran_to_the_end(d: dict[str, Any]) -> bool:
+    """Every run that logged returns exited cleanly after at least 99% of LEARNING_MIN_STEPS env steps (the scripts
+    round --total-timesteps to whole updates): learning.py also writes its files after a failed or interrupted run."""
+    runs = [r for r in d.get("runs") or [] if r.get("final_return") is not None]
+    return bool(runs) and all(r.get("returncode") == 0 and (r.get("global_step") or 0) >= 0.99 * LEARNING_MIN_STEPS
+                              for r in runs)  # fmt: skip
+
+
 def score_learning(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     t = TARGETS[3]
     usable = [(src, d) for src, d in docs if d.get("algo") == "ppo" and d.get("env") == "Breakout-v5"
-              and (d.get("total_timesteps") or 0) >= LEARNING_MIN_STEPS
-              and (d.get("summary") or {}).get("final_return_mean") is not None]  # fmt: skip
+              and (d.get("summary") or {}).get("final_return_mean") is not None and _ran_to_the_end(d)]  # fmt: skip
     if not usable:
-        return _result(t, None, None, f"no benchmarks/learning.py result for ppo on Breakout-v5 at >= "
-                                      f"{LEARNING_MIN_STEPS:,} env steps")
+        return _result(t, None, None, f"no benchmarks/learning.py result for ppo on Breakout-v5 whose runs all "
+                                      f"finished >= {LEARNING_MIN_STEPS:,} env steps")
     src, d = max(usable, key=lambda p: p[1]["summary"]["final_return_mean"])
     s = d["summary"]
-    detail = (f"{s.get('runs_with_returns')} seeds x {d['total_timesteps']:,} steps, extra args "
-              f"{' '.join(d.get('extra_args') or []) or 'none'}: {s['final_return_mean']:.1f} +- "
-              f"{s.get('final_return_std') or 0:.1f}")
+    n = s.get("runs_with_returns") or 0
+    spread = f" +- {s['final_return_std']:.1f}" if s.get("final_return_std") is not None else ""
+    detail = (f"{n} seed{'' if n == 1 else 's'} x {d.get('total_timesteps') or 0:,} steps, extra args "
+              f"{' '.join(d.get('extra_args') or []) or 'none'}: {s['final_return_mean']:.1f}{spread}")
     return _result(t, s["final_return_mean"], src, detail)
+
+
+def _summary(docs: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
+    """The machine line of the first file that describes its machine (when there is no throughput file)."""
+    return next((machine.summary(d["machine"]) for _, d in docs if isinstance(d.get("machine"), dict)), None)
 
 
 def score(results_dir: Path, kind: str) -> dict[str, Any]:
@@ -174,7 +204,7 @@ def score(results_dir: Path, kind: str) -> dict[str, Any]:
     return {
         "schema": 1,
         "kind": kind,
-        "machine_summary": (tp or {}).get("machine_summary"),
+        "machine_summary": (tp or {}).get("machine_summary") or _summary(dqn),
         "throughput_complete": (tp or {}).get("complete", True) if tp else None,
         "targets": [
             score_ppo_vs_ceiling(tp, tp_src),
@@ -214,9 +244,12 @@ def to_markdown(card: dict[str, Any]) -> str:
 
 
 def kinds_in(results_dir: Path) -> list[str]:
-    """Machine kinds with a full `throughput_<kind>.json` (kinds have no '_'; variants like `_quick` do)."""
-    return sorted(m.group(1) for p in results_dir.glob("throughput_*.json")
-                  if (m := re.fullmatch(r"throughput_([^_]+)\.json", p.name)))  # fmt: skip
+    """Machine kinds with a `throughput_<kind>.json` or a `dqn_throughput_<kind>_<env>.json` (kinds have no '_';
+    variants like `throughput_<kind>_quick.json` do, and are not scored)."""
+    kinds = {m.group(1) for p in results_dir.glob("throughput_*.json") if (m := re.fullmatch(r"throughput_([^_]+)\.json", p.name))}
+    kinds |= {m.group(1) for p in results_dir.glob("dqn_throughput_*_*.json")
+              if (m := re.fullmatch(r"dqn_throughput_([^_]+)_.+\.json", p.name))}  # fmt: skip
+    return sorted(kinds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,12 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     found = kinds_in(results_dir)
     kinds = args.kind or found
     if not kinds:
-        print(f"error: no throughput_<kind>.json in {results_dir}; run benchmarks/throughput.py first.", file=sys.stderr)
+        print(f"error: no throughput_<kind>.json or dqn_throughput_<kind>_<env>.json in {results_dir}; run "
+              f"benchmarks/throughput.py first.", file=sys.stderr)
         return 2
     missing = [k for k in kinds if k not in found]
     if missing:
-        print(f"error: no throughput_{missing[0]}.json in {results_dir}; kinds found: {', '.join(found) or 'none'}.",
-              file=sys.stderr)
+        print(f"error: no results for machine kind {missing[0]!r} in {results_dir}; kinds found: "
+              f"{', '.join(found) or 'none'}.", file=sys.stderr)
         return 2
     for kind in kinds:
         card = score(results_dir, kind)

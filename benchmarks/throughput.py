@@ -141,9 +141,10 @@ update to warm up and at least one timed, whole rollouts of num_envs x num_steps
 ~1 s; ``ppo-cfc`` (the ncps conv block) at ~6-11 SPS: ~50 s per default update, ~3-5 s per 8-step one. The
 learning per env step is the same (every sample goes through --update-epochs passes); the rollout, the
 minibatches and, for ppo-cfc, the BPTT window are shorter."""
-BUDGET_ROW_MIN_S = 15.0
+BUDGET_ROW_MIN_S = 30.0
 """With --budget, a training row starts only if at least --algo-seconds + this many seconds are left: below that it
-could not import jax, build its envs and compile (7-20 s on a 2-core CPU) before its timeout."""
+could hardly import jax, build its envs and compile (7-20 s on a 2-core CPU; more for the larger chunks of a GPU
+run) before its timeout, and would spend the time left on a row that times out."""
 QUICK_TIMEOUT = 40.0
 """``--quick``'s --algo-timeout for rows not in `QUICK_TIMEOUTS`. ppo, a2c and dqn each take 15-22 s on 2 idle
 CPU cores (import, env, network init, compile, one warm-up call, 2 s timed) and up to ~33 s while other work
@@ -380,7 +381,8 @@ class Args:
     --quick 40, and 60 for ppo-cfc: about twice what each row needs on 2 idle CPU cores)."""
     budget: float | None = None
     """Wall-clock seconds for the whole run: training rows get at most the time left as their timeout, and a row
-    that cannot start with --algo-seconds + 15 s left is recorded as skipped (default: no limit)."""
+    that cannot start with --algo-seconds + 30 s left is recorded as skipped (default: no limit). The ceiling rows
+    are measured first and are not cut."""
     quick: bool = False
     """Short measurements, one small thread count, for the test suite: under two minutes on 2 CPU cores."""
     out_dir: str = str(RESULTS_DIR)

@@ -193,7 +193,7 @@ def test_algorithm_rows_from_the_registry_contract(tmp_path, monkeypatch):
 
 
 def test_budget_cuts_timeouts_skips_rows_and_every_row_is_written(tmp_path, monkeypatch):
-    # A fake clock: each training row takes 40 s. Budget 100 s, 10 s rows need 10 + BUDGET_ROW_MIN_S = 25 s left.
+    # A fake clock: each training row takes 40 s. Budget 100 s, 10 s rows need 10 + BUDGET_ROW_MIN_S = 40 s left.
     clock = {"t": 0.0}
     monkeypatch.setattr(throughput.time, "monotonic", lambda: clock["t"])
     monkeypatch.setattr(throughput.machine, "describe", lambda: {"usable_cores": 2, "gpus": []})
@@ -228,13 +228,13 @@ def test_budget_cuts_timeouts_skips_rows_and_every_row_is_written(tmp_path, monk
 
     doc = throughput.run(s, log=lambda _: None, on_row=on_row)
     # 3 ceiling rows end at t=6: ppo starts with 94 s left (its own 70 s timeout), a2c at t=46 with 54 s left
-    # (cut to 54 s), dqn at t=86 with 14 s < 25 s left: skipped, never started.
+    # (cut to 54 s), dqn at t=86 with 14 s < 40 s left: skipped, never started.
     assert timeouts == [("ppo", 70.0), ("a2c", pytest.approx(54.0))]
     rows = {r["name"]: r for r in doc["algorithms"]}
     assert rows["ppo"]["status"] == "ok" and rows["ppo"]["fraction_of_ceiling"] == 0.5
     assert rows["a2c"]["status"] == "timed out" and "54 s left of the --budget of 100 s" in rows["a2c"]["reason"]
     assert rows["dqn"]["status"] == "skipped" and rows["dqn"]["sps"] is None and rows["dqn"]["fraction_of_ceiling"] is None
-    assert "not started: 14 s of the --budget of 100 s left, a row needs 25 s" == rows["dqn"]["reason"]
+    assert "not started: 14 s of the --budget of 100 s left, a row needs 40 s" == rows["dqn"]["reason"]
     assert set(rows["dqn"]) == set(rows["ppo"]) - {"backend"}  # a skipped row: the keys of a measured one
     assert [(len(d["ceiling"]), len(d["algorithms"])) for d in written] == [(1, 0), (2, 0), (3, 0), (3, 1), (3, 2), (3, 3)]
     assert all(d["complete"] is False for d in written) and doc["complete"] is True
