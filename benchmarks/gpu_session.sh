@@ -9,7 +9,7 @@
 #   environment: ALGO_ENVS (default 64), DQN_ENVS (default 32), ALGOS (default below, in priority order)
 #
 # On a machine with no package index, build the bundle first (on a machine with one) and carry it:
-#   ../shared/tools/offline-bundle.sh .offline 3.12     # .offline/site is put on PYTHONPATH when present
+#   ../shared/tools/offline-bundle.sh .offline 3.12   # .offline/site goes on PYTHONPATH if the Python lacks envpool
 # Copy OUT_DIR/results/* into benchmarks/results/ to keep them. Rows run in priority order and the
 # throughput files are rewritten (atomically) after each row, so a call killed early keeps what it measured.
 set -uo pipefail
