@@ -20,7 +20,7 @@ budget=$(( 10#$budget ))  # 0360 is 360 seconds, not octal
 [ "$budget" -ge 120 ] || { echo "error: BUDGET_S must be at least 120 s (the ceiling and one row), got $budget." >&2; exit 2; }
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2  # relative to where the script was started, before the cd
 py=${PYTHON:-python3}
-case $py in */*) py=$(realpath "$py") || exit 2 ;; esac
+case $py in */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") || exit 2 ;; esac  # a venv's link stays a link
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
 algo_envs=${ALGO_ENVS:-64}
@@ -69,4 +69,4 @@ print("devices", jax.devices())' || failed=1
   "$py" benchmarks/targets.py --results-dir "$res" || failed=1
   exit "$failed"
 } 2>&1 | tee "$out/session.log"
-exit "${PIPESTATUS[0]}"  # 1 when a step failed or ran out of its time (the log says which)
+exit "${PIPESTATUS[0]}"  # 1 when a step failed or was stopped at its limit (budget-cut rows are in the files)

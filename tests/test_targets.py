@@ -163,6 +163,7 @@ STUB = textwrap.dedent('''\
     import tyro
     from benchmarks import dqn_throughput, targets, throughput
     script, rest = os.path.basename(args[0]), args[1:]
+    print("INVOKED AS", sys.argv[0])  # a venv's python is a link: the script must call it by that path
     if script == "throughput.py":
         a = tyro.cli(throughput.Args, args=rest)
         s = throughput.resolve(a, cores=16)
@@ -182,12 +183,16 @@ def test_gpu_session_passes_valid_flags_within_its_budget(tmp_path):
     stub = tmp_path / "python-stub"
     stub.write_text(STUB.replace("{python}", sys.executable))
     stub.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(stub)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(stub), "ALGO_ENVS": "8 32"}
-    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "300", str(out)], cwd=REPO, env=env,
+    # PYTHON and OUT_DIR relative to where the script is started (it changes to the repo root itself).
+    env = {**os.environ, "PYTHON": "bin/python", "ALGO_ENVS": "8 32"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), "300", "out"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     log = (out / "session.log").read_text()
+    assert log.count(f"INVOKED AS {tmp_path / 'bin' / 'python'}\n") == 3  # dqn, throughput, targets
     assert "== versions" in log and "| jax " in log and "devices [" in log
     dqn = json.loads(log.split("PARSED dqn ", 1)[1].splitlines()[0])
     assert dqn == {"envs": [32], "seconds": 10.0, "out_dir": str(out / "results")}
