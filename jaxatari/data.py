@@ -16,8 +16,8 @@ layout the networks take, EnvPool's channels-first ``[4, 84, 84]`` (or
 channels-last on request).
 
 Made by :func:`collect` (``scripts/collect.py``): a trained jaxatari policy plays
-full games (evaluation settings, :data:`jaxatari.envs.EVAL_OVERRIDES`) and each
-episode is cut into consecutive windows of ``S`` steps. The tail of an episode
+full games under the dynamics it trained under (the run's preset and env
+options; see :mod:`jaxatari.evaluate`) and each episode is cut into consecutive windows of ``S`` steps. The tail of an episode
 shorter than ``S`` is **dropped** (the layout has no mask), so an episode of
 ``L`` steps gives ``L // S`` sequences. Episodes, not sequences, are split into
 train and validation, so no validation sequence is a neighbour of a training
@@ -373,8 +373,8 @@ class CollectConfig:
     """Steps per sequence (S); each episode is cut into consecutive windows, its tail shorter than S dropped."""
     val_fraction: float = 0.1
     """Fraction of the episodes held out for validation (at least one when --episodes >= 2)."""
-    mode: str = "greedy"
-    """Expert actions: greedy (argmax) or sample (from the policy's distribution; not for a DQN run)."""
+    mode: str | None = None
+    """Expert actions: sample (the policy's own distribution) or greedy (argmax). Default: sample, greedy for DQN."""
     checkpoint: str = "best"
     """best (highest score, else latest) or latest."""
     num_envs: int | None = None
@@ -404,7 +404,7 @@ def _check_collect(cfg: CollectConfig) -> None:
         bad("seq-len", cfg.seq_len, "it must be >= 1")
     if not 0.0 <= cfg.val_fraction < 1.0:
         bad("val-fraction", cfg.val_fraction, "it must be in [0, 1)")
-    if cfg.mode not in ("greedy", "sample"):
+    if cfg.mode not in (None, "greedy", "sample"):
         bad("mode", cfg.mode, "use greedy or sample")
     if cfg.checkpoint not in ("best", "latest"):
         bad("checkpoint", cfg.checkpoint, "use best or latest")
@@ -437,13 +437,16 @@ def val_episodes(episodes: int, val_fraction: float, seed: int) -> np.ndarray:
 def collect(cfg: CollectConfig) -> CollectResult:
     """Record ``cfg.episodes`` games of the expert in ``cfg.run_dir`` as a dataset in ``cfg.out``.
 
-    The expert plays full games under evaluation settings (the run's preset and
-    env options plus :data:`jaxatari.envs.EVAL_OVERRIDES`); a recurrent expert's
-    state is reset on each episode's first observation, and at each life lost if it
-    trained under ``episodic_life`` (:func:`jaxatari.evaluate.run_resets_at_life_loss`;
-    the manifest's ``expert.reset_on_life_loss``, and each episode's ``life_starts``:
-    the indices of the recorded frames where it restarted mid-game, for reference:
-    BC's student restarts its state only at each sequence's start). Env ``i`` of
+    The expert plays full games under the dynamics it trained under (the run's
+    preset and env options, ``--preset`` overriding the preset; on ``nature`` EnvPool
+    presses FIRE after each lost life as in training), scored as full games
+    (:class:`jaxatari.evaluate.FullGames`). A recurrent expert's state restarts
+    where training restarted it: each game, and each life under ``episodic_life``
+    (the manifest's ``expert.reset_on_life_loss``, and each episode's
+    ``life_starts``: the indices of the recorded frames where it restarted
+    mid-game, for reference: BC's student restarts its state only at each
+    sequence's start). The expert acts by ``--mode`` (default: its own
+    distribution; greedy for a DQN). Env ``i`` of
     ``num_envs`` records a fixed quota of episodes (as :func:`jaxatari.evaluate.evaluate`
     counts them, so short games are not favoured); which episodes go to
     validation is drawn before play, so sequences are written as soon as they
@@ -456,7 +459,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
 
     from jaxatari import envs, runner
     from jaxatari.checkpoint import load_policy
-    from jaxatari.evaluate import LifeResets, episode_quotas
+    from jaxatari.evaluate import FullGames, episode_quotas
 
     _check_collect(cfg)
     path = Path(cfg.run_dir)
@@ -466,12 +469,10 @@ def collect(cfg: CollectConfig) -> CollectResult:
     if pol.is_q and cfg.mode == "sample":
         raise ConfigError("--mode sample is not accepted for a DQN run: its network outputs Q-values, not a "
                           "distribution; use greedy.")
+    cfg = dataclasses.replace(cfg, mode=cfg.mode or ("greedy" if pol.is_q else "sample"))
     c = pol.config
     env_id = c["env"]
     options = envs.parse_env_options(c.get("env_option", []))
-    reset_on_life_loss = pol.reset_on_life_loss  # as it trained (the run's options, before EVAL_OVERRIDES)
-    if envs.is_atari(env_id):
-        options.update(envs.EVAL_OVERRIDES)
     if cfg.max_episode_steps is not None:
         options["max_episode_steps"] = cfg.max_episode_steps
     B = cfg.num_envs or min(cfg.episodes, 8)
@@ -497,8 +498,6 @@ def collect(cfg: CollectConfig) -> CollectResult:
     buf_act: list[list[int]] = [[] for _ in range(B)]
     shards: list[list[int]] = [[] for _ in range(B)]
     life_starts: list[list[int]] = [[] for _ in range(B)]  # frames where the expert's state restarted mid-game
-    ep_ret = np.zeros(B, np.float64)
-    ep_len = np.zeros(B, np.int64)
 
     def split_of(b: int) -> str:
         return "val" if is_val[offsets[b] + k[b]] else "train"
@@ -513,16 +512,14 @@ def collect(cfg: CollectConfig) -> CollectResult:
     t0 = time.perf_counter()
     try:
         obs, info = env.reset()
-        life_resets = LifeResets(info, B) if reset_on_life_loss else None
+        games = FullGames(info, B, reset_on_life_loss=pol.reset_on_life_loss)  # a no-op under the training dynamics
         carry = pol.initial_carry(B)
         first = np.ones(B, bool)
-        reset_step = np.zeros(B, bool)
         while (k < quotas).any():
             key, k_act = jax.random.split(key)
             actions, carry = pol.act(obs, carry, first, mode=cfg.mode, key=k_act)
             actions = np.asarray(actions)
-            valid = ~reset_step
-            for b in np.flatnonzero(valid & (k < quotas)):
+            for b in np.flatnonzero(~games.reset_step & (k < quotas)):  # a decision the expert took
                 buf_obs[b].append(np.ascontiguousarray(np.asarray(obs[b]).transpose(1, 2, 0)))
                 buf_act[b].append(int(actions[b]))
                 if len(buf_act[b]) == S:
@@ -534,35 +531,25 @@ def collect(cfg: CollectConfig) -> CollectResult:
                     counters[split] += 1
                     buf_obs[b], buf_act[b] = [], []
             obs, reward, term, trunc, info = env.step(actions.astype(np.int32))
-            raw = np.asarray(info["reward"] if "reward" in info else reward, np.float64)
-            ep_ret += np.where(valid, raw, 0.0)
-            ep_len += valid
-            done = (np.asarray(term, bool) | np.asarray(trunc, bool)) & valid
-            for b in np.flatnonzero(done):
+            g = games.step(reward, term, trunc, info)
+            for b in np.flatnonzero(g.ended):
                 if k[b] < quotas[b]:
                     episodes.append(dict(
-                        split=split_of(b), env=int(b), **{"return": float(ep_ret[b])}, length=int(ep_len[b]),
-                        truncated=bool(np.asarray(trunc)[b] and not np.asarray(term)[b]),
-                        sequences=len(shards[b]), shards=list(shards[b]),
+                        split=split_of(b), env=int(b), **{"return": float(g.returns[b])}, length=int(g.lengths[b]),
+                        truncated=bool(g.capped[b]), sequences=len(shards[b]), shards=list(shards[b]),
                         life_starts=[t for t in life_starts[b] if t < len(shards[b]) * S], finished=True))
                     progress.episode(episodes[-1])
                     k[b] += 1
                 buf_obs[b], buf_act[b], shards[b] = [], [], []  # the tail shorter than S is dropped
                 life_starts[b] = []
-            ep_ret[done] = 0.0
-            ep_len[done] = 0
-            first = ~valid
-            if life_resets is not None:  # a recurrent expert trained under episodic_life restarts its carry per life
-                start = life_resets.step(info, valid, done)
-                first |= start
-                for b in np.flatnonzero(start):
-                    life_starts[b].append(int(ep_len[b]))  # the index of the frame just returned
-            reset_step = done
+            for b in np.flatnonzero(g.life_start):  # the expert's state restarted mid-game, as in training
+                life_starts[b].append(int(g.lengths[b]))  # the index of the frame just returned
+            first = g.first
     except KeyboardInterrupt:
         status = "interrupted"
         for b in range(B):  # games cut short whose sequences are already on disk
             if k[b] < quotas[b] and shards[b]:
-                episodes.append(dict(split=split_of(b), env=int(b), **{"return": None}, length=int(ep_len[b]),
+                episodes.append(dict(split=split_of(b), env=int(b), **{"return": None}, length=int(games.len[b]),
                                      truncated=False, sequences=len(shards[b]), shards=list(shards[b]),
                                      life_starts=[t for t in life_starts[b] if t < len(shards[b]) * S],
                                      finished=False))

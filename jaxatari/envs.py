@@ -72,9 +72,6 @@ ATARI_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-#: Options the evaluator always overrides: full games with unclipped rewards.
-EVAL_OVERRIDES: dict[str, Any] = dict(episodic_life=False, reward_clip=False)
-
 _RESERVED_OPTIONS = (
     "num_envs", "batch_size", "seed", "env_seed", "base_path", "task", "num_threads",
     "max_num_players", "thread_affinity_offset", "gym_reset_return_info",

@@ -9,33 +9,41 @@
 
 Protocol:
 
-* The env is built with the training preset plus :data:`jaxatari.envs.EVAL_OVERRIDES`
-  (no episodic life, unclipped rewards); everything else (sticky actions, no-op
-  starts, the 27k-step time limit) stays as the preset says, unless
-  ``max_episode_steps`` sets EnvPool's time limit (an episode cut there ends as
-  truncated and counts with its score so far). Returns are full-game
-  scores from EnvPool's ``info["reward"]``; lengths count agent steps (each is
-  ``frame_skip`` emulator frames on Atari).
+* The env steps under **the dynamics the agent trained under**: the run's preset
+  and env options, unchanged (on the ``nature`` preset that includes EnvPool's
+  ``episodic_life`` with ``use_fire_reset``: after each lost life EnvPool presses
+  FIRE, as it did in training, so a policy that never learned to press FIRE is
+  not stranded). Another protocol is one argument away (``preset="machado"`` for
+  sticky actions, ``options={"use_fire_reset": False, ...}``);
+  :attr:`EvalResult.options` records what was played.
+* Scores are full games, unclipped, whatever the dynamics: :class:`FullGames`
+  sums EnvPool's ``info["reward"]`` and ends a game only at the real game over
+  (``info["terminated"]``, not a lost life) or at the time limit
+  (``max_episode_steps``; such a game counts with its score so far and is
+  counted in :attr:`EvalResult.capped`). Lengths count agent steps (each is
+  ``frame_skip`` emulator frames on Atari); EnvPool's reset steps, after a game
+  or a life, are played but not counted.
 * ``num_envs`` envs play in parallel. Env ``i`` gets a quota of
   ``ceil``/``floor(episodes / num_envs)`` episodes and only its first ``quota``
   finished episodes count, so short episodes are not favoured (counting "the first
   N to finish overall" would be biased towards them).
 * The loop runs on the host: EnvPool is stepped with NumPy and the policy step
   (forward pass + action choice) is one jitted function, compiled once per
-  (policy, mode, shapes) and reused by later calls. ``first`` is set exactly on
-  the first observation of each episode (including the very first step), and the
-  recurrent carry flows across steps. With ``reset_on_life_loss`` (what a run
-  trained under EnvPool's ``episodic_life`` saw: every life lost ended its
-  "episode"), ``first`` is also set on the observation after each life-loss
-  frame, so a recurrent policy's carry restarts at each life as in training
-  (:class:`LifeResets`); the game and its score go on
-  (:func:`resets_at_life_loss` says which runs). EnvPool's auto-reset step (see
-  :mod:`jaxatari.envs`) is played but neither counted nor recorded as an agent
-  step.
+  (policy, mode, shapes) and reused by later calls. ``first`` is set on the
+  observation after each of EnvPool's reset steps (a new game, or under
+  ``episodic_life`` a new life, exactly as in training), and the recurrent carry
+  flows across steps. ``reset_on_life_loss`` covers a policy trained under
+  ``episodic_life`` played under a protocol without it: ``first`` is then also
+  set on the observation after each life-loss frame (:class:`LifeResets`;
+  :func:`resets_at_life_loss` says which runs); under the training dynamics it
+  changes nothing.
 * Actions: ``greedy`` (argmax), ``sample`` (categorical on the logits),
   ``epsilon`` (argmax, uniform random with probability ``epsilon``). The policy's
   second output may be logits or Q-values; see :func:`q_policy` to wrap a
-  Q-network.
+  Q-network. :func:`default_mode` is what the scripts use: an actor-critic
+  or cloned policy plays its own distribution (``sample``), a Q-network
+  epsilon-greedy with :data:`EVAL_EPSILON`; ``greedy`` is argmax, a corner case
+  of a stochastic policy (a deterministic game then repeats one game).
 
 Video: EnvPool 1.2.5 renders RGB frames natively (``render_mode="rgb_array"``,
 ``env.render(env_ids)``; 210x160 for Atari, 400x600 for CartPole). Env 0 of the
@@ -57,7 +65,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +76,9 @@ from jaxatari import envs
 log = logging.getLogger(__name__)
 
 MODES = ("greedy", "sample", "epsilon")
+EVAL_EPSILON = 0.001
+"""A Q-network's evaluation epsilon: Dopamine's protocol (Castro et al. 2018), which
+follows Machado et al. (2018); the Nature DQN paper (Mnih et al. 2015) used 0.05."""
 VIDEO_EXTENSIONS = (".mp4", ".gif")
 DEFAULT_MAX_NUM_ENVS = 8
 
@@ -109,6 +120,10 @@ class EvalResult:
     """The time limit the games were played under (agent steps), if the env reports one."""
     reset_on_life_loss: bool = False
     """Whether ``first`` (the recurrent carry's reset) was also set at each life lost."""
+    capped: int = 0
+    """Counted episodes that ended at the time limit (``max_episode_steps``) rather than a game over."""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The EnvPool options the games were played under (preset plus overrides)."""
 
     @property
     def episodes(self) -> int:
@@ -139,14 +154,25 @@ class EvalResult:
         return float(np.mean(self.lengths)) if self.episodes else math.nan
 
     def format(self) -> str:
-        """``"mean ± std (min .. max) over N episodes"``."""
+        """``"mean ± std (min .. max) over N episodes"``, plus how many hit the step cap."""
         if not self.episodes:
             return "no finished episodes"
         n = self.episodes
+        cap = f" at the {self.max_episode_steps:,}-step cap" if self.max_episode_steps else " at the step cap"
+        capped = f", {self.capped} of {n} cut{cap}" if self.capped else ""
         return (
             f"{self.mean:.2f} ± {self.std:.2f} ({self.min:g} .. {self.max:g}) "
-            f"over {n} episode{'s' if n != 1 else ''}"
+            f"over {n} episode{'s' if n != 1 else ''}{capped}"
         )
+
+    @property
+    def warning(self) -> str | None:
+        """One sentence when most counted episodes hit the step cap (a stuck policy,
+        e.g. one waiting for a FIRE nobody presses); ``None`` otherwise."""
+        if not self.episodes or 2 * self.capped <= self.episodes:
+            return None
+        return (f"{self.capped} of {self.episodes} episodes ended at the step cap, not by game over: the policy "
+                "may be stuck (idle or looping); the mean is the score it reached before the cap.")
 
     __str__ = format
 
@@ -174,6 +200,8 @@ class EvalResult:
             lengths=[int(n) for n in self.lengths],
             video=self.video,
             max_episode_steps=self.max_episode_steps,
+            capped=self.capped,
+            options=self.options,
         )
 
 
@@ -221,6 +249,13 @@ def _act(params, carry, obs, first, key, epsilon, *, policy_fn, mode: str, num_a
         random = jax.random.randint(k_sample, (B,), 0, num_actions)
         action = jnp.where(explore, random, greedy)
     return carry, action.astype(jnp.int32), key
+
+
+def default_mode(is_q: bool) -> str:
+    """The evaluation protocol's action choice for a policy: ``epsilon`` (with
+    :data:`EVAL_EPSILON`) for a Q-network (``is_q``), ``sample`` (its own action
+    distribution, as it acted in training) for an actor-critic or cloned policy."""
+    return "epsilon" if is_q else "sample"
 
 
 def q_policy(q_apply: Callable[[Any, jax.Array], jax.Array]) -> PolicyFn:
@@ -414,8 +449,9 @@ def evaluate(
       params: the policy's parameters.
       initial_carry: ``initial_carry(batch_size)`` -> the zero recurrent state, or
         the state itself for ``num_envs`` envs; ``None`` means ``()`` (feed-forward).
-      env_id, preset, options: as in :func:`jaxatari.envs.make`; for Atari
-        :data:`jaxatari.envs.EVAL_OVERRIDES` are applied on top.
+      env_id, preset, options: as in :func:`jaxatari.envs.make`: the dynamics the
+        games are played under. Pass the training run's (``LoadedPolicy.env_kwargs``)
+        to measure the agent as it trained; scores are full games either way.
       episodes: finished episodes to count.
       num_envs: parallel envs; default ``min(episodes, 8)``.
       seed: env seed (env ``i`` gets ``seed + i``) and the action-sampling key.
@@ -454,8 +490,6 @@ def evaluate(
         raise EvalError(f"reset_on_life_loss=True is not accepted for {env_id}: it has no lives (Atari games do).")
     num_envs = num_envs or min(episodes, DEFAULT_MAX_NUM_ENVS)
     opts = dict(options or {})
-    if envs.is_atari(env_id):
-        opts.update(envs.EVAL_OVERRIDES)
     if max_episode_steps is not None:
         opts["max_episode_steps"] = int(max_episode_steps)
     env, spec = envs.make(env_id, num_envs, seed=seed, preset=preset, options=opts,
@@ -478,7 +512,7 @@ def evaluate(
         key = jax.random.key(seed)
         eps = jnp.float32(epsilon if mode == "epsilon" else 0.0)
 
-        returns, lengths, steps = _play(
+        returns, lengths, capped, steps = _play(
             env, act, params, carry, key, eps,
             quotas=episode_quotas(episodes, num_envs), writer=writer, env_id=env_id,
             video_episodes=video_episodes, max_video_frames=max_video_frames, max_steps=max_steps,
@@ -494,7 +528,7 @@ def evaluate(
             "max_steps=%d reached with %d of %d episodes finished on %s; the result counts "
             "only the finished ones.", max_steps, len(returns), episodes, env_id,
         )
-    return EvalResult(
+    result = EvalResult(
         returns=np.asarray(returns, np.float64),
         lengths=np.asarray(lengths, np.int64),
         env_id=env_id,
@@ -508,21 +542,23 @@ def evaluate(
         video=str(video) if video is not None else None,
         max_episode_steps=None if limit is None else int(limit),
         reset_on_life_loss=bool(reset_on_life_loss),
+        capped=int(capped),
+        options=dict(spec.options),
     )
+    if result.warning:
+        log.warning("%s: %s", env_id, result.warning)
+    return result
 
 
 def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_episodes,
           max_video_frames, max_steps, reset_on_life_loss=False):
-    """The host loop. Returns ``(returns, lengths, steps)``, ordered by env then episode."""
+    """The host loop. Returns ``(returns, lengths, capped, steps)``, ordered by env then episode."""
     B = len(quotas)
     obs, info = env.reset()
-    life_resets = LifeResets(info, B) if reset_on_life_loss else None
-    first = np.ones(B, bool)          # obs is the first observation of an episode (or life)
-    reset_step = np.zeros(B, bool)    # the next step is EnvPool's (invalid) auto-reset step
-    ep_ret = np.zeros(B, np.float64)
-    ep_len = np.zeros(B, np.int64)
+    games = FullGames(info, B, reset_on_life_loss=reset_on_life_loss)
+    first = np.ones(B, bool)
     counted = np.zeros(B, np.int64)
-    per_env: list[list[tuple[float, int]]] = [[] for _ in range(B)]
+    per_env: list[list[tuple[float, int, bool]]] = [[] for _ in range(B)]
     recording = writer is not None
     video_done = 0
     video_cap = max_video_frames if max_video_frames is not None else math.inf
@@ -537,30 +573,83 @@ def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_ep
         carry, action, key = act(params, carry, obs, first, key, eps)
         obs, reward, term, trunc, info = env.step(np.asarray(action))
         steps += 1
-        valid = ~reset_step
-        raw = np.asarray(info["reward"] if "reward" in info else reward, np.float64)
-        ep_ret += np.where(valid, raw, 0.0)
-        ep_len += valid
-        done = (np.asarray(term, bool) | np.asarray(trunc, bool)) & valid
-        for b in np.flatnonzero(done):
+        g = games.step(reward, term, trunc, info)
+        for b in np.flatnonzero(g.ended):
             if counted[b] < quotas[b]:
-                per_env[b].append((float(ep_ret[b]), int(ep_len[b])))
+                per_env[b].append((float(g.returns[b]), int(g.lengths[b]), bool(g.capped[b])))
                 counted[b] += 1
-        ep_ret[done] = 0.0
-        ep_len[done] = 0
-        first = ~valid
-        if life_resets is not None:  # a life lost, the game goes on: the carry restarts on the next frame
-            first |= life_resets.step(info, valid, done)
-        reset_step = done
+        first = g.first
         if recording:
             # A valid step shows the frame after the action (the final frame if it
-            # ended the episode); a reset step shows the new episode's first frame.
+            # ended the game); a reset step shows the new episode's (or life's) first frame.
             writer.add(_render0(env, env_id))
-            video_done += int(done[0])
+            video_done += int(g.ended[0])
             recording = video_done < video_episodes and writer.frames < video_cap
-    returns = [r for ep in per_env for r, _ in ep]
-    lengths = [n for ep in per_env for _, n in ep]
-    return returns, lengths, steps
+    episodes = [ep for env_eps in per_env for ep in env_eps]
+    return [r for r, _, _ in episodes], [n for _, n, _ in episodes], sum(c for _, _, c in episodes), steps
+
+
+class GameStep(NamedTuple):
+    """What one env step did to the full games of a batch, each field ``[B]``."""
+
+    valid: np.ndarray
+    """An agent step: not EnvPool's reset step (after a game or, under ``episodic_life``, a life)."""
+    ended: np.ndarray
+    """A full game ended here: the real game over or the time limit, never a lost life."""
+    capped: np.ndarray
+    """Of ``ended``, the games cut by the time limit (truncated without a game over)."""
+    returns: np.ndarray
+    """Full-game return so far, unclipped (the final score where ``ended``)."""
+    lengths: np.ndarray
+    """Agent steps so far (the game's length where ``ended``)."""
+    first: np.ndarray
+    """The observation just returned starts an episode for the policy: a new game, a new
+    life under ``episodic_life`` (as in training), or a :class:`LifeResets` restart."""
+    life_start: np.ndarray
+    """Of ``first``, those inside a game (a new life), not at a new game."""
+
+
+class FullGames:
+    """Full-game bookkeeping for a host loop over an EnvPool batch, under any dynamics.
+
+    The host twin of :func:`jaxatari.envs.episode_stats_update`: sums EnvPool's
+    unclipped ``info["reward"]`` and ends a game only at the real game over
+    (``info["terminated"]``) or the time limit, whether or not ``episodic_life``
+    ends an EnvPool episode at each lost life. EnvPool's reset steps add neither
+    reward nor length. Shared by :func:`evaluate` and
+    :func:`jaxatari.data.collect`::
+
+        games = FullGames(info, B)                 # info of env.reset()
+        obs, reward, term, trunc, info = env.step(actions)
+        g = games.step(reward, term, trunc, info)  # GameStep, [B] each
+    """
+
+    def __init__(self, info: dict[str, Any], num_envs: int, *, reset_on_life_loss: bool = False):
+        self.reset_step = np.zeros(num_envs, bool)   # the next step is EnvPool's (action-ignoring) reset step
+        self.new_game = np.zeros(num_envs, bool)     # ... and it starts a new game (not a new life)
+        self.ret = np.zeros(num_envs, np.float64)
+        self.len = np.zeros(num_envs, np.int64)
+        self.life_resets = LifeResets(info, num_envs) if reset_on_life_loss else None
+
+    def step(self, reward, term, trunc, info: dict[str, Any]) -> GameStep:
+        """Account for one ``env.step``'s outputs."""
+        term, trunc = np.asarray(term, bool), np.asarray(trunc, bool)
+        game_over = np.asarray(info["terminated"], bool) if "terminated" in info else term
+        raw = np.asarray(info["reward"] if "reward" in info else reward, np.float64)
+        valid = ~self.reset_step
+        self.ret += np.where(valid, raw, 0.0)
+        self.len += valid
+        ended = (game_over | trunc) & valid
+        returns, lengths = self.ret.copy(), self.len.copy()
+        self.ret[ended], self.len[ended] = 0.0, 0
+        first = ~valid
+        life_start = first & ~self.new_game
+        if self.life_resets is not None:
+            restart = self.life_resets.step(info, valid, ended)
+            first, life_start = first | restart, life_start | restart
+        self.reset_step, self.new_game = (term | trunc) & valid, ended
+        return GameStep(valid=valid, ended=ended, capped=ended & trunc & ~game_over, returns=returns,
+                        lengths=lengths, first=first, life_start=life_start)
 
 
 def lives_of(info: dict[str, Any], num_envs: int) -> np.ndarray:
@@ -618,16 +707,16 @@ def run_resets_at_life_loss(config: dict[str, Any], recurrent: bool) -> bool:
 
 
 def actor_critic_eval_fn(net, spec, *, env_id: str, preset, options, episodes: int, seed: int):
-    """``params -> mean greedy full-game return``: the trainers' ``--eval-every`` hook
-    for an ``ActorCritic`` built from ``spec`` (recurrent or not; a recurrent carry
-    restarts at each life lost when the run trains under ``episodic_life``)."""
+    """``params -> mean full-game return``: the trainers' ``--eval-every`` hook for an
+    ``ActorCritic`` built from ``spec`` (recurrent or not), played under the
+    training dynamics with the policy's own distribution (:func:`default_mode`)."""
     from jaxatari.networks import initial_carry
 
     reset = spec.recurrent and resets_at_life_loss(env_id, preset, options)
 
     def eval_fn(params) -> float:
         return evaluate(net.apply, params, lambda b: initial_carry(spec, b), env_id=env_id, preset=preset,
-                        options=options, episodes=episodes, seed=seed, mode="greedy",
+                        options=options, episodes=episodes, seed=seed, mode=default_mode(is_q=False),
                         reset_on_life_loss=reset).mean
 
     return eval_fn

@@ -2,11 +2,13 @@
 
     python scripts/evaluate.py --run-dir RUN_DIR --episodes 30 [--video play.mp4]
 
-Plays full games (no episodic life, unclipped rewards; sticky actions, no-op
-starts and the time limit as in the run's preset, the limit overridable with
---max-episode-steps), prints mean ± std and min/max, and writes ``eval.json``
-into the run directory, naming the checkpoint actually evaluated (``checkpoint``:
-best or latest, ``checkpoint_step``) after any fallback from an unreadable best.
+Plays full games under the dynamics the agent trained under (the run's preset and
+env options: on ``nature``, EnvPool presses FIRE after each lost life as in
+training), scores them unclipped to the real game over, prints mean ± std,
+min/max and how many games hit the step cap, and writes ``eval.json`` into the
+run directory: the options played, the mode, and the checkpoint actually
+evaluated (``checkpoint``: best or latest, ``checkpoint_step``) after any fallback
+from an unreadable best. ``--preset`` and ``--env-option`` play another protocol.
 Bad input is one line on stderr and exit status 2.
 """
 
@@ -31,10 +33,11 @@ class Config:
     checkpoint: str = "best"
     """best (highest score; if none is readable, the newest readable latest) or latest.
     eval.json records the one actually loaded."""
-    mode: str = "greedy"
-    """greedy, sample (from the policy's distribution; PPO/A2C/BC runs, not DQN) or epsilon (epsilon-greedy)."""
+    mode: str | None = None
+    """sample (the policy's own distribution; PPO/A2C/BC), epsilon (epsilon-greedy) or greedy.
+    Default: sample; epsilon for DQN."""
     epsilon: float = 0.001
-    """Epsilon for --mode epsilon."""
+    """Epsilon for --mode epsilon (0.001: Dopamine's DQN protocol; 0.05: Nature DQN's)."""
     num_envs: int | None = None
     """Parallel envs (default: min(episodes, 8))."""
     seed: int = 10_000
@@ -44,7 +47,9 @@ class Config:
     video_episodes: int = 1
     """Episodes to record."""
     preset: str | None = None
-    """Override the run's env preset (e.g. machado)."""
+    """Play under another env preset than the run's (e.g. machado: sticky actions)."""
+    env_option: tuple[str, ...] = ()
+    """EnvPool options on top of the run's, KEY=VALUE (e.g. use_fire_reset=false episodic_life=false)."""
     max_episode_steps: int | None = None
     """Cap each game at this many agent steps (EnvPool's max_episode_steps).
     A game cut there counts with its score so far.
@@ -54,22 +59,25 @@ class Config:
 def main(cfg: Config) -> int:
     from jaxatari import envs, runner
     from jaxatari.checkpoint import CheckpointError, find_run_dir
-    from jaxatari.evaluate import EvalError, check_arguments, evaluate, load_checkpoint
+    from jaxatari.evaluate import EvalError, check_arguments, default_mode, evaluate, load_checkpoint
 
     try:
         if cfg.checkpoint not in ("best", "latest"):
             raise EvalError(f"--checkpoint {cfg.checkpoint!r} is not accepted; use best or latest.")
-        check_arguments(episodes=cfg.episodes, num_envs=cfg.num_envs, mode=cfg.mode, epsilon=cfg.epsilon,
-                        video=cfg.video, video_episodes=cfg.video_episodes, max_episode_steps=cfg.max_episode_steps)
+        check_arguments(episodes=cfg.episodes, num_envs=cfg.num_envs, mode=cfg.mode or "greedy",
+                        epsilon=cfg.epsilon, video=cfg.video, video_episodes=cfg.video_episodes,
+                        max_episode_steps=cfg.max_episode_steps)
+        extra = envs.parse_env_options(cfg.env_option)
         pol, loaded = load_checkpoint(cfg.run_dir, cfg.checkpoint)
         c = pol.config
         if pol.is_q and cfg.mode == "sample":
             raise EvalError("--mode sample is not accepted for a DQN run: its network outputs Q-values, not a "
-                            "distribution; use greedy or epsilon.")
-        options = envs.parse_env_options(c.get("env_option", []))
+                            "distribution; use epsilon or greedy.")
+        mode = cfg.mode or default_mode(pol.is_q)
+        options = {**envs.parse_env_options(c.get("env_option", [])), **extra}
         res = evaluate(pol.policy_fn, pol.params, pol.initial_carry, env_id=c["env"],
                        preset=cfg.preset or c.get("preset"), options=options, episodes=cfg.episodes,
-                       num_envs=cfg.num_envs, seed=cfg.seed, mode=cfg.mode, epsilon=cfg.epsilon,
+                       num_envs=cfg.num_envs, seed=cfg.seed, mode=mode, epsilon=cfg.epsilon,
                        video=cfg.video, video_episodes=cfg.video_episodes,
                        max_episode_steps=cfg.max_episode_steps,
                        reset_on_life_loss=pol.reset_on_life_loss)
@@ -81,7 +89,9 @@ def main(cfg: Config) -> int:
         print(f"note: no readable {cfg.checkpoint} checkpoint; evaluated the {loaded['checkpoint']} one "
               f"(env step {step}).", file=sys.stderr)
     step_text = f"{step:,}" if isinstance(step, int) else "?"
-    print(f"{c['env']} ({c['algo']}, {loaded['checkpoint']} checkpoint, env step {step_text}): {res.format()}")
+    how = f"{mode} {cfg.epsilon:g}" if mode == "epsilon" else mode
+    print(f"{c['env']} ({c['algo']}, {loaded['checkpoint']} checkpoint, env step {step_text}, {how}, preset "
+          f"{res.preset}): {res.format()}")
     if cfg.video:
         print(f"video: {cfg.video}")
     out = dict(res.to_json(), **loaded, checkpoint_requested=cfg.checkpoint)

@@ -40,7 +40,7 @@ def collected(tmp_path_factory):
     root = tmp_path_factory.mktemp("collect")
     expert = make_expert(root / "expert")
     cfg = data.CollectConfig(run_dir=str(expert), out=str(root / "data"), episodes=EPISODES, seq_len=SEQ_LEN,
-                             num_envs=NUM_ENVS, val_fraction=0.25, max_episode_steps=CAP, seed=3)
+                             num_envs=NUM_ENVS, val_fraction=0.25, max_episode_steps=CAP, seed=3, mode="greedy")
     result = data.collect(cfg)
     return cfg, result
 
@@ -57,18 +57,20 @@ def test_collect_writes_the_ncps_layout_split_by_episode(collected):
     assert result.status == "done" and m == json.loads(json.dumps(result.manifest))
     assert (m["env"], m["preset"], m["num_actions"], m["seq_len"], m["obs_shape"]) == (
         "Breakout-v5", "nature", 4, SEQ_LEN, [84, 84, 4])
-    assert m["options"]["episodic_life"] is False and m["options"]["max_episode_steps"] == CAP  # evaluation settings
+    assert m["options"]["episodic_life"] is True and m["options"]["max_episode_steps"] == CAP  # as it trained
     log = m["episode_log"]
     assert len(log) == m["episodes"] == EPISODES
     assert [e["env"] for e in log].count(0) == [e["env"] for e in log].count(1) == EPISODES // NUM_ENVS
     assert (m["train_episodes"], m["val_episodes"]) == (3, 1)
-    for e in log:  # consecutive windows, the tail shorter than S dropped
-        assert 1 <= e["length"] <= CAP and e["sequences"] == e["length"] // SEQ_LEN == len(e["shards"])
+    for e in log:  # consecutive windows, the tail shorter than S dropped (and validation repeats of training ones)
+        assert 1 <= e["length"] <= CAP and len(e["shards"]) == e["sequences"]
+        assert e["sequences"] + e.get("repeats_dropped", 0) == e["length"] // SEQ_LEN
     for split in ("train", "val"):
         ids = sorted(i for e in log if e["split"] == split for i in e["shards"])
         files = data.list_shards(out, split)
-        assert ids == list(range(len(files))) == list(range(m[f"{split}_sequences"]))
-        assert [f.name for f in files] == [f"{split}_{i}.npz" for i in ids]
+        assert len(ids) == len(files) == m[f"{split}_sequences"]
+        assert [f.name for f in files] == [f"{split}_{i}.npz" for i in ids]  # dropped repeats leave gaps in val
+        assert split == "val" or ids == list(range(len(files)))
     assert m["train_sequences"] > 0 and m["val_sequences"] > 0
     returns = [e["return"] for e in log]
     assert m["expert_return"]["mean"] == pytest.approx(np.mean(returns))
@@ -92,13 +94,16 @@ def test_recorded_frames_and_actions_are_the_experts_games(collected):
     state (its state is reset at each episode start and, as a PPO expert trained
     under the nature preset's episodic life, on the frame after each life-loss
     frame: the episode's ``life_starts``, which the replay's lives confirm;
-    carried otherwise)."""
+    carried otherwise). The games are played as the expert trained: under
+    episodic life EnvPool's reset step after a lost life (FIRE) is not recorded."""
     cfg, result = collected
     log = result.manifest["episode_log"]
     pol = load_policy(cfg.run_dir)
     # Acting a step at a time, a loaded policy convolves with XLA (im2col is for loops on a CPU): same params.
     assert pol.spec.torso_kwargs["conv_impl"] == "xla"
     for e in log:
+        if e.get("repeats_dropped"):  # a validation game with shards dropped: its frames are not contiguous
+            continue
         obs, actions = episode_frames(cfg.out, e)
         T = len(actions)
         first = np.zeros((T, 1), bool)
@@ -109,16 +114,15 @@ def test_recorded_frames_and_actions_are_the_experts_games(collected):
 
     e0 = next(e for e in log if e["env"] == 0)  # env 0's first game
     obs, actions = episode_frames(cfg.out, e0)
-    options = dict(envs.EVAL_OVERRIDES, max_episode_steps=CAP)
-    env, _ = envs.make("Breakout-v5", NUM_ENVS, seed=cfg.seed, options=options)
+    env, _ = envs.make("Breakout-v5", NUM_ENVS, seed=cfg.seed, options={"max_episode_steps": CAP})
     o, info = env.reset()
-    lives, starts = info["lives"][0], []
+    starts = []
     for t in range(len(actions)):
         np.testing.assert_array_equal(o[0], obs[t])
         o, _, term, trunc, info = env.step(np.array([actions[t]] + [0] * (NUM_ENVS - 1), np.int32))
-        if 0 < info["lives"][0] < lives and not (term[0] or trunc[0]):
-            starts.append(t + 2)  # frame t + 1 lost the life; the state restarts on the next
-        lives = info["lives"][0]
+        if term[0] and not (info["terminated"][0] or trunc[0]):  # a life lost, as in training: the reset step
+            o, *_ = env.step(np.zeros(NUM_ENVS, np.int32))       # presses FIRE; its frame starts the next life
+            starts.append(t + 1)
     env.close()
     assert result.manifest["expert"]["reset_on_life_loss"] is True
     assert e0["life_starts"] == [s for s in starts if s < len(actions)]
@@ -191,7 +195,7 @@ def test_repeated_games_do_not_leak_into_validation(tmp_path, caplog):
     so they are dropped (a validation accuracy on them would measure memory)."""
     expert = make_expert(tmp_path / "expert", env_option=("noop_max=1",))  # no random no-ops: one game
     cfg = data.CollectConfig(run_dir=str(expert), out=str(tmp_path / "data"), episodes=4, seq_len=SEQ_LEN,
-                             num_envs=2, val_fraction=0.25, max_episode_steps=CAP, seed=3)
+                             num_envs=2, val_fraction=0.25, max_episode_steps=CAP, seed=3, mode="greedy")
     with caplog.at_level("WARNING"):
         m = data.collect(cfg).manifest
     val = [e for e in m["episode_log"] if e["split"] == "val"]
@@ -205,10 +209,14 @@ def test_repeated_games_do_not_leak_into_validation(tmp_path, caplog):
     assert data.read_manifest(tmp_path / "data")["options"]["noop_max"] == 1
 
 
-def test_collected_varied_games_keep_every_sequence(collected):
-    _, result = collected
-    m = result.manifest
-    assert m["val_repeats_dropped"] == 0 and m["distinct_train_sequences"] == m["train_sequences"]
+def test_the_default_expert_samples_varied_games(tmp_path):
+    """By default a PPO expert plays its own distribution: the same deterministic
+    game gives varied sequences, none dropped as a repeat."""
+    expert = make_expert(tmp_path / "expert", env_option=("noop_max=1",))
+    m = data.collect(data.CollectConfig(run_dir=str(expert), out=str(tmp_path / "data"), episodes=4, seq_len=SEQ_LEN,
+                                        num_envs=2, val_fraction=0.25, max_episode_steps=CAP, seed=3)).manifest
+    assert m["expert"]["mode"] == "sample"
+    assert m["val_repeats_dropped"] == 0 and m["distinct_train_sequences"] == m["train_sequences"] > 0
 
 
 def test_val_split_sizes():

@@ -261,3 +261,184 @@ def test_make_does_not_warn_about_classic_control_bounds():
         env.observation_space, env.action_space
     assert spec.obs_shape == (4,)
     assert not [w for w in caught if "precision lowered" in str(w.message)], [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------------------
+# Atari step semantics through the compiled step, against a plain host loop
+# ---------------------------------------------------------------------------
+
+# (game, preset, EnvPool option overrides, steps): a seeded random action script
+# for 3 envs, long enough to lose lives, end games and score (each case ends 3-5
+# games). The time limit of 150 steps also ends Breakout games by truncation
+# (random play loses its 5 lives in ~120-280 steps); SpaceInvaders scores more
+# than 1 per hit.
+ATARI_CASES = [
+    ("Breakout-v5", "nature", {"max_episode_steps": 150}, 320),
+    ("SpaceInvaders-v5", "nature", {}, 600),
+    ("Breakout-v5", "machado", {}, 340),
+    ("SpaceInvaders-v5", "machado", {}, 450),
+]
+ATARI_IDS = [f"{g.split('-')[0]}-{p}{'-limit' if o else ''}" for g, p, o, _ in ATARI_CASES]
+BACKENDS = ("xla", "callback")
+
+
+def _atari_env(case):
+    game, preset, options, _ = case
+    return envs.make(game, 3, seed=11, preset=preset, options=options)
+
+
+def _host_play(case):
+    """EnvPool stepped by a plain host loop through a seeded random action script.
+    Returns ``(actions [T, B], what EnvPool reports per step: {name: [T, B]})``
+    (``digest``: the observation's pixel sum)."""
+    env, spec = _atari_env(case)
+    env.reset()
+    actions = np.random.default_rng(5).integers(0, spec.num_actions, (case[3], spec.num_envs)).astype(np.int32)
+    keys = ("reward", "terminated", "truncated", "game_over", "raw", "elapsed", "digest")
+    out = {k: [] for k in keys}
+    for a in actions:
+        obs, r, te, tr, info = env.step(a)
+        for k, v in zip(keys, (r, te, tr, info["terminated"], info["reward"], info["elapsed_step"],
+                               obs.reshape(spec.num_envs, -1).sum(1, dtype=np.int64))):
+            out[k].append(np.asarray(v))
+    out = {k: np.stack(v) for k, v in out.items()}
+    for k in ("terminated", "truncated", "game_over"):
+        out[k] = out[k].astype(bool)
+    return actions, out
+
+
+def _compiled_play(case, backend, actions):
+    """The same actions through ``make_step_fn`` + ``env_step`` in one jitted ``lax.scan``
+    on a separately made env (same seed and options). Returns ``(Transition [T, B] with
+    obs/next_obs replaced by pixel sums, EpisodeOutcome [T, B], final EpisodeStats)``."""
+    env, spec = _atari_env(case)
+    obs, _ = env.reset()
+    handle, step_fn, used = envs.make_step_fn(env, spec, backend)
+    assert used == backend
+
+    def digest(o):
+        return jnp.sum(o, axis=tuple(range(1, o.ndim)), dtype=jnp.int32)
+
+    def body(c, a):
+        h, s = c
+        h, s, tr, out = envs.env_step(step_fn, h, s, a)
+        return (h, s), (tr._replace(obs=digest(tr.obs), next_obs=digest(tr.next_obs)), out)
+
+    play = jax.jit(lambda h, s, acts: jax.lax.scan(body, (h, s), acts))
+    (_, state), (tr, out) = play(handle, envs.env_state_init(obs), jnp.asarray(actions))
+    return jax.device_get((tr, out, state.stats))
+
+
+@pytest.fixture(scope="module", params=ATARI_CASES, ids=ATARI_IDS)
+def atari(request):
+    """``(case, host, {backend: compiled})``: one case played by the host loop and
+    through both compiled backends, once for all the tests below."""
+    actions, host = _host_play(request.param)
+    return request.param, host, {b: _compiled_play(request.param, b, actions) for b in BACKENDS}
+
+
+def _reset_steps(host):
+    """``[T, B]``: the steps that follow ``terminated | truncated`` (EnvPool's reset steps)."""
+    ended = host["terminated"] | host["truncated"]
+    return np.concatenate([np.zeros_like(ended[:1]), ended[:-1]])
+
+
+def _full_games(host):
+    """Reference: the running full-game score at every step ``[T, B]`` (the sum of
+    EnvPool's unclipped ``info["reward"]`` since the game began) and the games that
+    end (``info["terminated"]`` or the time limit) as ``(t, b, return)`` in time
+    then env order."""
+    T, B = host["raw"].shape
+    score, running, ended = np.zeros(B, np.float64), np.zeros((T, B)), []
+    for t in range(T):
+        score += host["raw"][t]
+        running[t] = score
+        for b in np.nonzero(host["game_over"][t] | host["truncated"][t])[0]:
+            ended.append((t, int(b), float(score[b])))
+            score[b] = 0.0
+    return running, ended
+
+
+def test_atari_training_reward_is_clipped_and_returns_are_unclipped_full_games(atari):
+    """Transition.reward is EnvPool's clipped training reward; EpisodeOutcome and
+    EpisodeStats report full games scored with the unclipped ``info["reward"]``,
+    as a plain host loop sums it. (Random Breakout scores 1 per brick, so only
+    SpaceInvaders tells the clipped reward from the score.)"""
+    case, host, plays = atari
+    running, ended = _full_games(host)
+    assert ended and host["raw"].any()
+    np.testing.assert_array_equal(host["reward"], np.sign(host["raw"]))  # the presets clip
+    if case[0].startswith("SpaceInvaders"):
+        assert host["raw"].max() > 1 and (running > np.cumsum(host["raw"] > 0, axis=0)).any()
+    valid = ~_reset_steps(host)
+    for backend, (tr, out, stats) in plays.items():
+        r = np.asarray(tr.reward)
+        assert set(np.unique(r)) <= {-1.0, 0.0, 1.0}, backend
+        np.testing.assert_array_equal(r, np.where(valid, host["reward"], 0.0), err_msg=backend)
+        np.testing.assert_array_equal(out.returns, running, err_msg=backend)
+        assert list(zip(*np.nonzero(out.done))) == [(t, b) for t, b, _ in ended], backend
+        assert [float(out.returns[t, b]) for t, b, _ in ended] == [g for _, _, g in ended], backend
+        assert int(stats.count) == len(ended) <= stats.window.shape[0]
+        np.testing.assert_array_equal(stats.window[:len(ended)], [g for _, _, g in ended], err_msg=backend)
+        np.testing.assert_array_equal(stats.returns, np.where(out.done[-1], 0.0, running[-1]), err_msg=backend)
+
+
+def test_atari_terminated_at_each_lost_life_episodes_end_at_game_over_or_truncation(atari):
+    """Under the nature preset ``terminated`` (the bootstrap cut) fires at each
+    lost life, but an episode ends only at the real game over
+    (``info["terminated"]``) or the time limit, which ends the whole game; episode
+    lengths are EnvPool's own ``elapsed_step`` (counted across lives). Under
+    machado (no episodic life, sticky actions) ``terminated`` is the game over."""
+    (game, preset, options, _), host, plays = atari
+    lost_life = host["terminated"] & ~host["game_over"]
+    if preset == "nature":
+        assert lost_life.sum() > 2 * host["game_over"].sum() > 0  # several lives per game
+    else:
+        assert envs.ATARI_PRESETS[preset]["repeat_action_probability"] > 0
+        np.testing.assert_array_equal(host["terminated"], host["game_over"])
+        assert host["game_over"].any()
+    limit = options.get("max_episode_steps")
+    if limit:
+        assert host["truncated"].any() and (host["elapsed"][host["truncated"]] == limit).all()
+    valid = ~_reset_steps(host)
+    for backend, (tr, out, stats) in plays.items():
+        np.testing.assert_array_equal(tr.terminated, host["terminated"] & valid, err_msg=backend)
+        np.testing.assert_array_equal(tr.truncated, host["truncated"] & valid, err_msg=backend)
+        np.testing.assert_array_equal(out.done, (host["game_over"] | host["truncated"]) & valid, err_msg=backend)
+        assert tr.terminated[lost_life].all() and not out.done[lost_life].any(), backend
+        np.testing.assert_array_equal(out.lengths, host["elapsed"], err_msg=backend)
+        if limit:
+            assert out.done[host["truncated"]].all() and (out.lengths[host["truncated"]] == limit).all()
+        np.testing.assert_array_equal(stats.lengths, np.where(out.done[-1], 0, host["elapsed"][-1]),
+                                      err_msg=backend)
+
+
+def test_atari_reset_step_after_each_lost_life_and_game_is_masked(atari):
+    """The step after ``terminated | truncated`` (a lost life or a game end) is
+    EnvPool's reset step: ``valid=False``, reward 0, no episode end, no length
+    (EnvPool's ``elapsed_step`` does not count it either); the step after it
+    starts an episode (``first``) for the recurrent state."""
+    (game, preset, options, _), host, plays = atari
+    reset = _reset_steps(host)
+    assert reset.any()
+    if preset == "nature":  # reset steps after lost lives (EnvPool presses FIRE; the game goes on)
+        assert (reset[1:] & ~host["game_over"][:-1] & ~host["truncated"][:-1]).any()
+    assert (host["raw"][reset] == 0).all() and (host["reward"][reset] == 0).all()  # EnvPool's
+    for backend, (tr, out, stats) in plays.items():
+        valid = np.asarray(tr.valid)
+        np.testing.assert_array_equal(valid, ~reset, err_msg=backend)
+        np.testing.assert_array_equal(tr.first, np.concatenate([np.ones_like(valid[:1]), reset[:-1]]),
+                                      err_msg=backend)
+        assert (np.asarray(tr.reward)[reset] == 0).all() and not np.asarray(out.done)[reset].any(), backend
+        t, b = np.nonzero(reset[1:])  # a reset step adds no length: the step before's, or 0 after a game end
+        assert (out.lengths[t + 1, b] == np.where(out.done[t, b], 0, out.lengths[t, b])).all(), backend
+
+
+def test_atari_xla_and_callback_backends_agree_exactly(atari):
+    """Both backends step the envs as the host loop does (the same observations)
+    and report the same transitions, outcomes and statistics, bit for bit."""
+    case, host, plays = atari
+    xla, callback = plays["xla"], plays["callback"]
+    np.testing.assert_array_equal(xla[0].next_obs, host["digest"])
+    for a, b in zip(jax.tree.leaves(xla), jax.tree.leaves(callback), strict=True):
+        np.testing.assert_array_equal(a, b)

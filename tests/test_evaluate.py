@@ -20,8 +20,8 @@ from PIL import Image, ImageSequence
 
 from jaxatari import envs
 from jaxatari.evaluate import (
-    EvalError, EvalResult, check_arguments, episode_quotas, evaluate, gif_frame_ms, q_policy, random_policy,
-    LifeResets, resets_at_life_loss, run_resets_at_life_loss,
+    EvalError, EvalResult, FullGames, check_arguments, default_mode, episode_quotas, evaluate, gif_frame_ms, q_policy,
+    random_policy, LifeResets, resets_at_life_loss, run_resets_at_life_loss,
 )
 
 pytestmark = [
@@ -140,9 +140,112 @@ def test_first_marks_exactly_each_episode_start():
     assert starts >= B + 6 - 1  # every env's start plus the later episodes' starts
 
 
+# ---------------------------------------------------------------------------
+# Full games under the training dynamics
+# ---------------------------------------------------------------------------
+
+
+def scripted_policy(actions: np.ndarray, num_actions: int):
+    """Acts ``actions[t % len]`` at its ``t``-th call in every env, whatever it sees
+    (the carry counts calls, EnvPool's reset steps included), so a plain loop can
+    replay the same actions."""
+    table = jnp.asarray(actions, jnp.int32)
+
+    def policy(params, carry, obs, first):
+        logits = 10.0 * jax.nn.one_hot(table[carry % len(table)], num_actions)[None]
+        return carry + 1, logits, jnp.zeros(obs.shape[:2])
+
+    return policy
+
+
+def host_full_games(env_id: str, actions: np.ndarray, num_envs: int, seed: int, options: dict):
+    """The first full-game score of each env from a plain loop over EnvPool with the
+    same options: the sum of the unclipped ``info["reward"]`` up to the real game over;
+    and whether any single reward was above 1."""
+    env, _ = envs.make(env_id, num_envs, seed=seed, preset="nature", options=options)
+    env.reset()
+    ret, final, saw_big = np.zeros(num_envs), [None] * num_envs, False
+    t = 0
+    while any(f is None for f in final):
+        _, reward, _, trunc, info = env.step(np.full(num_envs, actions[t % len(actions)], np.int32))
+        t += 1
+        assert not trunc.any(), "a game hit the step cap"
+        assert set(np.unique(reward)) <= {-1.0, 0.0, 1.0}  # the training reward is clipped
+        saw_big |= bool((info["reward"] > 1).any())
+        ret += info["reward"]
+        for b in np.flatnonzero(info["terminated"]):
+            final[b] = ret[b] if final[b] is None else final[b]
+    env.close()
+    return final, saw_big
+
+
+@pytest.mark.parametrize("env_id", ["Breakout-v5", "SpaceInvaders-v5"])
+def test_full_games_under_the_training_dynamics_match_a_plain_loop(env_id):
+    """A scripted policy (on Breakout one that never presses FIRE: NOOP, RIGHT, LEFT)
+    played by ``evaluate`` under the run's ``nature`` dynamics: every game ends by
+    game over, not at the cap (EnvPool presses FIRE after each lost life, as in
+    training), and each score equals a plain loop's sum of the unclipped
+    ``info["reward"]`` up to the real game over, points > 1 a hit included."""
+    rng = np.random.default_rng(0)
+    num_actions = {"Breakout-v5": 4, "SpaceInvaders-v5": 6}[env_id]
+    actions = rng.choice([0, 2, 3] if env_id == "Breakout-v5" else num_actions, size=97)
+    policy = scripted_policy(actions, num_actions)
+    cap = 5_000
+    r = evaluate(policy, None, lambda b: jnp.zeros((b,), jnp.int32), env_id=env_id, preset="nature",
+                 options={"max_episode_steps": cap}, episodes=2, num_envs=2, seed=7, mode="greedy")
+    assert r.options["episodic_life"] is True and r.options["use_fire_reset"] is True  # as trained
+    assert r.capped == 0 and r.lengths.max() < cap and r.warning is None
+    expected, saw_big = host_full_games(env_id, actions, 2, 7, {"max_episode_steps": cap})
+    np.testing.assert_array_equal(r.returns, expected)
+    if env_id == "SpaceInvaders-v5":
+        assert saw_big  # scores above 1 per hit: a clipped sum would differ
+
+
+def test_full_games_tracker_ends_games_not_lives():
+    """FullGames on a hand-written EnvPool trace: a lost life (terminated, no game
+    over) and its reset step neither end the game nor add to it; the policy's
+    ``first`` comes after each reset step, marked a life start inside a game; a
+    truncation ends the game as capped."""
+    g = FullGames({"lives": np.array([2])}, 1)
+
+    def step(reward, raw, term, trunc, game_over, lives):
+        info = {"reward": np.array([raw], float), "terminated": np.array([game_over]), "lives": np.array([lives])}
+        return g.step(np.array([reward], float), np.array([term]), np.array([trunc]), info)
+
+    s = step(1.0, 7.0, False, False, False, 2)
+    assert s.valid[0] and not s.ended[0] and not s.first[0]
+    s = step(0.0, 0.0, True, False, False, 1)  # a life lost: EnvPool's episode ends, the game does not
+    assert not s.ended[0] and s.returns[0] == 7.0
+    s = step(0.0, 0.0, False, False, False, 1)  # the reset step (FIRE)
+    assert not s.valid[0] and s.first[0] and s.life_start[0] and s.lengths[0] == 2
+    s = step(1.0, 5.0, True, False, True, 0)  # game over
+    assert s.ended[0] and not s.capped[0] and (s.returns[0], s.lengths[0]) == (12.0, 3)
+    s = step(0.0, 0.0, False, False, False, 2)  # the reset step of a new game
+    assert s.first[0] and not s.life_start[0] and s.returns[0] == 0.0
+    s = step(0.0, 3.0, False, True, False, 2)  # the time limit
+    assert s.ended[0] and s.capped[0] and s.returns[0] == 3.0
+
+
+def test_capped_episodes_are_counted_and_flagged(caplog):
+    """Games cut by the step cap are counted in the result, its text and its JSON,
+    and a result where most are cut says so in one sentence."""
+    with caplog.at_level("WARNING", logger="jaxatari.evaluate"):
+        r = evaluate(left_policy, None, env_id="CartPole-v1", episodes=3, num_envs=1, max_episode_steps=4)
+    assert r.capped == 3 and r.to_json()["capped"] == 3 and r.lengths.tolist() == [4, 4, 4]
+    assert r.format().endswith("over 3 episodes, 3 of 3 cut at the 4-step cap")
+    assert r.warning.startswith("3 of 3 episodes ended at the step cap, not by game over")
+    assert r.warning in caplog.text
+    free = evaluate(left_policy, None, env_id="CartPole-v1", episodes=2, num_envs=1)
+    assert free.capped == 0 and free.warning is None and "cut" not in free.format()
+
+
+def test_default_mode_follows_the_protocols():
+    assert default_mode(is_q=False) == "sample" and default_mode(is_q=True) == "epsilon"
+
+
 @pytest.mark.parametrize("reset", [True, False])
 def test_reset_on_life_loss_sets_first_exactly_after_each_life_lost(reset):
-    """Breakout under evaluation settings (no episodic life: one game, lives 5 -> 0).
+    """Breakout played without episodic life (one game, lives 5 -> 0), as a user may ask.
     The policy cycles NOOP, FIRE, RIGHT, LEFT from its carry (steps since ``first``),
     so a ``first`` one step early or late changes the game. Replaying it in a
     plain env, ``first`` must come exactly on the frame after each life-loss frame
@@ -157,12 +260,13 @@ def test_reset_on_life_loss_sets_first_exactly_after_each_life_lost(reset):
 
     limit = 700
     r = evaluate(policy, None, lambda b: jnp.zeros((b,), jnp.int32), env_id="Breakout-v5", preset="nature",
-                 episodes=1, num_envs=1, seed=3, max_episode_steps=limit, reset_on_life_loss=reset)
+                 options={"episodic_life": False}, episodes=1, num_envs=1, seed=3, max_episode_steps=limit,
+                 reset_on_life_loss=reset)
     assert r.reset_on_life_loss is reset and r.to_json()["reset_on_life_loss"] is reset
     assert len(seen) == r.steps
 
     env, _ = envs.make("Breakout-v5", 1, seed=3, preset="nature",
-                       options={**envs.EVAL_OVERRIDES, "max_episode_steps": limit})
+                       options={"episodic_life": False, "max_episode_steps": limit})
     _, info = env.reset()
     lives, count, expected, pending, restarts = int(info["lives"][0]), 0, True, False, 0
     for first in seen:
@@ -362,7 +466,7 @@ def to_obs_frame(rgb: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("ext", ["gif", "mp4"])
 def test_breakout_video_records_env0_in_step(tmp_path, ext):
-    """One frame per agent step plus the first, 210x160 RGB, and frame ``i`` is what
+    """One frame per env step plus the first, 210x160 RGB, and frame ``i`` is what
     env 0 showed the agent at step ``i``: grayscaled and resized it matches env 0's
     newest observation frame far better than the neighbouring steps or env 1."""
     seen = []
@@ -379,7 +483,9 @@ def test_breakout_video_records_env0_in_step(tmp_path, ext):
                  mode="sample", seed=5, video=str(path), video_fps=30)
     assert r.video == str(path) and r.episodes == 2
     frames = read_video(path, 30)
-    assert len(frames) == r.lengths[0] + 1  # env 0's one counted episode
+    # Env 0's one counted game: a frame per agent step, the first, and one per reset step after each of
+    # Breakout's 4 lives lost before the last (EnvPool presses FIRE there, as in training).
+    assert r.capped == 0 and len(frames) == r.lengths[0] + 1 + 4
     assert frames[0].shape == (210, 160, 3) and frames[0].dtype == np.uint8
 
     video = np.stack([to_obs_frame(f) for f in frames])
@@ -453,8 +559,16 @@ def test_eval_json_goes_to_the_run_directory_evaluated(tmp_path, monkeypatch, ca
     assert script.main(script.Config(run_dir=str(copy / "checkpoints" / "latest"), episodes=1, num_envs=1,
                                      max_episode_steps=3)) == 0
     assert (copy / "eval.json").is_file() and not (original / "eval.json").exists()
-    assert json.loads((copy / "eval.json").read_text())["reset_on_life_loss"] is False  # CartPole has no lives
+    out = json.loads((copy / "eval.json").read_text())
+    assert out["reset_on_life_loss"] is False  # CartPole has no lives
+    assert out["mode"] == "sample" and out["options"]["max_episode_steps"] == 3  # the protocol played, recorded
     assert f"wrote {copy / 'eval.json'}" in capsys.readouterr().out
+    # --env-option plays another protocol on top of the run's options, and eval.json says which.
+    assert script.main(script.Config(run_dir=str(copy), episodes=1, num_envs=1, mode="greedy",
+                                     env_option=("max_episode_steps=2",))) == 0
+    out = json.loads((copy / "eval.json").read_text())
+    assert out["mode"] == "greedy" and out["options"]["max_episode_steps"] == 2 and out["lengths"] == [2]
+    assert "1 of 1 cut at the 2-step cap" in capsys.readouterr().out
 
 
 def test_mp4_without_a_usable_ffmpeg_is_refused_before_playing(monkeypatch):

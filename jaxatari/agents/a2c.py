@@ -106,7 +106,7 @@ class Config:
     keep: int = 3
     """How many latest checkpoints to keep (the best is kept separately)."""
     eval_every: int = 0
-    """Env steps between greedy evaluations (0: off; 'best' then uses the training return)."""
+    """Env steps between evaluations (full games, the policy sampling; 0: off; 'best' then uses the training return)."""
     eval_episodes: int = 10
     """Episodes per periodic evaluation."""
     run_dir: str | None = None

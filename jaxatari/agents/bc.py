@@ -91,8 +91,8 @@ class Config:
     """CfC backbone depth."""
     eval_episodes: int = 10
     """Full games the clone plays in closed loop after each epoch (0: off)."""
-    eval_mode: str = "greedy"
-    """Closed-loop actions: greedy or sample."""
+    eval_mode: str = "sample"
+    """Closed-loop actions: sample (the clone's own distribution) or greedy."""
     keep: int = 3
     """How many latest checkpoints (one per epoch) to keep; the best by validation accuracy is kept separately."""
     num_workers: int = 4
@@ -137,7 +137,7 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
         given = envs.parse_env_options(c.env_option)
         base = envs.resolve_options(c.env, c.preset)
         extra = [f"{k}={v}" for k, v in manifest["options"].items()
-                 if k not in envs.EVAL_OVERRIDES and k not in given and (k not in base or base[k] != v)]
+                 if k not in given and (k not in base or base[k] != v)]
         c = dataclasses.replace(c, env_option=tuple(extra) + tuple(c.env_option))
 
     def bad(flag, value, what):

@@ -285,8 +285,7 @@ def test_closed_loop_games_are_the_datasets(tmp_path):
     the preset (the expert's --env-option values, collect's cap) apply to the
     clone's games too, and to scripts/evaluate.py through config.json."""
     write_memory_task(tmp_path / "d", n_train=2, n_val=1, S=2, size=16)
-    played = dict(envs.resolve_options("Breakout-v5", "nature"), max_episode_steps=500, repeat_action_probability=0.1,
-                  **envs.EVAL_OVERRIDES)  # evaluation applies EVAL_OVERRIDES itself
+    played = dict(envs.resolve_options("Breakout-v5", "nature"), max_episode_steps=500, repeat_action_probability=0.1)
     (tmp_path / "d" / "manifest.json").write_text(json.dumps({"env": "Breakout-v5", "preset": "nature",
                                                                 "options": played}))
     c, _ = bc.resolve(bc.Config(data=str(tmp_path / "d")))
