@@ -55,6 +55,15 @@ def assert_differs(a, b):
     assert any(not np.allclose(x, y, atol=1e-4) for x, y in zip(a, b))
 
 
+def eval_return(step_dir, episodes):
+    """What ``--eval-every`` with ``--eval-episodes episodes`` scores the policy saved in ``step_dir``."""
+    from jaxatari.evaluate import evaluate
+
+    pol = load_policy(step_dir)
+    return evaluate(pol.policy_fn, pol.params, pol.initial_carry, episodes=episodes, mode="sample",
+                    seed=pol.config["seed"] + 100_000, **pol.env_kwargs).mean
+
+
 def rows(run_dir):
     with open(Path(run_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -212,8 +221,10 @@ def test_two_process_run_resumes_exactly_on_any_topology(tmp, full_on_two_device
                    "--total-timesteps", "1024", devices=2)
     assert_close(single, full_on_two_devices)
     assert (tmp / "mp_single" / "actions.u8").stat().st_size == 1024  # the logs re-written for one process
-    evals = [r["eval_return"] for r in rows(tmp / "mp") if r["eval_return"]]
-    assert len(evals) == 2 and all(float(x) > 0 for x in evals)
+    evals = [(r["global_step"], float(r["eval_return"])) for r in rows(tmp / "mp") if r["eval_return"]]
+    assert [step for step, _ in evals] == ["512", "1024"]
+    for step, score in evals:  # each is the score of the policy saved at its step, played again here
+        assert score == pytest.approx(eval_return(tmp / "mp" / "checkpoints" / "latest" / step, 2), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------

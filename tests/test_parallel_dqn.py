@@ -143,9 +143,10 @@ def test_dqn_two_devices_match_one_device(shared, one, two):
     assert float(r2[-1]["eval_return"]) == pytest.approx(final_eval_return(shared / "two", seed=1), rel=1e-6)
     # the checkpoint (replicated params, sharded buffer) restores on one plain device
     assert_close(params_of(shared / "two" / "checkpoints" / "latest"), one)
-    # learning happened: the params moved away from the initial ones
-    init = train_on(shared, "init", *[f if f != "1200" else "400" for f in FLAGS], "--devices", "2")
-    assert any(not np.allclose(x, y, atol=1e-4) for x, y in zip(init, two))
+    # The match is not that of two idle learners: from ~0 at the first update, the Q of the taken actions climbs
+    # past 2 by the 4th target sync (each adds at most ~1 reward; a learner whose target never syncs stays ~1).
+    q = floats(r2, "q_mean")
+    assert abs(q[3]) < 0.5 and q[-1] > 2, q
 
 
 def strip(rs, drop=("wall_time", "sps")):

@@ -195,17 +195,28 @@ def test_no_good_checkpoint_is_a_clear_error(runs, tmp_path):
 
 
 def test_load_policy_matches_checkpointed_params_and_best_survives(runs):
+    """load_policy(latest) holds the params of the newest checkpoint's training state (read here with orbax
+    alone) and acts greedily on them (the MLP computed in NumPy). Catches a loader that restores another
+    checkpoint or fresh params, and a policy that does not act on its argmax."""
+    import orbax.checkpoint as ocp
+
     d = runs["a"]
     pol = load_policy(d)  # best
     assert pol.config["algo"] == "ppo" and not pol.recurrent
     latest = load_policy(d / "checkpoints" / "latest")
-    obs = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
-    a1 = np.asarray(latest(obs))
     with Checkpointer(d, keep=3) as ck:
         assert ck.latest_step() == 51200
     assert (d / "checkpoints" / "best").is_dir() and any((d / "checkpoints" / "best").iterdir())
-    assert a1.shape == (16,) and set(np.unique(a1)) <= {0, 1}
-    np.testing.assert_array_equal(a1, np.asarray(load_policy(d / "checkpoints" / "latest")(obs)))
+    saved = ocp.StandardCheckpointer().restore(d / "checkpoints" / "latest" / "51200" / "state")["params"]
+    assert params_equal(latest.params, saved)
+    p = jax.tree.map(np.asarray, saved["params"])
+    obs = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    h = obs
+    for layer in ("Dense_0", "Dense_1"):  # the actor's tanh MLP torso, then the policy head
+        h = np.tanh(h @ p["torso"][layer]["kernel"] + p["torso"][layer]["bias"])
+    want = np.argmax(h @ p["pi"]["kernel"] + p["pi"]["bias"], axis=-1)
+    assert set(want) == {0, 1}  # observations on which the two actions are both taken
+    np.testing.assert_array_equal(np.asarray(latest(obs)), want)
 
 
 def test_trained_policy_beats_random_by_a_wide_margin(runs):

@@ -147,10 +147,11 @@ def test_target_update_hard_and_polyak():
 # ---------------------------------------------------------------------------
 
 
-def _chunk_parts(c):
-    """``(env, spec, qnet, optimizer, state, handle, step_fn)`` for :func:`dqn.make_chunk` on config ``c``."""
-    env, spec = envs.make(c.env, c.num_envs, seed=0)
-    qnet = QNetwork(dqn.network_spec(c, spec))
+def _chunk_parts(c, qnet=None):
+    """``(env, spec, qnet, optimizer, state, handle, step_fn)`` for :func:`dqn.make_chunk` on config ``c``
+    (``qnet``: a Q-network, default ``QNetwork`` of ``c``)."""
+    env, spec = envs.make(c.env, c.num_envs, seed=0, preset=c.preset, options=envs.parse_env_options(c.env_option))
+    qnet = qnet or QNetwork(dqn.network_spec(c, spec))
     opt = dqn.make_optimizer(c)
     obs, _ = env.reset()
     state = dqn.init(c, spec, qnet, opt, obs, jax.random.PRNGKey(0))
@@ -227,19 +228,76 @@ def test_chunk_compiles_once_and_keeps_the_replay_ratio(overlap):
     chex.assert_trees_all_close(state.target_params, state.params)
 
 
+class BallFollower:
+    """A Q-network stand-in for Breakout whose greedy action moves the paddle under the ball (FIRE when no ball
+    is in sight): it breaks through to a 4-point brick within 300 steps, where random play only ever scores 1s."""
+
+    @staticmethod
+    def init(key, obs):
+        return {}
+
+    @staticmethod
+    def apply(params, obs):  # [N, 4, 84, 84] uint8 -> [N, 4]
+        frame = obs[:, -1, :, 5:79].astype(jnp.float32)  # the newest frame, inside the side walls
+        ball = frame[:, 38:75].sum(1)  # column sums between the bricks and the paddle (row 76)
+        paddle = frame[:, 76] > 100
+        paddle_x = (paddle * jnp.arange(74)).sum(1) / jnp.maximum(paddle.sum(1), 1)
+        ball_x = ball.argmax(1)
+        move = jnp.where(ball_x > paddle_x + 1, 2, jnp.where(ball_x < paddle_x - 1, 3, 0))  # RIGHT, LEFT, NOOP
+        return jax.nn.one_hot(jnp.where(ball.max(1) > 0, move, 1), 4)
+
+
+@pytest.mark.parametrize("env_id, option, qnet, epsilon", [
+    ("CartPole-v1", ("max_episode_steps=20",), None, 1.0),  # random play: terminations and truncations
+    ("Breakout-v5", (), BallFollower(), 0.0),  # lives lost (terminated), a 4-point brick (reward clipped to 1)
+])
+def test_the_buffer_holds_what_the_envs_returned(env_id, option, qnet, epsilon):
+    """After one compiled chunk, each env's stored actions, rewards and terminated/truncated flags are those
+    the same seeded envs return when stepped on the host with the chunk's actions, EnvPool's reset steps left
+    out. Catches flags swapped or dropped, and the unclipped score stored as the reward."""
+    n_iter, B = 320, 2
+    c = dqn.resolve(dqn.Config(env=env_id, env_option=option, num_envs=B, buffer_size=B * (n_iter + 1),
+                               learning_starts=10**6, start_e=epsilon, end_e=epsilon, exploration_steps=1,
+                               log_every=B * n_iter, total_timesteps=10**7, mlp_hidden=(8,)))
+    env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c, qnet)
+    state, _, out = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=1)(state, handle)
+    env.close()
+
+    host, _ = envs.make(c.env, B, seed=0, preset=c.preset, options=envs.parse_env_options(c.env_option))
+    host.reset()
+    want, raw, done = [[] for _ in range(B)], [], np.zeros(B, bool)
+    for a in np.asarray(out.actions, np.int32):
+        _, reward, term, trunc, info = host.step(a)
+        for b in np.flatnonzero(~done):  # the step after an episode's end is EnvPool's reset step: not stored
+            want[b].append((a[b], reward[b], term[b], trunc[b]))
+        raw.append(info.get("reward", reward))
+        done = term | trunc
+    host.close()
+    buf = jax.device_get(state.replay)
+    for b in range(B):
+        n = int(buf.head[b])
+        got = (buf.actions[b, :n], buf.rewards[b, :n], buf.terminated[b, :n], buf.truncated[b, :n])
+        for field, x, y in zip(("actions", "rewards", "terminated", "truncated"), got, zip(*want[b])):
+            np.testing.assert_array_equal(x, y, err_msg=f"env {b}: {field}")
+    term, trunc = (np.array([w[i] for ws in want for w in ws]) for i in (2, 3))
+    assert term.any() and (trunc.any() if env_id == "CartPole-v1" else np.max(raw) > 1)  # the cases arose
+
+
 # ---------------------------------------------------------------------------
 # Learning: CartPole with the script's defaults reaches >= 400 within 500k steps
 # ---------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--overlap-learning"]])
+@pytest.mark.parametrize("extra", [[], ["--overlap-learning"], ["--sharded"]])
 def test_cartpole_learns(tmp_path, extra):
+    """The plain, the overlapped and the data-parallel (``--sharded``, on one device) paths each learn."""
     d = tmp_path / "run"
     r = run_script("scripts/dqn.py", "--env", "CartPole-v1", "--target-return", "400", "--run-dir", str(d),
                    "--no-tensorboard", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert ("learning overlaps env steps" in r.stdout) == bool(extra)
+    assert ("learning overlaps env steps" in r.stdout) == ("--overlap-learning" in extra)
+    assert json.loads((d / "config.json").read_text())["sharded"] == ("--sharded" in extra)
     assert "Target return 400.0 reached" in r.stdout
     rows = read_csv(d / "metrics.csv")
     assert int(rows[-1]["global_step"]) <= 500_000
@@ -347,7 +405,7 @@ def test_sampling_a_q_network_is_refused(tmp_path, full_run):
     assert not (tmp_path / "data").exists()
     r = run_script("scripts/evaluate.py", "--run-dir", str(full_run), "--mode", "sample", "--episodes", "1", timeout=300)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
-    assert "--mode sample is not accepted for a DQN run" in r.stderr and "use greedy or epsilon" in r.stderr
+    assert "--mode sample is not accepted for a DQN run" in r.stderr and "use epsilon or greedy" in r.stderr
 
 
 @pytest.mark.slow

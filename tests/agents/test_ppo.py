@@ -91,9 +91,13 @@ def test_classic_and_atari_defaults():
 
 
 @pytest.mark.slow
-def test_cartpole_learns(tmp_path):
-    r = run_script("scripts/ppo.py", "--env", "CartPole-v1", "--run-dir", str(tmp_path / "run"), "--no-tensorboard")
+@pytest.mark.parametrize("extra", [[], ["--sharded"]])
+def test_cartpole_learns(tmp_path, extra):
+    """The plain and the data-parallel (``--sharded``, on one device) paths each learn."""
+    r = run_script("scripts/ppo.py", "--env", "CartPole-v1", "--run-dir", str(tmp_path / "run"), "--no-tensorboard",
+                   *extra)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sharded"] == bool(extra)
     rows = read_csv(tmp_path / "run" / "metrics.csv")
     assert int(rows[-1]["global_step"]) <= 501_248
     best = max(float(row["return_mean100"]) for row in rows if row["return_mean100"])

@@ -23,11 +23,28 @@ def test_pixels_scaled_once():
     assert x.shape == (1, 2, 2, 4) and float(x.max()) == 1.0
 
 
-def test_heads_initialised_small_policy():
-    spec = resolve_network_spec("nature", num_actions=4, atari=True)
-    _, params = init_actor_critic(spec, jax.random.PRNGKey(0), (4, 84, 84), jnp.uint8)
-    w = params["params"]["pi"]["kernel"]
-    assert float(jnp.abs(w).max()) < 0.05  # orthogonal with gain 0.01
+@pytest.mark.parametrize("torso", ["nature", "impala", "mlp"])
+def test_init_is_orthogonal_with_the_published_gains(torso):
+    """Every kernel, as a [fan_in, fan_out] matrix, is orthogonal with gain sqrt(2) (torso), 0.01 (policy head) or
+    1 (value head), biases are 0, and two observations give two different non-zero outputs: catches an all-zero,
+    constant or wrongly scaled initialisation."""
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(2, 1, 4)).astype(np.float32) if torso == "mlp" else rng.integers(
+        0, 256, (2, 1, 4, 84, 84), np.uint8)
+    spec = resolve_network_spec(torso, num_actions=6, atari=torso != "mlp")  # 6 as above: its compiled init reused
+    net, params = init_actor_critic(spec, jax.random.PRNGKey(0), obs.shape[2:], obs.dtype)
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        if "bias" in name:
+            np.testing.assert_array_equal(x, 0.0, err_msg=name)
+            continue
+        gain = 0.01 if "['pi']" in name else 1.0 if "['v']" in name else np.sqrt(2.0)
+        w = np.asarray(x).reshape(-1, x.shape[-1]) / gain
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T  # the smaller side is orthonormal
+        np.testing.assert_allclose(gram, np.eye(len(gram)), atol=1e-4, err_msg=name)
+    _, logits, values = jax.jit(net.apply)(params, (), obs, jnp.zeros(obs.shape[:2], bool))
+    for out in (logits, values):
+        assert np.all(out != 0) and np.all(out[0] != out[1])
 
 
 def test_mlp_is_unshared_and_roundtrips_json():

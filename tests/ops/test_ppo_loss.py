@@ -39,6 +39,24 @@ def test_hand_computed():
     np.testing.assert_allclose(loss, -0.2 + 0.5 * 0.89 / 2 * 1.0 - 0.01 * np.log(2), rtol=1e-5)
 
 
+def test_min_and_max_keep_the_unclipped_term_when_it_is_worse():
+    """The pessimistic bound: where the unclipped surrogate is the smaller one (ratio > 1 + eps with A < 0,
+    ratio < 1 - eps with A > 0), or the unclipped value error the larger one, the loss keeps it. Catches a
+    loss that uses only the clipped terms (the min or the max dropped)."""
+    batch = PPOBatch(  # new policy pi = (1/2, 1/2) in both samples
+        obs=jnp.zeros((2, 1)), actions=jnp.array([0, 1]), log_probs=jnp.log(jnp.array([0.25, 1.0])),
+        values=jnp.array([0.5, 0.5]), advantages=jnp.array([-1.0, 1.0]), returns=jnp.array([0.0, 1.0]),
+        mask=jnp.ones(2))
+    apply_fn = fixed_apply(jnp.zeros((2, 2)), jnp.array([1.0, 0.0]))
+    # s0: ratio 2,   A = -1: min(2 * -1, 1.2 * -1)  = -2   (unclipped); V 1 -> R 0: max(1^2, (0.7 - 0)^2) = 1
+    # s1: ratio 0.5, A = +1: min(0.5 * 1, 0.8 * 1)  = 0.5  (unclipped); V 0 -> R 1: max(1^2, (0.3 - 1)^2) = 1
+    for mask, policy_loss in (([1.0, 0.0], 2.0), ([0.0, 1.0], -0.5)):
+        _, info = ppo_loss({"scale": 1.0}, batch._replace(mask=jnp.array(mask)), apply_fn=apply_fn, clip_eps=0.2,
+                           vf_coef=0.5, ent_coef=0.0, normalize_advantages=False)
+        np.testing.assert_allclose(info.policy_loss, policy_loss, rtol=1e-6)
+        np.testing.assert_allclose(info.value_loss, 0.5 * 1.0, rtol=1e-6)
+
+
 def test_mask_excludes_samples():
     logits = jnp.zeros((3, 2))
     values = jnp.zeros(3)
