@@ -44,80 +44,58 @@ def synthetic(c: ppo.Config, recurrent: bool, seed=0):
     return state, traj, env_state, carry_end, net, opt
 
 
-@pytest.mark.parametrize("recurrent,K,norm_adv", [(False, 1, True), (False, 4, True), (False, 2, False),
-                                                   (True, 2, True)])
-def test_microbatched_sgd_equals_the_plain_update(recurrent, K, norm_adv):
+@pytest.mark.parametrize("recurrent,norm_adv,Ks", [(False, True, (1, 4)), (False, False, (2,)), (True, True, (2,))])
+def test_microbatched_sgd_equals_the_plain_update(recurrent, norm_adv, Ks):
     """E x M SGD steps done as K accumulated micro-batches each (advantages
     normalised per minibatch up front, micro losses weighted by their share of
-    the minibatch's valid samples) give the plain update's params and metrics."""
+    the minibatch's valid samples) give the plain update's params and metrics,
+    for each K in ``Ks`` (one plain update serves them all)."""
     c = ppo.Config(env="CartPole-v1", num_envs=8, num_steps=16, num_minibatches=2, update_epochs=2,
-                   clip_coef=0.2, norm_adv=norm_adv, overlap_learning=True, overlap_microbatches=K,
-                   network="cfc" if recurrent else "mlp")
+                   clip_coef=0.2, norm_adv=norm_adv, overlap_learning=True, network="cfc" if recurrent else "mlp")
     state, traj, env_state, carry_end, net, opt = synthetic(c, recurrent)
     ep = rollout.EpisodeMetrics(jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
     k_sgd = jax.random.key(3)
     plain, m = jax.jit(lambda s: ppo.learn(s, traj, ep, env_state, carry_end, s.key, k_sgd, c=c, net=net,
                                            optimizer=opt, recurrent=recurrent))(state)
     batch = ppo.rollout_batch(net.apply, state.params, traj, state.carry, carry_end, env_state, c)
-    w = jax.jit(lambda s: ppo.sgd_by_microbatches(s.params, s.opt_state, batch, k_sgd, c=c, net=net, optimizer=opt,
-                                                  recurrent=recurrent))(state)
     moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree.leaves(plain.params),
                                                              jax.tree.leaves(state.params)))
     assert moved > 1e-3, "the update should move the params"
-    chex.assert_trees_all_close(w.params, plain.params, atol=2e-6, rtol=1e-5)
-    chex.assert_trees_all_close(w.opt_state, plain.opt_state, atol=1e-6, rtol=1e-4)
     steps = c.update_epochs * c.num_minibatches
-    np.testing.assert_allclose(float(w.loss) / steps, float(m["loss"]), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(float(w.gnorm) / steps, float(m["grad_norm"]), rtol=1e-5)
-    for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
-        np.testing.assert_allclose(float(getattr(w.info, name)) / steps, float(m[name]), rtol=1e-4, atol=1e-6,
-                                   err_msg=name)
+    for K in Ks:
+        ck = dataclasses.replace(c, overlap_microbatches=K)
+        w = jax.jit(lambda s: ppo.sgd_by_microbatches(s.params, s.opt_state, batch, k_sgd, c=ck, net=net,
+                                                      optimizer=opt, recurrent=recurrent))(state)
+        chex.assert_trees_all_close(w.params, plain.params, atol=2e-6, rtol=1e-5)
+        chex.assert_trees_all_close(w.opt_state, plain.opt_state, atol=1e-6, rtol=1e-4)
+        np.testing.assert_allclose(float(w.loss) / steps, float(m["loss"]), rtol=1e-5, atol=1e-6, err_msg=f"K={K}")
+        np.testing.assert_allclose(float(w.gnorm) / steps, float(m["grad_norm"]), rtol=1e-5, err_msg=f"K={K}")
+        for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
+            np.testing.assert_allclose(float(getattr(w.info, name)) / steps, float(m[name]), rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name}, K={K}")
 
 
 def test_sgd_plan_covers_every_sample_once_per_epoch():
-    c = ppo.Config(env="CartPole-v1", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=3)
+    c = ppo.Config(env="CartPole-v1", num_envs=8, num_steps=16)  # the shapes above: their eager ops are compiled
     state, traj, env_state, carry_end, net, _ = synthetic(c, False)
     batch = ppo.rollout_batch(net.apply, state.params, traj, state.carry, carry_end, env_state, c)
     plan = ppo.sgd_plan(batch, jax.random.key(0), epochs=3, minibatches=2, microbatches=4, recurrent=False,
                         norm_adv=True)
-    assert plan.index.shape == (3, 2, 4, 4)
+    assert plan.index.shape == (3, 2, 4, 16)
     for e in range(3):
-        assert sorted(np.asarray(plan.index[e]).ravel()) == list(range(32))
+        assert sorted(np.asarray(plan.index[e]).ravel()) == list(range(128))
     np.testing.assert_allclose(np.asarray(plan.weight.sum(-1)), 1.0, rtol=1e-6)  # micro shares of a minibatch
 
 
-def test_rollout_with_work_calls_the_work_on_schedule():
-    """The work runs once per block of ``every`` env steps with n = 0, 1, 2, ...
-    (where in the program: test_the_learner_runs_after_the_send)."""
-    B, T, every = 4, 12, 3
-    env, spec = envs.make("CartPole-v1", B, seed=3)
-    try:
-        ns = resolve_network_spec("mlp", num_actions=spec.num_actions, atari=False)
-        net, params = init_actor_critic(ns, jax.random.key(0), spec.obs_shape, spec.obs_dtype)
-        obs, _ = env.reset()
-        state = envs.env_state_init(obs)
-        handle, step, _ = envs.make_step_fn(env, spec, split=True)
-        assert isinstance(step, envs.GroupedStep)
+def test_rollout_with_work_is_the_plain_rollout_with_the_work_on_schedule():
+    """Same pool state, same key: the rollout with work gives exactly the plain
+    split-step rollout, and the work runs once per block of ``every`` env steps
+    with n = 0, 1, 2, ... (where in the program: test_the_learner_runs_after_the_send)."""
+    B, T, every = 4, 40, 5
 
-        def work(w, n):  # a record of the calls: (count, sum of n, sum of n^2)
-            return w + jnp.stack([1, n, n * n]).astype(jnp.float32)
+    def work(w, n):  # a record of the calls: (count, sum of n, sum of n^2)
+        return w + jnp.stack([1, n, n * n]).astype(jnp.float32)
 
-        f = jax.jit(lambda h, s, k: rollout.rollout_with_work(net.apply, params, (), s, h, step, k, T, work,
-                                                              jnp.zeros(3), every=every))
-        _, _, _, traj, _, w = jax.device_get(f(handle, state, jax.random.key(1)))
-        n = np.arange(T // every)
-        np.testing.assert_allclose(w, [len(n), n.sum(), (n * n).sum()])
-        assert traj.actions.shape == (T, B) and traj.obs.shape == (T, B, 4)
-        with pytest.raises(ValueError, match="every=5 must be >= 1 and divide num_steps=12"):
-            rollout.rollout_with_work(net.apply, params, (), state, handle, step, jax.random.key(0), T, work,
-                                      jnp.zeros(3), every=5)
-    finally:
-        env.close()
-
-
-def test_rollout_with_work_equals_the_rollout_without_it():
-    """Same pool state, same key: the rollout with work gives exactly the plain split-step rollout."""
-    B, T = 4, 40
     results = []
     for with_work in (False, True):
         env, spec = envs.make("CartPole-v1", B, seed=11)
@@ -126,20 +104,26 @@ def test_rollout_with_work_equals_the_rollout_without_it():
             net, params = init_actor_critic(ns, jax.random.key(0), spec.obs_shape, spec.obs_dtype)
             obs, _ = env.reset()
             handle, step, _ = envs.make_step_fn(env, spec, split=True)
+            assert isinstance(step, envs.GroupedStep)
             if with_work:
-                f = jax.jit(lambda h, s, k: rollout.rollout_with_work(
-                    net.apply, params, (), s, h, step, k, T, lambda w, n: w + n, jnp.zeros(()), every=2)[:5])
+                f = jax.jit(lambda h, s, k: rollout.rollout_with_work(net.apply, params, (), s, h, step, k, T, work,
+                                                                      jnp.zeros(3), every=every))
+                with pytest.raises(ValueError, match="every=3 must be >= 1 and divide num_steps=40"):
+                    rollout.rollout_with_work(net.apply, params, (), envs.env_state_init(obs), handle, step,
+                                              jax.random.key(0), T, work, jnp.zeros(3), every=3)
             else:
                 f = jax.jit(lambda h, s, k: rollout.rollout(net.apply, params, (), s, h, step, k, T))
-            _, s, _, traj, ep = f(handle, envs.env_state_init(obs), jax.random.key(4))
-            results.append(jax.device_get((traj, ep, s.obs)))
+            results.append(jax.device_get(f(handle, envs.env_state_init(obs), jax.random.key(4))))
         finally:
             env.close()
-    (ta, ea, oa), (tb, eb, ob) = results
+    (_, sa, _, ta, ea), (_, sb, _, tb, eb, w) = results
     jax.tree.map(np.testing.assert_array_equal, ta, tb)
     assert [float(x) for x in ea] == [float(x) for x in eb]
-    np.testing.assert_array_equal(oa, ob)
+    np.testing.assert_array_equal(sa.obs, sb.obs)
     assert ta.terminated.any(), "the test should see episodes end inside the rollout"
+    assert ta.actions.shape == (T, B) and ta.obs.shape == (T, B, 4)
+    n = np.arange(T // every)
+    np.testing.assert_allclose(w, [len(n), n.sum(), (n * n).sum()])
 
 
 def small_run(network="mlp", **kw):
@@ -164,30 +148,50 @@ def training(c: ppo.Config):
         env.close()
 
 
-@pytest.mark.parametrize("network,K", [("mlp", 2), ("cfc", 1)])
-def test_overlapped_update_learns_the_previous_rollout_with_a_one_update_lag(network, K):
+@pytest.fixture(scope="module", params=[("mlp", 1, 1), ("cfc", 1, 1), ("mlp", 2, 2)],
+                ids=["mlp-K1", "cfc-K1", "mlp-groups2-K2"])
+def overlapped(request):
+    """Six overlapped updates (network, env groups, micro-batches K), one per call
+    of the jitted chunk. Fails here if the chunk traces twice or a call moves
+    anything between host and device beyond EnvPool's own custom calls. Gives the
+    config, network, optimizer, pools, the compiled program's text, ``states[k]``
+    (after update k; ``states[0]`` the initial one) and each call's output."""
+    network, groups, K = request.param
+    c = ppo.resolve(small_run(network, env_groups=groups, overlap_microbatches=K))
+    with training(c) as t:
+        chex.clear_trace_counter()
+        chunk = ppo.make_chunk(c, t.net, t.opt, t.step_fn, t.ns.recurrent, 1, 100)
+        chunk = jax.jit(chex.assert_max_traces(chunk.__wrapped__, n=1), donate_argnames=("state",))
+        state, handle = jax.device_put((t.state, t.handle))
+        hlo = chunk.lower(state, handle).compile().as_text()  # the program the calls below run (compiled once)
+        states, outs = [jax.tree.map(jnp.copy, state)], []
+        try:
+            for _ in range(6):
+                with jax.transfer_guard("disallow"):
+                    state, handle, out = chunk(state, handle)
+                states.append(jax.tree.map(jnp.copy, state))  # the next call donates `state`
+                outs.append(out)
+        finally:
+            jax.block_until_ready((states, outs))  # the pool must outlive every call that steps it
+    return types.SimpleNamespace(c=c, ns=t.ns, net=t.net, opt=t.opt, pools=len(handle), hlo=hlo, states=states,
+                                 outs=outs)
+
+
+def test_overlapped_update_learns_the_previous_rollout_with_a_one_update_lag(overlapped):
     """Update 1 only collects; update k + 1 collects with update k's params and
     takes exactly the SGD of rollout k (sgd_by_microbatches on the pending batch)."""
-    c = ppo.resolve(small_run(network, overlap_microbatches=K))
-    with training(c) as t:
-        ns, net, opt, s0 = t.ns, t.net, t.opt, t.state
-        upd = jax.jit(lambda s, h: ppo.update_overlapped(s, h, c=c, net=net, optimizer=opt, step_fn=t.step_fn,
-                                                         recurrent=ns.recurrent))
-        s1, handle, m1, _ = upd(s0, t.handle)
-        s1_copy = jax.tree.map(jnp.copy, s1)
-        s2, handle, m2, _ = upd(s1, handle)
-        jax.block_until_ready((s1_copy, s2, m1, m2))  # before the pool closes
-        s1 = s1_copy
+    o, c = overlapped, overlapped.c
+    s0, s1, s2 = o.states[:3]
     chex.assert_trees_all_equal(s1.params, s0.params)  # nothing pending yet: no learning
     assert bool(s1.has_pending) and not bool(s0.has_pending)
-    assert float(m1["loss"]) == 0.0 and float(m2["loss"]) != 0.0
-    np.testing.assert_array_equal(s1.pending.actions.shape, (c.num_steps, c.num_envs))
+    assert float(o.outs[0].metrics["loss"][0]) == 0.0 and float(o.outs[1].metrics["loss"][0]) != 0.0
+    assert s1.pending.actions.shape == (c.num_steps, c.num_envs)
     _, _, k_sgd = jax.random.split(s1.key, 3)
-    want = ppo.sgd_by_microbatches(s1.params, s1.opt_state, s1.pending, k_sgd, c=c, net=net, optimizer=opt,
-                                   recurrent=ns.recurrent)
+    sgd = functools.partial(ppo.sgd_by_microbatches, c=c, net=o.net, optimizer=o.opt, recurrent=o.ns.recurrent)
+    want = jax.jit(sgd)(s1.params, s1.opt_state, s1.pending, k_sgd)
     chex.assert_trees_all_close(s2.params, want.params, atol=1e-6, rtol=1e-5)
     # The new rollout was collected by update 2's acting policy: s1.params; its log-probs say so.
-    lp = jax.jit(functools.partial(_log_probs, net, ns.recurrent))
+    lp = jax.jit(functools.partial(_log_probs, o.net, o.ns.recurrent))
     np.testing.assert_allclose(s2.pending.log_probs, lp(s1.params, s2.pending), atol=1e-5)
     assert not np.allclose(s2.pending.log_probs, lp(s2.params, s2.pending), atol=1e-5)
 
@@ -201,49 +205,34 @@ def _log_probs(net, recurrent, params, batch):
     return categorical_log_prob(logits, batch.actions.reshape(logits.shape[:-1])).reshape(batch.actions.shape)
 
 
-@pytest.mark.parametrize("network,groups", [("mlp", 1), ("cfc", 1), ("mlp", 2)])
-def test_overlapped_chunk_compiles_once_without_host_transfers(network, groups):
-    """Also with --env-groups 2: the learner then runs after the second group's send."""
-    c = ppo.resolve(small_run(network, env_groups=groups))
-    with training(c) as t:
-        state, handle = t.state, t.handle
-        assert len(handle) == groups
-        chunk = ppo.make_chunk(c, t.net, t.opt, t.step_fn, t.ns.recurrent, 2, 100)
-        chex.clear_trace_counter()
-        chunk = jax.jit(chex.assert_max_traces(chunk.__wrapped__, n=1), donate_argnames=("state",))
-        try:
-            state, handle = jax.device_put((state, handle))
-            with jax.transfer_guard("disallow"):
-                for _ in range(3):
-                    state, handle, out = chunk(state, handle)
-            assert int(state.update) == 6 and out.actions.shape == (2 * 16, 4)
-            assert jax.device_get(out.metrics["finite"]).all()
-            # Updates 2..6 took SGD steps (update 1 had nothing to learn on); the rate anneals over the 99
-            # updates of 100 that learn, and each row logs the rate its SGD steps used.
-            counts = {int(x) for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.integer)}
-            assert counts == {5 * c.update_epochs * c.num_minibatches}
-            np.testing.assert_allclose(out.metrics["learning_rate"], c.learning_rate * (1 - np.array([3, 4]) / 99),
-                                       rtol=1e-6)
-        finally:
-            jax.block_until_ready(state)  # the pool must outlive every call that steps it
+def test_overlapped_chunk_compiles_once_without_host_transfers(overlapped):
+    """The chunk traced once and moved nothing to or from the host (checked in the
+    fixture); with --env-groups 2 too. Its outputs over six updates are complete."""
+    o, c = overlapped, overlapped.c
+    assert o.pools == c.env_groups
+    assert int(o.states[-1].update) == 6 and o.outs[-1].actions.shape == (c.num_steps, c.num_envs)
+    assert all(jax.device_get(out.metrics["finite"]).all() for out in o.outs)
+    # Updates 2..6 took SGD steps (update 1 had nothing to learn on); the rate anneals over the 99
+    # updates of 100 that learn, and each row logs the rate its SGD steps used.
+    counts = {int(x) for x in jax.tree.leaves(o.states[-1].opt_state) if jnp.issubdtype(x.dtype, jnp.integer)}
+    assert counts == {5 * c.update_epochs * c.num_minibatches}
+    rates = np.concatenate([out.metrics["learning_rate"] for out in o.outs])
+    np.testing.assert_allclose(rates, c.learning_rate * (1 - np.array([0, 0, 1, 2, 3, 4]) / 99), rtol=1e-6)
 
 
-@pytest.mark.parametrize("K", [1, 2])
-def test_the_learner_runs_after_the_send(K):
+def test_the_learner_runs_after_the_send(overlapped):
     """In the optimized, scheduled program no learner instruction (backward pass;
-    constant broadcasts aside) runs before the send of its env step (with an
-    optimization barrier alone, XLA scheduled part of it between recv and send)."""
+    constant broadcasts aside) runs before the send of its env step, the last
+    group's send with --env-groups (with an optimization barrier alone, XLA
+    scheduled part of it between recv and send)."""
     from hlo_order import env_step_orders
 
-    c = ppo.resolve(small_run(num_steps=32, overlap_microbatches=K))
-    with training(c) as t:
-        chunk = ppo.make_chunk(c, t.net, t.opt, t.step_fn, False, 2, 100)
-        hlo = chunk.lower(t.state, t.handle).compile().as_text()
-    orders = env_step_orders(hlo, lambda line: "transpose(jvp" in line and "broadcast" not in line)
+    orders = env_step_orders(overlapped.hlo, lambda line: "transpose(jvp" in line and "broadcast" not in line)
     with_work = [o for o in orders if "W" in o]
+    last_send = f"S{overlapped.pools - 1}"
     assert with_work, orders
     for order in with_work:
-        assert "S0" in order and order.index("W") > order.index("S0"), orders
+        assert last_send in order and order.index("W") > order.index(last_send), orders
 
 
 def rows(run_dir):
@@ -266,10 +255,9 @@ def test_overlapped_training_resumes_exactly(tmp_path, capsys):
     for x, y in zip(jax.tree.leaves(full.state.params), jax.tree.leaves(resumed.state.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert rows(tmp_path / "half") == rows(tmp_path / "full")
-    plain = ppo.train(dataclasses.replace(base, overlap_learning=False, overlap_microbatches=1,
-                                          run_dir=str(tmp_path / "plain")))
-    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(full.state.params), jax.tree.leaves(plain.state.params)))
+    # Trained overlapped: update 1 had nothing to learn on (the plain update learns on its own rollout).
+    losses = [float(r["loss"]) for r in rows(tmp_path / "full")]
+    assert losses[0] == 0.0 and all(losses[1:]), losses
 
 
 @pytest.mark.slow
