@@ -44,6 +44,7 @@ LONGEST_FIRST = (  # seconds summed over each file's tests with 2 workers on 2 c
     "tests/agents/test_dqn.py",  # ~125
     "tests/test_env_groups.py",  # ~105
     "tests/agents/test_ppo.py",  # ~90
+    "tests/test_atari_resume.py",  # ~85
     "tests/agents/test_bc.py",  # ~80
     "tests/agents/test_ppo_cfc.py",  # ~55
     "tests/agents/test_a2c.py",  # ~55
