@@ -14,9 +14,9 @@ a cached program is the one XLA would build. A user's own
 ``JAX_COMPILATION_CACHE_DIR`` is left alone.
 
 Under ``pytest -n 2 --dist loadfile`` (the CI command) the longest files start
-first: xdist's own order (most tests first) left test_parallel.py and
-test_resume.py (~6 and ~3 minutes, few tests each) to the end, and one worker
-idled while the other finished them. `LONGEST_FIRST` holds the files over a minute,
+first: xdist's own order (most tests first) left the files with few long tests
+(test_parallel.py, test_resume.py) to the end, and one worker idled while the
+other finished them. `LONGEST_FIRST` holds the files over a minute,
 measured on the 2-core CI machine; the others follow in xdist's order. Only
 the order changes, never which tests run.
 """
@@ -35,19 +35,19 @@ if _CACHE_ENV not in os.environ:  # the controller (or a plain run) makes it; xd
     # A limit would lock every read and write and rescan the whole directory on each write (~3,000 entries).
 
 
-LONGEST_FIRST = (  # seconds summed over each file's tests with 2 workers on 2 cores (session 10)
-    "tests/test_parallel.py",  # ~380
-    "tests/agents/test_ppo_overlap.py",  # ~210
-    "tests/test_parallel_dqn.py",  # ~200
-    "tests/test_benchmarks.py",  # ~190
-    "tests/test_resume.py",  # ~180
-    "tests/agents/test_dqn.py",  # ~125
-    "tests/test_env_groups.py",  # ~105
-    "tests/agents/test_ppo.py",  # ~90
-    "tests/test_atari_resume.py",  # ~85
+LONGEST_FIRST = (  # seconds summed over each file's tests with 2 workers on 2 cores (session 13)
+    "tests/test_parallel.py",  # ~200
+    "tests/agents/test_ppo_overlap.py",  # ~145
+    "tests/test_parallel_dqn.py",  # ~145
+    "tests/agents/test_dqn.py",  # ~130
+    "tests/test_benchmarks.py",  # ~120
+    "tests/test_resume.py",  # ~115
+    "tests/agents/test_ppo.py",  # ~110
     "tests/agents/test_bc.py",  # ~80
-    "tests/agents/test_ppo_cfc.py",  # ~55
+    "tests/agents/test_ppo_cfc.py",  # ~80
+    "tests/test_env_groups.py",  # ~70
     "tests/agents/test_a2c.py",  # ~55
+    "tests/test_atari_resume.py",  # ~55
 )
 
 

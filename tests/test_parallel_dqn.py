@@ -7,8 +7,9 @@ so N devices give the params of the same sharded path on one device
 localhost with ``jax.distributed`` (one device each). A checkpoint resumes
 bit for bit on the topology that wrote it and to float tolerance on another.
 Several devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
-before JAX starts, so those runs go through ``tests/_scale_worker.py`` in a
-subprocess.
+before JAX starts, so those runs go through ``tests/_scale_worker.py``: all
+single-process ones in one worker process with 2 devices, started once by the
+``runs`` fixture.
 
 A population of K agents (``--num-agents K``, ``--sweep``) vmaps acting and
 learning over agents and steps one EnvPool of ``K x num_envs`` envs; agent
@@ -19,16 +20,14 @@ fake devices, so these run in-process.
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from _scale_worker import copy, job, launch, run_jobs, trained
 from jaxatari import parallel, runner
 from jaxatari.agents import dqn
 from jaxatari.checkpoint import load_policy
@@ -39,44 +38,14 @@ pytestmark = pytest.mark.slow
 TINY = dict(env="CartPole-v1", total_timesteps=1200, num_envs=4, buffer_size=1000, batch_size=32,
             learning_starts=400, train_frequency=4, target_network_frequency=200, exploration_steps=600,
             log_every=100, chunk_steps=400, tensorboard=False)
-
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = str(ROOT / "tests" / "_scale_worker.py")
-FLAGS = ["--env", "CartPole-v1", "--total-timesteps", "1200", "--num-envs", "4", "--buffer-size", "1000",
-         "--batch-size", "32", "--learning-starts", "400", "--train-frequency", "4", "--target-network-frequency",
-         "200", "--exploration-steps", "600", "--log-every", "100", "--chunk-steps", "400", "--no-tensorboard"]
-
-
-def train_on(tmp, name, *args, devices=2, timeout=600):
-    """Train in a fresh process with ``devices`` fake CPU devices; return the final params leaves."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    out = tmp / f"{name}.npz"
-    r = subprocess.run([sys.executable, WORKER, "dqn", str(out), *args, "--run-dir", str(tmp / name)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    with np.load(tmp / f"{name}.0.npz") as f:
-        return [f[f"arr_{i}"] for i in range(len(f.files))]
-
-
-def train_in_processes(tmp, name, *args, processes=2, timeout=600):
-    """Train in ``processes`` processes on localhost (``jax.distributed``, one CPU
-    device each); return each process's stdout and final params leaves."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    done = parallel.launch_local([WORKER, "dqn", str(tmp / f"{name}.npz"), *args, "--run-dir", str(tmp / name)],
-                                 processes, tmp / f"{name}.logs", env=env, cwd=ROOT, timeout=timeout)
-    for rc, out, err in done:
-        assert rc == 0, out[-2000:] + err[-3000:]
-    params = []
-    for i in range(processes):
-        with np.load(tmp / f"{name}.{i}.npz") as f:
-            params.append([f[f"arr_{j}"] for j in range(len(f.files))])
-    return [out for _, out, _ in done], params
+FLAGS = ["--env", "CartPole-v1", "--num-envs", "4", "--buffer-size", "1000", "--batch-size", "32",
+         "--learning-starts", "400", "--train-frequency", "4", "--target-network-frequency", "200",
+         "--exploration-steps", "600", "--log-every", "100", "--chunk-steps", "400", "--no-tensorboard"]
+FULL, HALF = [*FLAGS, "--total-timesteps", "1200"], [*FLAGS, "--total-timesteps", "800"]
 
 
 def train(run_dir, **kw):
-    result = dqn.train(dqn.Config(**dict(TINY, **kw), run_dir=str(run_dir)))
-    return result
+    return dqn.train(dqn.Config(**dict(TINY, **kw), run_dir=str(run_dir)))
 
 
 def params_of(path):
@@ -98,55 +67,8 @@ def floats(rs, col):
     return [float(r[col]) if r[col] else np.nan for r in rs]
 
 
-# ---------------------------------------------------------------------------
-# Data parallel: N devices == the sharded path on 1 device
-# ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return tmp_path_factory.mktemp("dqn_scale")
-
-
-@pytest.fixture(scope="module")
-def one(shared):
-    """The sharded path on one device: the reference of every data-parallel run."""
-    return train_on(shared, "one", *FLAGS, "--devices", "1", "--sharded", devices=1)
-
-
-def final_eval_return(run_dir, seed):
-    """What ``--eval-episodes 3`` scores the latest policy saved in ``run_dir`` with ``seed``
-    (the evaluation after the last chunk of an ``--eval-every`` run)."""
-    pol = load_policy(Path(run_dir) / "checkpoints" / "latest")
-    c = dqn.resolve(dqn.Config(**dict(TINY, eval_episodes=3, seed=seed)))
-    return dqn.make_evaluator(c, pol.network, {})(pol.params, seed=seed)
-
-
-@pytest.fixture(scope="module")
-def two(shared):
-    """The full run on 2 devices; --eval-every: evaluated after every chunk, on the host copy of the
-    replicated params (which leaves training as it is)."""
-    return train_on(shared, "two", *FLAGS, "--devices", "2", "--eval-every", "400", "--eval-episodes", "3")
-
-
-def test_dqn_two_devices_match_one_device(shared, one, two):
-    assert_close(two, one)
-    cfg = json.loads((shared / "two" / "config.json").read_text())
-    assert cfg["devices"] == 2 and cfg["scale_out"]["devices"] == 2 and cfg["sharded"]
-    r1, r2 = rows(shared / "one"), rows(shared / "two")
-    assert len(r2) == 12 and r2[-1]["global_step"] == "1200" and r2[-1]["update"] == "201"
-    assert [r["episodes"] for r in r2] == [r["episodes"] for r in r1]
-    for col in ("loss", "q_mean", "buffer_size", "episode_return"):
-        np.testing.assert_allclose(floats(r2, col), floats(r1, col), rtol=1e-4, atol=1e-6)
-    assert float(r2[-1]["buffer_size"]) > 900  # both replay shards filled
-    assert [i for i, r in enumerate(r2) if r["eval_return"]] == [3, 7, 11]  # the last row of every chunk
-    assert float(r2[-1]["eval_return"]) == pytest.approx(final_eval_return(shared / "two", seed=1), rel=1e-6)
-    # the checkpoint (replicated params, sharded buffer) restores on one plain device
-    assert_close(params_of(shared / "two" / "checkpoints" / "latest"), one)
-    # The match is not that of two idle learners: from ~0 at the first update, the Q of the taken actions climbs
-    # past 2 by the 4th target sync (each adds at most ~1 reward; a learner whose target never syncs stays ~1).
-    q = floats(r2, "q_mean")
-    assert abs(q[3]) < 0.5 and q[-1] > 2, q
+def params(result):
+    return [np.asarray(x) for x in jax.tree.leaves(result.state.params)]
 
 
 def strip(rs, drop=("wall_time", "sps")):
@@ -161,22 +83,97 @@ def assert_rows_close(got, want):
         np.testing.assert_allclose(floats(got, col), floats(want, col), rtol=1e-4, atol=1e-6)
 
 
-def test_dqn_sharded_resume_is_exact_and_resumes_on_one_device(shared, two):
+def final_eval_return(run_dir, seed):
+    """What ``--eval-episodes 3`` scores the latest policy saved in ``run_dir`` with ``seed``
+    (the evaluation after the last chunk of an ``--eval-every`` run)."""
+    pol = load_policy(Path(run_dir) / "checkpoints" / "latest")
+    c = dqn.resolve(dqn.Config(**dict(TINY, eval_episodes=3, seed=seed)))
+    return dqn.make_evaluator(c, pol.network, {})(pol.params, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return tmp_path_factory.mktemp("dqn_scale")
+
+
+@pytest.fixture(scope="module")
+def multi(shared):
+    """The full run in two processes of one device each; --eval-every on process 0, its score broadcast."""
+    return launch(shared, "multi", "dqn", *FULL, "--eval-every", "1200", "--eval-episodes", "3")
+
+
+@pytest.fixture(scope="module")
+def mhalf(shared):
+    """Half the run in two processes, copied to ``mhalf_in_one`` for the worker to resume in one process."""
+    launch(shared, "mhalf", "dqn", *HALF)
+    shutil.copytree(shared / "mhalf", shared / "mhalf_in_one")
+
+
+@pytest.fixture(scope="module")
+def plain(shared):
+    """Half a run on the plain single-device path, in this process: agent 1 of the population alone (seed
+    3 + 1) for 800 steps; the worker resumes it on 2 devices."""
+    return train(shared / "plain", seed=4, total_timesteps=800)
+
+
+@pytest.fixture(scope="module")
+def runs(shared, mhalf, plain):
+    """Every single-process run on fake devices, in one worker process with 2 devices."""
+    run_jobs(shared, [
+        job(shared, "one", "dqn", *FULL, "--devices", "1", "--sharded"),  # the data-parallel path's reference
+        # --eval-every: evaluated after every chunk, on the host copy of the replicated params (which leaves
+        # training as it is)
+        job(shared, "two", "dqn", *FULL, "--devices", "2", "--eval-every", "400", "--eval-episodes", "3"),
+        job(shared, "half", "dqn", *HALF, "--devices", "2"),
+        copy(shared, "half", "half_on_one"),
+        job(shared, "resumed", "dqn", "--resume", str(shared / "half"), "--total-timesteps", "1200"),
+        job(shared, "half_on_one", "dqn", "--resume", str(shared / "half_on_one"), "--total-timesteps", "1200",
+            "--devices", "1"),
+        job(shared, "mhalf_in_one", "dqn", "--resume", str(shared / "mhalf_in_one"), "--total-timesteps", "1200",
+            "--devices", "1"),
+        job(shared, "plain_resumed", "dqn", "--resume", str(shared / "plain"), "--total-timesteps", "1200",
+            "--devices", "2"),
+    ], devices=2)
+    return shared
+
+
+# ---------------------------------------------------------------------------
+# Data parallel: N devices == the sharded path on 1 device
+# ---------------------------------------------------------------------------
+
+
+def test_dqn_two_devices_match_one_device(runs):
+    one = trained(runs, "one")
+    assert_close(trained(runs, "two"), one)
+    cfg = json.loads((runs / "two" / "config.json").read_text())
+    assert cfg["devices"] == 2 and cfg["scale_out"]["devices"] == 2 and cfg["sharded"]
+    r1, r2 = rows(runs / "one"), rows(runs / "two")
+    assert len(r2) == 12 and r2[-1]["global_step"] == "1200" and r2[-1]["update"] == "201"
+    assert [r["episodes"] for r in r2] == [r["episodes"] for r in r1]
+    for col in ("loss", "q_mean", "buffer_size", "episode_return"):
+        np.testing.assert_allclose(floats(r2, col), floats(r1, col), rtol=1e-4, atol=1e-6)
+    assert float(r2[-1]["buffer_size"]) > 900  # both replay shards filled
+    assert [i for i, r in enumerate(r2) if r["eval_return"]] == [3, 7, 11]  # the last row of every chunk
+    assert float(r2[-1]["eval_return"]) == pytest.approx(final_eval_return(runs / "two", seed=1), rel=1e-6)
+    # the checkpoint (replicated params, sharded buffer) restores on one plain device
+    assert_close(params_of(runs / "two" / "checkpoints" / "latest"), one)
+    # The match is not that of two idle learners: from ~0 at the first update, the Q of the taken actions climbs
+    # past 2 by the 4th target sync (each adds at most ~1 reward; a learner whose target never syncs stays ~1).
+    q = floats(r2, "q_mean")
+    assert abs(q[3]) < 0.5 and q[-1] > 2, q
+
+
+def test_dqn_sharded_resume_is_exact_and_resumes_on_one_device(runs):
     """Half the run on 2 devices, then --resume (sharded buffer restored, env actions replayed): same as one go,
     bit for bit on 2 devices, to float tolerance on 1 (the run stays on the sharded path)."""
-    full, drop = two, ("wall_time", "sps", "eval_return")  # the run in one go evaluated; these halves do not
-    train_on(shared, "half", *[f if f != "1200" else "800" for f in FLAGS], "--devices", "2")
-    shutil.copytree(shared / "half", shared / "half_on_one")
-    resumed = train_on(shared, "half", "--resume", str(shared / "half"), "--total-timesteps", "1200")
-    for x, y in zip(full, resumed):
+    full, drop = trained(runs, "two"), ("wall_time", "sps", "eval_return")  # the run in one go evaluated
+    for x, y in zip(full, trained(runs, "resumed")):
         np.testing.assert_array_equal(x, y)
-    assert strip(rows(shared / "half"), drop) == strip(rows(shared / "two"), drop)
+    assert strip(rows(runs / "half"), drop) == strip(rows(runs / "two"), drop)
 
-    on_one = train_on(shared, "half_on_one", "--resume", str(shared / "half_on_one"), "--total-timesteps", "1200",
-                      "--devices", "1", devices=1)
-    assert_close(on_one, full)
-    assert_rows_close(rows(shared / "half_on_one"), rows(shared / "two"))
-    cfg = json.loads((shared / "half_on_one" / "config.json").read_text())
+    assert_close(trained(runs, "half_on_one"), full)
+    assert_rows_close(rows(runs / "half_on_one"), rows(runs / "two"))
+    cfg = json.loads((runs / "half_on_one" / "config.json").read_text())
     assert cfg["devices"] == 1 and cfg["sharded"] and cfg["scale_out"]["devices"] == 1
 
 
@@ -185,23 +182,17 @@ def test_dqn_sharded_resume_is_exact_and_resumes_on_one_device(shared, two):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def multi(shared):
-    """The full run in two processes of one device each; --eval-every on process 0, its score broadcast."""
-    return train_in_processes(shared, "multi", *FLAGS, "--eval-every", "1200", "--eval-episodes", "3")
-
-
-def test_dqn_two_processes_match_one_device(shared, one, multi):
+def test_dqn_two_processes_match_one_device(shared, multi, runs):
     (out0, out1), (p0, p1) = multi
     assert "DONE 0 2 2" in out0 and "DONE 1 2 2" in out1
     for x, y in zip(p0, p1):
         np.testing.assert_array_equal(x, y)
-    assert_close(p0, one)  # 2 processes x 1 device == 1 device, same global batch
+    assert_close(p0, trained(runs, "one"))  # 2 processes x 1 device == 1 device, same global batch
     assert "Compiled" in out0 and "Compiled" not in out1 and "Replay buffer" not in out1  # only process 0 logs
     run_dir = shared / "multi"
     got = rows(run_dir)
     assert len(got) == 12 and got[-1]["global_step"] == "1200" and got[-1]["update"] == "201"
-    assert_rows_close(got, rows(shared / "one"))
+    assert_rows_close(got, rows(runs / "one"))
     assert float(got[-1]["eval_return"]) == pytest.approx(final_eval_return(run_dir, seed=1), rel=1e-6)
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["scale_out"]["processes"] == 2 and cfg["scale_out"]["devices"] == 2 and cfg["sharded"]
@@ -210,42 +201,32 @@ def test_dqn_two_processes_match_one_device(shared, one, multi):
     assert_close(params_of(run_dir / "checkpoints" / "latest"), p0)  # written once, restores on one device
 
 
-def test_dqn_two_processes_resume_exact_and_in_one_process(shared, multi):
+def test_dqn_two_processes_resume_exact_and_in_one_process(shared, multi, runs):
     """Half the run in 2 processes, then --resume: in 2 processes bit for bit the run in one go; in one
     process (one device) the same to float tolerance, its action log rewritten for one process."""
     _, (full, _) = multi
-    half = [f if f != "1200" else "800" for f in FLAGS]
-    train_in_processes(shared, "mhalf", *half)
-    shutil.copytree(shared / "mhalf", shared / "mhalf_in_one")
-    _, (r0, r1) = train_in_processes(shared, "mhalf", "--resume", str(shared / "mhalf"), "--total-timesteps",
-                                     "1200")
+    _, (r0, r1) = launch(shared, "mresumed", "dqn", "--resume", str(shared / "mhalf"), "--total-timesteps", "1200")
     for x, y, z in zip(full, r0, r1):
         np.testing.assert_array_equal(y, x)
         np.testing.assert_array_equal(z, x)
     drop = ("wall_time", "sps", "eval_return")
     assert strip(rows(shared / "mhalf"), drop) == strip(rows(shared / "multi"), drop)
 
-    in_one = train_on(shared, "mhalf_in_one", "--resume", str(shared / "mhalf_in_one"), "--total-timesteps",
-                      "1200", devices=1)
-    assert_close(in_one, full)
+    assert_close(trained(runs, "mhalf_in_one"), full)
     assert_rows_close(rows(shared / "mhalf_in_one"), rows(shared / "multi"))
     assert (shared / "mhalf_in_one" / "actions.u8").stat().st_size == 300 * 4
     cfg = json.loads((shared / "mhalf_in_one" / "config.json").read_text())
     assert cfg["scale_out"]["processes"] == 1 and cfg["coordinator"] is None
 
 
-def test_plain_run_resumes_on_two_devices(tmp_path):
+def test_plain_run_resumes_on_two_devices(runs):
     """A plain run resumed with --devices 2 continues on the sharded path and says so."""
-    train(tmp_path / "plain", total_timesteps=800)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    r = subprocess.run([sys.executable, WORKER, "dqn", str(tmp_path / "p.npz"), "--resume", str(tmp_path / "plain"),
-                        "--total-timesteps", "1200", "--devices", "2"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "trained on the plain single-device path and continues on the data-parallel one" in r.stdout
-    got = rows(tmp_path / "plain")
+    trained(runs, "plain_resumed")
+    log = (runs / "plain_resumed.log").read_text()
+    assert "trained on the plain single-device path and continues on the data-parallel one" in log
+    got = rows(runs / "plain")
     assert len(got) == 12 and got[-1]["global_step"] == "1200"
-    assert json.loads((tmp_path / "plain" / "config.json").read_text())["scale_out"]["devices"] == 2
+    assert json.loads((runs / "plain" / "config.json").read_text())["scale_out"]["devices"] == 2
 
 
 def test_resume_keeps_the_code_path(tmp_path):
@@ -287,35 +268,45 @@ def test_bad_device_flags_are_named():
 # ---------------------------------------------------------------------------
 
 
-def test_dqn_population_matches_agents_trained_alone(tmp_path):
+@pytest.fixture(scope="module")
+def pop(shared):
+    """Two agents, seeds 3 and 4; --eval-every: each agent's rows get its own score, as it would alone."""
+    return train(shared / "pop", seed=3, num_agents=2, eval_every=1200, eval_episodes=3)
+
+
+@pytest.fixture(scope="module")
+def pop_half(shared):
+    """The population run stopped at 800 steps."""
+    return train(shared / "pop_half", seed=3, num_agents=2, eval_every=1200, eval_episodes=3, total_timesteps=800)
+
+
+def test_dqn_population_matches_agents_trained_alone(shared, pop, pop_half, plain):
     """Agent 1 ends where a lone run with seed 3 + 1 ends (so the agents are
     neither mixed up nor given the population's seed). --eval-every: each
     agent's rows get its own score, as it would alone."""
-    pop = tmp_path / "pop"
-    result = train(pop, seed=3, num_agents=2, eval_every=1200, eval_episodes=3)
-    assert result.global_step == 1200  # env steps per agent
-    got = rows(pop)
+    assert pop.global_step == 1200  # env steps per agent
+    got = rows(shared / "pop")
     assert [r["agent"] for r in got[:2]] == ["0", "1"] and len(got) == 2 * 12
-    cfg = json.loads((pop / "config.json").read_text())
+    cfg = json.loads((shared / "pop" / "config.json").read_text())
     assert cfg["num_agents"] == 2 and cfg["scale_out"]["num_agents"] == 2
     assert [(r["global_step"], r["agent"]) for r in got if r["eval_return"]] == [("1200", "0"), ("1200", "1")]
     for k in range(2):
         score = float(got[-2 + k]["eval_return"])
-        assert score == pytest.approx(final_eval_return(pop / "agents" / str(k), seed=3 + k), rel=1e-6)
-    for k in (1,):
-        alone = train(tmp_path / f"alone{k}", seed=3 + k)
-        agent = load_policy(pop / "agents" / str(k))
-        assert agent.config["seed"] == 3 + k and agent.config["num_agents"] == 1
-        lone = [np.asarray(x) for x in jax.tree.leaves(alone.state.params)]
-        assert_close([np.asarray(x) for x in jax.tree.leaves(agent.params)], lone)
-        # the stacked state holds the same agent
-        assert_close([np.asarray(x)[k] for x in jax.tree.leaves(result.state.params)], lone)
-        solo, mine = rows(tmp_path / f"alone{k}"), [r for r in got if r["agent"] == str(k)]
-        assert [r["episodes"] for r in mine] == [r["episodes"] for r in solo]
-        assert [r["global_step"] for r in mine] == [r["global_step"] for r in solo]
-        for col in ("loss", "q_mean", "epsilon", "buffer_size"):
-            np.testing.assert_allclose(floats(mine, col), floats(solo, col), rtol=1e-4, atol=1e-6)
-    a0, a1 = params_of(pop / "agents" / "0"), params_of(pop / "agents" / "1")
+        assert score == pytest.approx(final_eval_return(shared / "pop" / "agents" / str(k), seed=3 + k), rel=1e-6)
+
+    # agent 1 of the population at 800 steps == the plain run with seed 4 (its first 800 steps)
+    half = shared / "pop_half"
+    agent = load_policy(half / "agents" / "1")
+    assert agent.config["seed"] == 4 and agent.config["num_agents"] == 1
+    lone = params(plain)
+    assert_close([np.asarray(x) for x in jax.tree.leaves(agent.params)], lone)
+    assert_close([np.asarray(x)[1] for x in jax.tree.leaves(pop_half.state.params)], lone)  # the stacked state
+    solo, mine = rows(shared / "plain")[:8], [r for r in rows(half) if r["agent"] == "1"]
+    assert [r["episodes"] for r in mine] == [r["episodes"] for r in solo]
+    assert [r["global_step"] for r in mine] == [r["global_step"] for r in solo]
+    for col in ("loss", "q_mean", "epsilon", "buffer_size"):
+        np.testing.assert_allclose(floats(mine, col), floats(solo, col), rtol=1e-4, atol=1e-6)
+    a0, a1 = params_of(shared / "pop" / "agents" / "0"), params_of(shared / "pop" / "agents" / "1")
     assert any(not np.allclose(x, y, atol=1e-4) for x, y in zip(a0, a1))
 
 
@@ -329,22 +320,22 @@ def test_dqn_sweep_matches_agents_trained_alone(tmp_path):
         assert agent.config["learning_rate"] == lr and agent.config["seed"] == 1 + k
     # Agent 0 alone (the population test checks agent 1): the sweep's first value, the base seed.
     alone = train(tmp_path / "lr0", learning_rate=1e-3, seed=1)
-    assert_close(params_of(pop / "agents" / "0"), [np.asarray(x) for x in jax.tree.leaves(alone.state.params)])
+    assert_close(params_of(pop / "agents" / "0"), params(alone))
 
 
-def test_dqn_population_resume_is_exact(tmp_path):
+def test_dqn_population_resume_is_exact(shared, pop, pop_half, tmp_path):
     """Half the run, then --resume (buffers in the checkpoint, env actions replayed): same as one go."""
-    full = train(tmp_path / "full", num_agents=2)
-    train(tmp_path / "half", num_agents=2, total_timesteps=800)
-    config = runner.cli(dqn.Config, resumable=dqn.RESUMABLE,
-                        argv=["--resume", str(tmp_path / "half"), "--total-timesteps", "1200"])
-    resumed = dqn.train(config)
-    for x, y in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
+    d = tmp_path / "resumed"
+    shutil.copytree(shared / "pop_half", d)
+    resumed = dqn.train(runner.cli(dqn.Config, resumable=dqn.RESUMABLE,
+                                   argv=["--resume", str(d), "--total-timesteps", "1200"]))
+    for x, y in zip(jax.tree.leaves(pop.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    drop = ("wall_time", "sps")
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]  # noqa: E731
-    assert strip(rows(tmp_path / "half")) == strip(rows(tmp_path / "full"))
-    assert load_policy(tmp_path / "half" / "agents" / "1").meta["step"] == 1200
+    drop = ("wall_time", "sps", "eval_return")  # the half evaluated at its end
+    got, want = rows(d), rows(shared / "pop")
+    assert strip(got, drop) == strip(want, drop)
+    assert [r["eval_return"] for r in got[-2:]] == [r["eval_return"] for r in want[-2:]]
+    assert load_policy(d / "agents" / "1").meta["step"] == 1200
 
 
 def test_bad_population_flags_are_named(tmp_path):

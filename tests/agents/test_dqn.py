@@ -31,6 +31,11 @@ def run_script(*args, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _train(argv):
+    """What ``scripts/dqn.py argv`` trains, in this process."""
+    return dqn.train(runner.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=argv))
+
+
 # ---------------------------------------------------------------------------
 # Presets, defaults and bad input (no compilation)
 # ---------------------------------------------------------------------------
@@ -290,15 +295,15 @@ def test_the_buffer_holds_what_the_envs_returned(env_id, option, qnet, epsilon):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--overlap-learning"], ["--sharded"]])
-def test_cartpole_learns(tmp_path, extra):
-    """The plain, the overlapped and the data-parallel (``--sharded``, on one device) paths each learn."""
+def test_cartpole_learns(tmp_path, capsys, extra):
+    """The plain, the overlapped and the data-parallel (``--sharded``, on one device) paths each learn (what
+    the script trains with these flags, in this process)."""
     d = tmp_path / "run"
-    r = run_script("scripts/dqn.py", "--env", "CartPole-v1", "--target-return", "400", "--run-dir", str(d),
-                   "--no-tensorboard", *extra)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert ("learning overlaps env steps" in r.stdout) == ("--overlap-learning" in extra)
+    _train(["--env", "CartPole-v1", "--target-return", "400", "--run-dir", str(d), "--no-tensorboard", *extra])
+    out = capsys.readouterr().out
+    assert ("learning overlaps env steps" in out) == ("--overlap-learning" in extra)
     assert json.loads((d / "config.json").read_text())["sharded"] == ("--sharded" in extra)
-    assert "Target return 400.0 reached" in r.stdout
+    assert "Target return 400.0 reached" in out
     rows = read_csv(d / "metrics.csv")
     assert int(rows[-1]["global_step"]) <= 500_000
     assert float(rows[-1]["return_mean100"]) >= 400, "random play scores ~22"
@@ -342,10 +347,6 @@ def test_pong_script_writes_run_dir(tmp_path):
 # ---------------------------------------------------------------------------
 # Resume: exact with the buffer in the checkpoint, refilled without it
 # ---------------------------------------------------------------------------
-
-
-def _train(argv):
-    return dqn.train(runner.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=argv))
 
 
 def _rows(path):
