@@ -120,8 +120,7 @@ class Args:
     threads: int | None = None
     """EnvPool worker threads (default: all usable cores; --quick min(2, cores))."""
     algos: tuple[str, ...] = DEFAULT_ALGOS
-    """Rows to measure, names from throughput.ALGORITHMS (ppo, ppo-cfc, ppo-cfc-nature, a2c, dqn, ppo-g2, a2c-g2,
-    dqn-ov; not ppo-ov or ppo-ov8, whose learner runs inside the rollout)."""
+    """Rows to measure, names from throughput.ALGORITHMS (ppo, ppo-cfc, ppo-cfc-nature, a2c, dqn)."""
     repeats: int | None = None
     """Timed windows per part; the median is reported (default 3; --quick 1)."""
     window: float | None = None
@@ -178,12 +177,6 @@ def resolve(args: Args, cores: int) -> Settings:
     unknown = [a for a in s.algos if a not in throughput.ALGORITHMS]
     if unknown:
         raise ValueError(f"Unknown algorithm {unknown[0]!r} in --algos; known: {', '.join(throughput.ALGORITHMS)}.")
-    whole = [a for a in s.algos if throughput.ALGORITHMS[a].module.endswith(".ppo")
-             and throughput.ALGORITHMS[a].overrides.get("overlap_learning")]
-    if whole:
-        raise ValueError(f"--algos {whole[0]} is not accepted here: PPO's --overlap-learning runs its learner inside "
-                         "the rollout, so its update does not split into the parts this script times; compare it "
-                         f"whole with: python benchmarks/throughput.py --algos ppo {whole[0]}.")
     return s
 
 
@@ -284,8 +277,7 @@ def measure_actor_critic(module, c, s: Settings, log) -> Measured:
     from jaxatari.rollout import rollout
 
     is_ppo = module.ALGO == "ppo"
-    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads,
-                          groups=c.env_groups)
+    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads)
     try:
         net_spec = module.network_spec(c, spec)
         net = ActorCritic(net_spec)
@@ -293,7 +285,7 @@ def measure_actor_critic(module, c, s: Settings, log) -> Measured:
         optimizer = module.make_optimizer(c, 10**6)
         obs, _ = env.reset()
         state = module.init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))
-        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)  # PPO overlap rows are refused
+        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
         T, B = c.num_steps, c.num_envs
         K = max(1, s.call_steps // (T * B))
         kw = dict(repeats=s.repeats, window=s.window)
@@ -368,7 +360,7 @@ def measure_dqn(module, c, s: Settings, log) -> Measured:
         optimizer = dqn.make_optimizer(c)
         obs, _ = env.reset()
         state = dqn.init(c, spec, qnet, optimizer, obs, jax.random.PRNGKey(c.seed))
-        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend, split=c.overlap_learning)
+        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
         A, B = spec.num_actions, c.num_envs
         K = max(1, s.call_steps // c.steps_per_row)  # rows per call
         I = K * c.iterations_per_row  # iterations per call  # noqa: E741

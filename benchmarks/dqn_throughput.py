@@ -21,8 +21,6 @@ after learning has started, so that every timed step pays for learning):
   compiled agent); the target is synced by step count with a jitted copy.
 * **compiled, B envs**: `jaxatari.agents.dqn.benchmark`: act, EnvPool step
   (`env.xla()`), buffer insert, sampling and updates in one compiled chunk.
-* **compiled, overlap** (`--overlap`): the same with `--overlap-learning`, the
-  gradient steps taken between EnvPool's send and recv.
 
 Both use the `--dqn-preset` hyperparameters (network, batch, loss, optimizer,
 `gradient_steps / train_frequency` updates per env step) with epsilon held at
@@ -81,8 +79,6 @@ class Args:
     """Timed seconds per row, after compilation and warm-up."""
     threads: int = 0
     """EnvPool threads of the compiled rows (0: min(num_envs, usable cores)); the Python loop uses 1."""
-    overlap: bool = False
-    """Also time each compiled row with --overlap-learning (gradient steps while the envs step)."""
     baseline: bool = True
     """Measure the one-env Python-loop baseline."""
     out_dir: str = str(RESULTS_DIR)
@@ -196,12 +192,10 @@ def measure(a: Args, log=print) -> dict[str, Any]:
         log(f"  {r['sps']:,.0f} SPS, {r['updates_per_s']:,.1f} updates/s")
     for b in a.num_envs:
         threads = a.threads or min(b, cores)
-        variants = [("compiled", {})] + ([("compiled, overlap", dict(overlap_learning=True))] if a.overlap else [])
-        for kind, extra in variants:
-            log(f"{kind} DQN, {b} envs, {threads} threads on {a.env} ...")
-            r = dqn.benchmark(a.env, b, threads, a.seconds, **_overrides(a), **extra)
-            doc["rows"].append(dict(kind=kind, num_envs=b, threads=threads, **r))
-            log(f"  {r['sps']:,.0f} SPS, {r['updates_per_s']:,.1f} updates/s (compiled in {r['compile_s']:.1f}s)")
+        log(f"compiled DQN, {b} envs, {threads} threads on {a.env} ...")
+        r = dqn.benchmark(a.env, b, threads, a.seconds, **_overrides(a))
+        doc["rows"].append(dict(kind="compiled", num_envs=b, threads=threads, **r))
+        log(f"  {r['sps']:,.0f} SPS, {r['updates_per_s']:,.1f} updates/s (compiled in {r['compile_s']:.1f}s)")
     base = next((r["sps"] for r in doc["rows"] if r["kind"] == "python-loop"), None)
     for r in doc["rows"]:
         r["speedup"] = r["sps"] / base if base else None
@@ -244,8 +238,6 @@ def write_results(doc: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"dqn_throughput_{machine.kind(doc['machine'])}_{doc['env'].lower().replace('-', '_')}"
-    if any("overlap" in r["kind"] for r in doc["rows"]):
-        stem += "_overlap"  # --overlap: its own files, the plain run's are kept
     js, md = out / f"{stem}.json", out / f"{stem}.md"
     js.write_text(json.dumps(doc, indent=2, default=str))
     md.write_text(to_markdown(doc))
@@ -268,9 +260,8 @@ def check(a: Args) -> None:
     for b in a.num_envs:
         if isinstance(b, bool) or b < 1:
             raise ValueError(f"--num-envs {b} is not accepted: every env count must be >= 1.")
-        for extra in ({}, dict(overlap_learning=True)) if a.overlap else ({},):
-            dqn.resolve(dqn.Config(env=a.env, num_envs=b, num_threads=a.threads, total_timesteps=10**9,
-                                   **dict(dict(buffer_size=100_000, learning_starts=1), **_overrides(a)), **extra))
+        dqn.resolve(dqn.Config(env=a.env, num_envs=b, num_threads=a.threads, total_timesteps=10**9,
+                               **dict(dict(buffer_size=100_000, learning_starts=1), **_overrides(a))))
 
 
 def main(argv=None) -> int:

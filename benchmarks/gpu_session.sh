@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The speed targets on a GPU machine in one bounded call: DQN vs a Python loop, the EnvPool ceiling,
-# PPO / PPO-CfC / variants training SPS, then the scorecard (benchmarks/targets.py).
+# PPO / PPO-CfC / A2C / DQN training SPS, then the scorecard (benchmarks/targets.py).
 #
 #   usage: bash benchmarks/gpu_session.sh [BUDGET_S] [OUT_DIR]
 #     BUDGET_S  wall-clock seconds for all of it (default 360); the rows that do not fit are recorded as skipped
@@ -25,10 +25,8 @@ cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
 algo_envs=${ALGO_ENVS:-64}
 dqn_envs=${DQN_ENVS:-32}
-# ppo and ppo-cfc decide two targets; ppo-ov (learning while the envs step) and ppo-cfc-ov (its Conv-CfC twin)
-# are the variants most likely to get closest to the ceiling on a GPU; ppo-g2 (pipelined acting) and the rest
-# are context, measured if time is left.
-algos=${ALGOS:-ppo ppo-cfc ppo-ov ppo-cfc-ov ppo-g2 ppo-cfc-nature a2c dqn}
+# ppo and ppo-cfc decide two targets; the rest are context, measured if time is left.
+algos=${ALGOS:-ppo ppo-cfc ppo-cfc-nature a2c dqn}
 # The offline bundle only where this Python lacks the packages (its wheels are built for one Python version).
 if [ -d .offline/site ] && ! "$py" -c 'import envpool, tyro, tensorboardX' 2> /dev/null; then
   export PYTHONPATH=$PWD/.offline/site:$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -9,8 +9,8 @@ one pair per machine kind that has a `throughput_<kind>.json` or a DQN compariso
 
 | target | from | threshold |
 |---|---|---|
-| feed-forward PPO SPS / EnvPool ceiling at the same thread count | `throughput_<kind>.json`: the best `ok` row among ppo, ppo-g2, ppo-ov, ppo-ov8 | >= 0.75 |
-| Conv-CfC PPO (`--network cfc`) SPS / feed-forward PPO SPS, same envs and threads | same file: the fastest of ppo-cfc, ppo-cfc-ov against the fastest feed-forward PPO row | >= 0.80 |
+| feed-forward PPO SPS / EnvPool ceiling at the same thread count | `throughput_<kind>.json`: the best `ok` ppo row | >= 0.75 |
+| Conv-CfC PPO (`--network cfc`) SPS / feed-forward PPO SPS, same envs and threads | same file: the fastest ppo-cfc row against the fastest ppo row | >= 0.80 |
 | compiled DQN with parallel envs / one-env Python-loop DQN, same replay ratio | `dqn_throughput_<kind>_<env>.json` for Atari games (the best compiled row of more than one env) | >= 10 |
 | PPO on Breakout-v5: mean final return over seeds after >= 10M env steps | `learning_*.json` from `benchmarks/learning.py --algo ppo --env Breakout-v5`, every run finished | >= 400 |
 
@@ -39,8 +39,9 @@ except ImportError:
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
-PPO_ROWS = ("ppo", "ppo-g2", "ppo-ov", "ppo-ov8")
-"""Feed-forward PPO rows of `throughput.py` that count for the ceiling target (all train the same network)."""
+PPO_ROWS = ("ppo",)
+"""Feed-forward PPO rows of `throughput.py` that count for the ceiling target (older files hold rows of removed
+speed features, which do not count)."""
 LEARNING_MIN_STEPS = 10_000_000
 """A learning result counts for the Breakout target only at this many env steps or more."""
 
@@ -110,13 +111,13 @@ def score_ppo_vs_ceiling(doc: dict[str, Any] | None, source: str | None) -> dict
     return _result(t, best["fraction_of_ceiling"], source, detail)
 
 
-CFC_ROWS = ("ppo-cfc", "ppo-cfc-ov")
-"""Conv-CfC PPO rows of `throughput.py` (plain, and learning while the envs step)."""
+CFC_ROWS = ("ppo-cfc",)
+"""Conv-CfC PPO rows of `throughput.py` (the Nature-torso twin, ppo-cfc-nature, is listed apart)."""
 
 
 def score_cfc_vs_ppo(doc: dict[str, Any] | None, source: str | None) -> dict[str, Any]:
-    """The fastest Conv-CfC row against the fastest feed-forward PPO row (`PPO_ROWS`) at the same envs and threads:
-    each policy run the fastest way measured, so neither side is flattered by the other's variant."""
+    """The fastest Conv-CfC row (`CFC_ROWS`) against the fastest feed-forward PPO row (`PPO_ROWS`) at the same envs
+    and threads."""
     t = TARGETS[1]
     rows = _rows(doc)
     fastest: dict[tuple[str, int, Any], dict[str, Any]] = {}
@@ -127,8 +128,8 @@ def score_cfc_vs_ppo(doc: dict[str, Any] | None, source: str | None) -> dict[str
             fastest[key] = r
     pairs = [(c, fastest[("ff", n, th)]) for (g, n, th), c in fastest.items() if g == "cfc" and ("ff", n, th) in fastest]
     if not pairs:
-        return _result(t, None, source, "no Conv-CfC PPO row (ppo-cfc, ppo-cfc-ov) with a feed-forward PPO row at the "
-                                        "same envs and threads")
+        return _result(t, None, source, "no Conv-CfC PPO row (ppo-cfc) with a feed-forward PPO row at the same envs "
+                                        "and threads")
     cfc, ff = max(pairs, key=lambda p: p[0]["sps"])
     detail = (f"{_envs(cfc['num_envs'])}, {cfc.get('num_threads', '?')} threads: {cfc['name']} {cfc['sps']:,.0f} vs "
               f"{ff['name']} {ff['sps']:,.0f} SPS" + _callback([cfc, ff]))
@@ -147,10 +148,10 @@ def score_dqn(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     best, best_src, seen = None, None, []
     for source, doc in docs:
         env = doc.get("env", "?")
-        rows = [r for r in doc.get("rows", []) if str(r.get("kind", "")).startswith("compiled") and r.get("speedup")
+        rows = [r for r in doc.get("rows", []) if r.get("kind") == "compiled" and r.get("speedup")
                 and r.get("num_envs", 1) > 1]  # parallel envs: the one-env compiled row is listed in the file only
         for r in rows:
-            seen.append(f"{env} {_envs(r['num_envs'])}{' overlap' if 'overlap' in r['kind'] else ''} {r['speedup']:.1f}x")
+            seen.append(f"{env} {_envs(r['num_envs'])} {r['speedup']:.1f}x")
         if str(env).endswith("-v5") and rows:
             top = max(rows, key=lambda r: r["speedup"])
             if best is None or top["speedup"] > best[1]["speedup"]:
@@ -159,8 +160,8 @@ def score_dqn(docs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         note = f" (not Atari: {'; '.join(seen)})" if seen else ""
         return _result(t, None, None, "no Atari DQN comparison with a compiled and a Python-loop row" + note)
     env, r = best
-    detail = (f"{env}, {_envs(r['num_envs'])}{' with --overlap-learning' if 'overlap' in r['kind'] else ''}: "
-              f"{r['sps']:,.0f} SPS, replay ratio {r.get('replay_ratio')}; all rows: {'; '.join(seen)}")
+    detail = (f"{env}, {_envs(r['num_envs'])}: {r['sps']:,.0f} SPS, replay ratio {r.get('replay_ratio')}; "
+              f"all rows: {'; '.join(seen)}")
     return _result(t, r["speedup"], best_src, detail)
 
 

@@ -115,18 +115,6 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "ppo-cfc-nature": AlgoSpec("jaxatari.agents.ppo", {"network": "cfc", "torso": "nature"}),
     "a2c": AlgoSpec("jaxatari.agents.a2c"),
     "dqn": AlgoSpec("jaxatari.agents.dqn"),
-    # Pipelined acting (--env-groups 2): each half of the envs emulates while the policy acts for the other.
-    "ppo-g2": AlgoSpec("jaxatari.agents.ppo", {"env_groups": 2}),
-    "a2c-g2": AlgoSpec("jaxatari.agents.a2c", {"env_groups": 2}),
-    # DQN's gradient steps between EnvPool's send and recv (--overlap-learning).
-    "dqn-ov": AlgoSpec("jaxatari.agents.dqn", {"overlap_learning": True}),
-    # PPO's SGD steps on the previous rollout between EnvPool's send and recv (--overlap-learning): whole
-    # minibatches, and split into 8 micro-batches (one per env step at the defaults).
-    "ppo-ov": AlgoSpec("jaxatari.agents.ppo", {"overlap_learning": True}),
-    "ppo-ov8": AlgoSpec("jaxatari.agents.ppo", {"overlap_learning": True, "overlap_microbatches": 8}),
-    # The Conv-CfC policy learning while the envs step: its learner (~20x the Nature CNN's FLOPs) is what
-    # --overlap-learning can hide behind the emulator on a GPU. Compare with ppo-ov.
-    "ppo-cfc-ov": AlgoSpec("jaxatari.agents.ppo", {"network": "cfc", "overlap_learning": True}),
 }
 """Registry of training rows: name -> module with a `benchmark()` and the overrides passed to it."""
 QUICK_ALGOS = ("ppo", "ppo-cfc", "a2c", "dqn")
@@ -679,12 +667,6 @@ def to_markdown(doc: dict[str, Any]) -> str:
             frac = "-" if r.get("fraction_of_ceiling") is None else f"{r['fraction_of_ceiling']:.0%}"
             overrides = r.get("overrides") or {}
             notes = [(r.get("reason") or "").replace("|", "/")]
-            if overrides.get("env_groups", 1) > 1:
-                notes.append(f"{overrides['env_groups']} EnvPools x {r['num_threads']} threads, pipelined acting")
-            if overrides.get("overlap_learning"):
-                k = overrides.get("overlap_microbatches", 1)
-                notes.append("gradient steps while the envs step (--overlap-learning"
-                             + (f", {k} micro-batches)" if k > 1 else ")"))
             if r.get("backend") == "callback":
                 notes.append("envs stepped through the host callback: EnvPool's xla() did not compile here")
             if "log_every" in overrides:

@@ -706,8 +706,8 @@ def _read_step(reader: _StepReader, step_dir: Path, *, state_target, policy_targ
         saved_tree = reader.tree_metadata(step_dir, item)
         abstract = _data_target(target, item, saved_keys, saved_tree, step_dir)
         # Restore in the saved tree's own structure, matched to the target leaf by leaf name: the containers
-        # may differ where no leaf does (a field added since, holding None in this run: e.g. PPO's pending
-        # rollout, only set with --overlap-learning, must not make older checkpoints unreadable).
+        # may differ where no leaf does (a field added or removed since that holds None must not make older
+        # checkpoints unreadable).
         by_name = _flat(abstract)
         on_disk = jax.tree_util.tree_map_with_path(lambda path, _: by_name[_path_name(path)], saved_tree)
         data = _flat(reader.tree(step_dir, item, on_disk))

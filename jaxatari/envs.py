@@ -331,7 +331,6 @@ def make(
     num_threads: int = 0,
     batch_size: int | None = None,
     render_mode: str | None = None,
-    groups: int = 1,
 ):
     """Build an EnvPool gymnasium batch. Returns ``(env, EnvSpec)``.
 
@@ -344,23 +343,9 @@ def make(
       num_threads: EnvPool worker threads (0 = EnvPool's default).
       batch_size: < ``num_envs`` selects EnvPool's async mode.
       render_mode: ``"rgb_array"`` enables ``env.render(env_ids=[...])`` (RGB frames, for video).
-      groups: > 1 builds :class:`EnvGroups`: ``groups`` pools of ``num_envs / groups``
-        envs (env ``i`` still seeded ``seed + i``), for pipelined acting
-        (:func:`jaxatari.rollout.rollout`). Each pool gets ``num_threads`` workers:
-        the groups take turns, and a pool emulating alone then has every core
-        (measured faster on 2 cores than splitting the threads between pools).
     """
     if num_envs < 1:
         raise EnvError(f"num_envs={num_envs} is not accepted: it must be >= 1.")
-    check_groups(num_envs, groups)
-    if groups > 1:
-        if batch_size not in (None, num_envs) or render_mode:
-            raise EnvError("env groups take neither batch_size (async mode) nor render_mode.")
-        m = num_envs // groups
-        made = [make(env_id, m, seed=seed + g * m, preset=preset, options=options, num_threads=num_threads)
-                for g in range(groups)]
-        spec = dataclasses.replace(made[0][1], num_envs=num_envs)
-        return EnvGroups([env for env, _ in made]), spec
     resolved = resolve_options(env_id, preset, options)
     env = envpool_make(
         env_id,
@@ -406,72 +391,6 @@ def envpool_make(env_id: str, **kwargs):
     return env
 
 
-def check_groups(num_envs: int, groups: int) -> None:
-    """Raise :class:`EnvError` unless ``groups`` splits ``num_envs`` evenly."""
-    if groups < 1 or num_envs % groups:
-        raise EnvError(f"--env-groups {groups} is not accepted with --num-envs {num_envs}: it must be >= 1 "
-                       "and divide the number of envs.")
-
-
-def groups_note(groups: int) -> str:
-    """`` (G env groups, pipelined)`` for a run's header line; empty for one pool."""
-    return f" ({groups} env groups, pipelined)" if groups > 1 else ""
-
-
-def _concat_info(infos: list[dict], offsets: list[int]) -> dict:
-    out = {}
-    for k, v in infos[0].items():
-        if isinstance(v, dict):
-            out[k] = _concat_info([i[k] for i in infos], offsets)
-        elif k == "env_id":
-            out[k] = np.concatenate([np.asarray(i[k]) + o for i, o in zip(infos, offsets)])
-        else:
-            out[k] = np.concatenate([np.asarray(i[k]) for i in infos])
-    return out
-
-
-class EnvGroups:
-    """``G`` EnvPools of ``M = B / G`` envs each, seen from the host as one batch of ``B``.
-
-    Group ``g`` holds envs ``g*M .. (g+1)*M - 1`` (env ``i`` seeded ``seed + i``,
-    exactly as in one pool of ``B``). :meth:`step` sends every group its actions
-    before receiving any, so the groups emulate concurrently. Inside ``jit``,
-    :func:`make_step_fn` turns it into a :class:`GroupedStep`, whose per-group
-    ``send``/``recv`` let the rollout act for one group while the others emulate.
-    """
-
-    def __init__(self, pools: list):
-        self.pools = list(pools)
-        self.groups = len(self.pools)
-        self.group_size = int(self.pools[0].config["num_envs"])
-        self.num_envs = self.groups * self.group_size
-        self.observation_space = self.pools[0].observation_space
-        self.action_space = self.pools[0].action_space
-        self._offsets = [g * self.group_size for g in range(self.groups)]
-
-    def _join(self, outs):
-        obs = np.concatenate([o[0] for o in outs])
-        rest = [np.concatenate([o[i] for o in outs]) for i in range(1, len(outs[0]) - 1)]
-        return (obs, *rest, _concat_info([o[-1] for o in outs], self._offsets))
-
-    def reset(self):
-        """``(obs [B, ...], info)`` of all groups."""
-        return self._join([p.reset() for p in self.pools])
-
-    def step(self, actions: np.ndarray):
-        """Step all ``B`` envs; returns EnvPool's ``(obs, reward, terminated, truncated, info)``."""
-        actions = np.asarray(actions)
-        if actions.shape[0] != self.num_envs:
-            raise EnvError(f"EnvGroups.step takes {self.num_envs} actions, got {actions.shape[0]}.")
-        for p, o in zip(self.pools, self._offsets):
-            p.send(actions[o:o + self.group_size])
-        return self._join([p.recv(reset=False, return_info=True) for p in self.pools])
-
-    def close(self) -> None:
-        for p in self.pools:
-            p.close()
-
-
 # ---------------------------------------------------------------------------
 # Stepping inside jit
 # ---------------------------------------------------------------------------
@@ -510,7 +429,7 @@ def _timestep_from_envpool(obs, reward, term, trunc, info, xnp) -> Timestep:
     )
 
 
-def make_step_fn(env, spec: EnvSpec, backend: str = "auto", split: bool = False) -> tuple[jax.Array, StepFn, str]:
+def make_step_fn(env, spec: EnvSpec, backend: str = "auto") -> tuple[jax.Array, StepFn, str]:
     """A step function usable inside ``jax.jit`` / ``lax.scan``.
 
     Returns ``(handle, step, backend_used)`` with ``step(handle, actions[B]) ->
@@ -524,16 +443,9 @@ def make_step_fn(env, spec: EnvSpec, backend: str = "auto", split: bool = False)
       device, else ``callback`` with a log line saying why.
 
     The env must have been reset (``env.reset()``) before the first step.
-    For :class:`EnvGroups`, or a single pool with ``split=True`` (one group), the
-    step is a :class:`GroupedStep` (``xla`` only, with separate ``send`` and
-    ``recv``) and the handle a tuple of the groups' handles.
     """
     if backend not in ("auto", "xla", "callback"):
         raise EnvError(f"env backend {backend!r} is not accepted; use auto, xla or callback.")
-    if isinstance(env, EnvGroups):
-        return _grouped_step_fn(env.pools, env.group_size, spec, backend)
-    if split:
-        return _grouped_step_fn([env], spec.num_envs, spec, backend)
     if backend in ("auto", "xla"):
         try:
             handle, _recv, _send, xla_step = env.xla()
@@ -554,70 +466,6 @@ def make_step_fn(env, spec: EnvSpec, backend: str = "auto", split: bool = False)
                 jax.default_backend(), type(e).__name__, e,
             )
     return _callback_step_fn(env, spec)
-
-
-class GroupedStep:
-    """The step of :class:`EnvGroups` inside ``jit``: ``(handles, actions [B]) ->
-    (handles, Timestep [B])`` like any :data:`StepFn` (every group sent its actions,
-    then every group received), plus per-group ``send[g](h, actions [M]) -> h`` and
-    ``recv[g](h) -> (h, Timestep [M])`` for pipelined acting."""
-
-    def __init__(self, sends, recvs, group_size: int):
-        self.send, self.recv = tuple(sends), tuple(recvs)
-        self.groups, self.group_size = len(self.send), group_size
-
-    def __call__(self, handles, actions):
-        M, hs = self.group_size, list(handles)
-        for g in range(self.groups):
-            hs[g] = self.send[g](hs[g], actions[g * M:(g + 1) * M])
-        parts = []
-        for g in range(self.groups):
-            hs[g], ts = self.recv[g](hs[g])
-            parts.append(ts)
-        return tuple(hs), jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-
-
-def after(dep: jax.Array, x: jax.Array) -> jax.Array:
-    """``x`` (an integer array, e.g. an EnvPool handle) given a data dependency on
-    ``dep``, so that what is computed from the result runs after what produced
-    ``dep`` (an EnvPool send; a learner's loss). ``lax.optimization_barrier`` alone
-    does not order them: XLA expands barriers before scheduling, and the compiled
-    program then ran part of the learner before the send (seen in the optimized
-    HLO; tests pin the order). The added term is always 0, ``min(bits & 0x7FFFFFFF,
-    0)`` of ``dep``'s sum, which the compiler does not fold (``|loss| < 0`` it does).
-    """
-    total = jnp.sum(dep)
-    if jnp.issubdtype(total.dtype, jnp.floating):
-        bits = jax.lax.bitcast_convert_type(total.astype(jnp.float32), jnp.int32)
-    else:
-        bits = total.astype(jnp.int32)
-    zero = jnp.minimum(bits & 0x7FFFFFFF, 0)
-    return x + zero.astype(x.dtype)
-
-
-def _grouped_step_fn(pools: list, group_size: int, spec: EnvSpec, backend: str) -> tuple[tuple, GroupedStep, str]:
-    if backend == "callback":
-        raise EnvError("a split env step (env groups, --overlap-learning) runs EnvPool inside the "
-                       "compiled program (env.xla()); --env-backend callback is not accepted with it.")
-    handles, sends, recvs = [], [], []
-    for pool in pools:
-        handle, recv, send, _ = pool.xla()
-
-        def recv_ts(h, recv=recv):
-            h, (obs, rew, term, trunc, info) = recv(h)
-            return h, _timestep_from_envpool(obs, rew, term, trunc, info, jnp)
-
-        handles.append(handle)
-        sends.append(send)
-        recvs.append(recv_ts)
-    step = GroupedStep(sends, recvs, group_size)
-    try:
-        jax.jit(step).lower(tuple(handles), jnp.zeros((spec.num_envs,), jnp.int32)).compile()
-    except Exception as e:  # noqa: BLE001
-        raise EnvError(f"a split env step (env groups, --overlap-learning) needs EnvPool's xla() on backend "
-                       f"{jax.default_backend()} ({type(e).__name__}: {e}); use --env-groups 1 or drop "
-                       "--overlap-learning here.") from None
-    return tuple(handles), step, "xla"
 
 
 def _callback_step_fn(env, spec: EnvSpec) -> tuple[jax.Array, StepFn, str]:
@@ -748,25 +596,6 @@ class EnvState:
     done: jax.Array
     first: jax.Array
     stats: EpisodeStats
-
-
-def env_state_rows(state: EnvState, rows: slice) -> EnvState:
-    """The envs ``rows`` of ``state``: per-env fields sliced, the shared window of
-    finished returns (and its count) kept whole."""
-    st = state.stats
-    return EnvState(obs=state.obs[rows], done=state.done[rows], first=state.first[rows],
-                    stats=EpisodeStats(returns=st.returns[rows], lengths=st.lengths[rows],
-                                       window=st.window, count=st.count))
-
-
-def env_state_set_rows(state: EnvState, rows: slice, sub: EnvState) -> EnvState:
-    """``state`` with envs ``rows`` (and the shared window) taken from ``sub``."""
-    st = state.stats
-    return EnvState(obs=state.obs.at[rows].set(sub.obs), done=state.done.at[rows].set(sub.done),
-                    first=state.first.at[rows].set(sub.first),
-                    stats=EpisodeStats(returns=st.returns.at[rows].set(sub.stats.returns),
-                                       lengths=st.lengths.at[rows].set(sub.stats.lengths),
-                                       window=sub.stats.window, count=sub.stats.count))
 
 
 def env_state_init(obs: np.ndarray, window: int = 100) -> EnvState:

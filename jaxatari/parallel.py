@@ -606,33 +606,6 @@ def population_step_fn(step_fn: envs.StepFn, num_agents: int) -> Callable:
 # ---------------------------------------------------------------------------
 
 
-def check_env_groups(c) -> None:
-    """Validate ``--env-groups`` (pipelined acting, :mod:`jaxatari.rollout`) against
-    the flags it cannot be combined with; raises before anything compiles."""
-    g = c.env_groups
-    if g < 1 or c.num_envs % g:
-        raise ParallelError(f"--env-groups {g} is not accepted with --num-envs {c.num_envs}: it must be >= 1 and "
-                            "divide the number of envs.")
-    if g > 1:
-        check_in_graph_single_device(c, f"--env-groups {g}")
-
-
-def check_in_graph_single_device(c, flag: str) -> None:
-    """Refuse, naming them, what ``flag`` (a feature that steps EnvPool inside the
-    compiled program of one device: env groups, ``--overlap-learning``) cannot be
-    combined with: the callback env backend and every scale-out flag."""
-    if c.env_backend == "callback":
-        raise ParallelError(f"{flag} steps EnvPool inside the compiled program; it is not accepted with "
-                            "--env-backend callback (use auto or xla).")
-    bad = [name for name, on in (
-        (f"--num-agents {c.num_agents}", c.num_agents > 1), (f"--sweep {c.sweep}", bool(c.sweep)),
-        (f"--devices {c.devices}", (c.devices or 1) > 1), ("--sharded", c.sharded),
-        (f"--num-processes {c.num_processes}", c.num_processes not in (None, 1))) if on]
-    if bad:
-        raise ParallelError(f"{flag} runs on the single-device path; it is not accepted with {', '.join(bad)} "
-                            "(it refuses --devices > 1, --sharded, --num-agents/--sweep and several processes).")
-
-
 def setup(c) -> tuple[Any, int, bool]:
     """Initialise ``jax.distributed`` if asked, resolve ``--devices`` and the
     population. Returns ``(config, devices_per_process, scaled)``; ``scaled``
@@ -645,26 +618,13 @@ def setup(c) -> tuple[Any, int, bool]:
             raise ParallelError(f"--num-agents {c.num_agents} runs on one device of one process; "
                                 f"drop --devices {c.devices} (or run one population per device).")
         n = 1
-    elif single_device_flag(c) and c.devices is None:
-        n = 1  # pipelined acting / overlapped learning runs on one device: "all local devices" means 1 here
     else:
         n = resolve_devices(c.devices, c.num_envs if jax.process_count() == 1 else
                             c.num_envs // max(jax.process_count(), 1))
     c = dataclasses.replace(c, devices=n)
     c = dataclasses.replace(c, sharded=resume_sharded(c))
     scaled = n > 1 or c.sharded or c.num_agents > 1 or bool(c.sweep) or jax.process_count() > 1
-    if scaled and single_device_flag(c):
-        raise ParallelError(f"{single_device_flag(c)} runs on the single-device path, and this run would use "
-                            f"{n} device(s) x {jax.process_count()} process(es); add --devices 1 (one process).")
     return c, n, scaled
-
-
-def single_device_flag(c) -> str:
-    """The flag that keeps this run on the single-device path (``--env-groups G``,
-    ``--overlap-learning``), or ``''``."""
-    if getattr(c, "env_groups", 1) > 1:
-        return f"--env-groups {c.env_groups}"
-    return "--overlap-learning" if getattr(c, "overlap_learning", False) else ""
 
 
 def resume_sharded(c) -> bool:

@@ -144,17 +144,44 @@ def _refuse_repeated_flags(argv: Sequence[str]) -> None:
             seen.add(name)
 
 
+#: Flags taken out of the agents, each with the value that left it off (a stored config may still hold them).
+REMOVED_FLAGS = {"overlap_learning": False, "overlap_microbatches": 1, "env_groups": 1}
+REMOVED_WHERE = "README.md, Performance: Removed speed features"
+
+
+def _refuse_removed_flags(argv: Sequence[str]) -> None:
+    """A removed flag gets one sentence, not tyro's usage screen."""
+    for a in argv:
+        name = _flag_name(a)[2:].replace("-", "_") if a.startswith("--") else ""
+        if name in REMOVED_FLAGS:
+            raise ConfigError(f"{_flag_name(a)} was removed: it showed no gain on the CPU measured "
+                              f"({REMOVED_WHERE}); train without it.")
+
+
+def _refuse_removed_features(stored: dict[str, Any], run_dir: str) -> None:
+    """A run trained with a removed flag on cannot continue exactly without it."""
+    on = [f"--{k.replace('_', '-')}" + ("" if isinstance(off, bool) else f" {stored[k]}")
+          for k, off in REMOVED_FLAGS.items() if stored.get(k, off) != off]
+    if on:
+        was, it = ("were", "them") if len(on) > 1 else ("was", "it")
+        raise ConfigError(f"{run_dir} was trained with {' and '.join(on)}, which {was} removed ({REMOVED_WHERE}); "
+                          f"it cannot continue exactly without {it}.")
+
+
 def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = None, description: str | None = None):
     """Parse ``config_cls`` with tyro; ``--resume RUN_DIR`` starts from the stored config.
 
     On resume only the fields in ``resumable`` (and ``resume`` itself) may
     differ from the stored config; any other change is refused with a sentence
-    naming the flag, since it would change the learning problem.
+    naming the flag, since it would change the learning problem. A removed
+    flag (:data:`REMOVED_FLAGS`) is refused, and so is the resume of a run
+    trained with one.
     """
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not {"-h", "--help"} & set(argv):
+        _refuse_removed_flags(argv)
         _refuse_repeated_flags(argv)
     resume = _flag_value(argv, "--resume")
     if resume is None:
@@ -168,6 +195,7 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
         raise ConfigError(f"{resume} is agent {stored.get('agent', '?')} of the population {stored['population']}: a "
                           f"snapshot to evaluate or load, not a run; resume the population, --resume "
                           f"{stored['population']}.")
+    _refuse_removed_features(stored, resume)
     algo = getattr(sys.modules.get(config_cls.__module__), "ALGO", None)
     if algo and stored.get("algo", algo) != algo:
         raise ConfigError(f"{resume} is a {stored['algo']} run, not {algo}; resume it with "

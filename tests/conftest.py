@@ -1,6 +1,6 @@
 """Shared by the test modules: this directory is on ``sys.path`` (pytest puts a
 conftest's directory there), so tests in subdirectories can import helpers kept
-here, such as :mod:`hlo_order`.
+here, such as :mod:`_scale_worker`.
 
 One persistent XLA compilation cache per test session. Many tests start fresh
 processes (scripts, multi-device and multi-process workers) that compile the
@@ -37,7 +37,6 @@ if _CACHE_ENV not in os.environ:  # the controller (or a plain run) makes it; xd
 
 LONGEST_FIRST = (  # seconds summed over each file's tests with 2 workers on 2 cores (session 13)
     "tests/test_parallel.py",  # ~200
-    "tests/agents/test_ppo_overlap.py",  # ~145
     "tests/test_parallel_dqn.py",  # ~145
     "tests/agents/test_dqn.py",  # ~130
     "tests/test_benchmarks.py",  # ~120
@@ -45,7 +44,6 @@ LONGEST_FIRST = (  # seconds summed over each file's tests with 2 workers on 2 c
     "tests/agents/test_ppo.py",  # ~110
     "tests/agents/test_bc.py",  # ~80
     "tests/agents/test_ppo_cfc.py",  # ~80
-    "tests/test_env_groups.py",  # ~70
     "tests/agents/test_a2c.py",  # ~55
     "tests/test_atari_resume.py",  # ~55
 )

@@ -257,11 +257,12 @@ def test_settings_defaults_and_validation():
     assert quick.algo_timeout == throughput.QUICK_TIMEOUT and quick.algo_timeouts == throughput.QUICK_TIMEOUTS
     assert throughput.algo_spec("ppo-cfc", quick).overrides == {"network": "cfc", "num_steps": 8}
     assert throughput.algo_spec("ppo", quick).overrides == {"num_steps": 32}
-    assert throughput.algo_spec("ppo-ov8", quick).overrides == throughput.ALGORITHMS["ppo-ov8"].overrides
+    assert throughput.algo_spec("ppo-cfc-nature", quick).overrides == throughput.ALGORITHMS["ppo-cfc-nature"].overrides
     given = throughput.resolve(throughput.Args(quick=True, algo_timeout=5.0), cores=2)  # one timeout for every row
     assert given.algo_timeout == 5.0 and given.algo_timeouts == {}
     assert throughput.resolve(throughput.Args(), cores=16).algos == tuple(throughput.ALGORITHMS)
-    assert throughput.resolve(throughput.Args(quick=True, algos=("dqn-ov",)), cores=2).algos == ("dqn-ov",)
+    assert throughput.resolve(throughput.Args(quick=True, algos=("ppo-cfc-nature",)), cores=2).algos == (
+        "ppo-cfc-nature",)
     full = throughput.resolve(throughput.Args(), cores=16)
     assert full.threads == (16,) and full.algo_threads == 16 and full.algo_envs == (16,)
     assert full.algo_timeouts == {} and throughput.algo_spec("ppo-cfc", full).overrides == {"network": "cfc"}
@@ -438,9 +439,6 @@ def test_breakdown_bad_input_and_derived_figures(capsys):
     assert breakdown.main(["--algos", "ppo", "sac"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Unknown algorithm 'sac'" in err and "ppo-cfc" in err
-    assert breakdown.main(["--algos", "ppo", "ppo-ov8"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--algos ppo-ov8 is not accepted here" in err and "throughput.py --algos ppo ppo-ov8" in err
     assert breakdown.main(["--env", "Breakout-v4x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'Breakout-v4x'" in err and "Breakout-v5" in err
@@ -463,21 +461,17 @@ from benchmarks import dqn_throughput  # noqa: E402
 
 
 def test_dqn_throughput_rows_and_files(tmp_path):
-    """Python-loop baseline, compiled and --overlap rows on CartPole; an --overlap run
-    writes its own files, so the plain run's results are kept."""
+    """Python-loop baseline and compiled rows on CartPole, written to the machine's and env's files."""
     a = dqn_throughput.Args(env="CartPole-v1", num_envs=(2,), seconds=0.3, buffer_size=2_000, learning_starts=200,
-                            overlap=True, out_dir=str(tmp_path))
+                            out_dir=str(tmp_path))
     doc = dqn_throughput.measure(a, log=lambda *_: None)
-    assert [(r["kind"], r.get("num_envs")) for r in doc["rows"]] == [
-        ("python-loop", 1), ("compiled", 2), ("compiled, overlap", 2)]
+    assert [(r["kind"], r.get("num_envs")) for r in doc["rows"]] == [("python-loop", 1), ("compiled", 2)]
     for r in doc["rows"]:
         assert r["sps"] > 0 and r["updates_per_s"] > 0 and r["replay_ratio"] == doc["rows"][0]["replay_ratio"]
         assert r["speedup"] == pytest.approx(r["sps"] / doc["rows"][0]["sps"])
     js, md = dqn_throughput.write_results(doc, tmp_path)
-    assert js.name == f"dqn_throughput_{machine.kind(doc['machine'])}_cartpole_v1_overlap.json"
-    assert "| compiled, overlap | 2 |" in md.read_text() and json.loads(js.read_text())["rows"] == doc["rows"]
-    plain = dict(doc, rows=doc["rows"][:2])
-    assert dqn_throughput.write_results(plain, tmp_path)[0].name.endswith("_cartpole_v1.json")
+    assert js.name == f"dqn_throughput_{machine.kind(doc['machine'])}_cartpole_v1.json"
+    assert "| compiled | 2 |" in md.read_text() and json.loads(js.read_text())["rows"] == doc["rows"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -485,7 +479,7 @@ def test_dqn_throughput_rows_and_files(tmp_path):
     (["--num-envs", "8", "0"], "--num-envs 0 is not accepted: every env count must be >= 1."),
     (["--seconds", "0"], "--seconds 0.0 is not accepted: it must be > 0."),
     (["--dqn-preset", "fast"], "--dqn-preset 'fast' is not accepted; use one of nature, pong-fast, classic."),
-    (["--overlap", "--env", "CartPole-v1", "--gradient-steps", "0"], "--gradient-steps 0 is not accepted"),
+    (["--env", "CartPole-v1", "--gradient-steps", "0"], "--gradient-steps 0 is not accepted"),
 ])
 def test_dqn_throughput_refuses_bad_input_before_measuring(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(dqn_throughput, "measure", lambda *a, **k: pytest.fail("measured despite bad input"))

@@ -423,7 +423,7 @@ def test_structure_mismatch_is_a_clear_error(tmp_path, change, expected):
 @flax.struct.dataclass
 class NewerTrainState(TrainState):
     """TrainState with a field added since the checkpoint was written, None in this run
-    (like PPO's pending rollout, only set with --overlap-learning)."""
+    (or, read the other way, a field removed since that held None)."""
 
     pending: dict | None = None
 

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import importlib
 import json
 import re
 import shutil
@@ -606,3 +607,53 @@ def test_flags_given_twice_and_odd_resume_targets_are_refused(tmp_path):
     with pytest.raises(runner.ConfigError, match=r"holds a JSON list, not a jaxatari run config"):
         cli("--resume", str(other))
 
+
+
+@pytest.mark.parametrize("algo, argv, flag", [
+    ("ppo", ["--overlap-learning"], "--overlap-learning"),
+    ("ppo", ["--overlap-microbatches", "8"], "--overlap-microbatches"),
+    ("ppo", ["--env-groups", "2"], "--env-groups"),
+    ("a2c", ["--env_groups=2"], "--env-groups"),
+    ("dqn", ["--no-overlap-learning"], "--overlap-learning"),
+])
+def test_a_removed_flag_is_refused_in_one_sentence(monkeypatch, capsys, algo, argv, flag):
+    """The removed speed features: the script exits 2 with one sentence naming the flag and where the docs
+    say why, before anything is built or compiled."""
+    from jaxatari import cli
+
+    mod = importlib.import_module(f"jaxatari.agents.{algo}")
+    monkeypatch.setattr("sys.argv", [f"{algo}.py", "--env", "CartPole-v1", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli.main(mod.Config, lambda config: pytest.fail("trained despite a removed flag"), resumable=mod.RESUMABLE)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: {flag} was removed: it showed no gain on the CPU measured (README.md, "
+                                       "Performance: Removed speed features); train without it.\n")
+
+
+@pytest.mark.parametrize("stored, refused", [
+    (dict(overlap_learning=True), "--overlap-learning, which was"),
+    (dict(env_groups=2), "--env-groups 2, which was"),
+    (dict(overlap_learning=True, overlap_microbatches=8),
+     "--overlap-learning and --overlap-microbatches 8, which were"),
+    (dict(overlap_learning=False, overlap_microbatches=1, env_groups=1), None),  # written before, features off
+])
+def test_resuming_a_run_of_a_removed_flag(tmp_path, stored, refused):
+    """A run trained with a removed flag on cannot continue exactly: refused in one sentence. One written
+    before the removal with the flags off resumes (the old keys are ignored)."""
+    from jaxatari.agents import ppo
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")), "algo": "ppo",
+                                               **stored}))
+
+    def resume():
+        return runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d)])
+
+    if refused is None:
+        assert resume().resume == str(d)
+        return
+    with pytest.raises(runner.ConfigError) as e:
+        resume()
+    assert str(e.value) == (f"{d} was trained with {refused} removed (README.md, Performance: Removed speed "
+                            f"features); it cannot continue exactly without {'them' if 'and' in refused else 'it'}.")

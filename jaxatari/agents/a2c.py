@@ -93,11 +93,6 @@ class Config:
     """EnvPool worker threads (0: EnvPool's default)."""
     env_backend: str = "auto"
     """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
-    env_groups: int = 1
-    """Pipelined acting: split the envs into this many EnvPools and act for one while the others emulate
-    (1: one pool, stepped synchronously); each pool gets --num-threads workers. Pays where the
-    emulator's time is comparable to the policy's (GPU, many envs); samples with per-env keys, so a run differs
-    from --env-groups 1 (see README, Performance). Single device only."""
     chunk_steps: int | None = None
     """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C. Default: 50k; 10k for
     Atari on a CPU."""
@@ -170,7 +165,6 @@ def resolve(config: Config) -> Config:
         raise runner.ConfigError(f"--target {c.target!r} is not accepted; use nstep or gae.")
     if c.cfc_mode not in ("default", "no_gate", "pure"):
         raise runner.ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
-    parallel.check_env_groups(c)
     return c
 
 
@@ -470,7 +464,7 @@ def train(config: Config) -> runner.RunResult:
         return parallel.train(sys.modules[__name__], c, devices)
     env_options = envs.parse_env_options(c.env_option)
     env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, options=env_options,
-                          num_threads=c.num_threads, groups=c.env_groups)
+                          num_threads=c.num_threads)
     net_spec = network_spec(c, spec)
     net = ActorCritic(net_spec)
     stored = runner.load_run_config(c.resume) if c.resume else {}
@@ -496,8 +490,7 @@ def train(config: Config) -> runner.RunResult:
         ))
         print(f"A2C on {c.env} (preset {c.preset}: {spec.options}) | {c.num_envs} envs x {c.num_steps} steps | "
               f"{c.target} targets | network {net_spec.torso}{'+cfc' if net_spec.recurrent else ''} | "
-              f"env backend {backend}{envs.groups_note(c.env_groups)} | {jax.default_backend()} | "
-              f"run dir {run_dir}", flush=True)
+              f"env backend {backend} | {jax.default_backend()} | run dir {run_dir}", flush=True)
 
         eval_fn = None
         if c.eval_every:
@@ -522,8 +515,7 @@ def benchmark(env_id: str, num_envs: int, num_threads: int, seconds: float, **ov
     import time
 
     c = resolve(Config(env=env_id, num_envs=num_envs, num_threads=num_threads, total_timesteps=10**9, **overrides))
-    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads,
-                          groups=c.env_groups)
+    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads)
     net_spec = network_spec(c, spec)
     net = ActorCritic(net_spec)
     optimizer = make_optimizer(c, 10**6)

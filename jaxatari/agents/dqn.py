@@ -171,11 +171,6 @@ class Config:
     """EnvPool worker threads (0: EnvPool's default)."""
     env_backend: str = "auto"
     """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
-    overlap_learning: bool = False
-    """Take each iteration's gradient steps while the envs step (EnvPool's send, learn, recv), on the replay
-    buffer as it was before this iteration's transitions (they are stored at the start of the next iteration, so
-    learning starts one iteration later and the buffer_size metric excludes the B pending ones). Hides the
-    emulator behind the learner where they run on separate hardware (GPU); single device, xla env backend."""
     log_every: int = 1000
     """Env steps aggregated into one metrics row (rounded up to whole iterations of --num-envs steps)."""
     chunk_steps: int = 10_000
@@ -344,8 +339,6 @@ def resolve(config: Config) -> Config:
                     "but takes no gradient step.", c.total_timesteps, c.learning_starts)
     if c.buffer_size % c.num_envs:
         c = dataclasses.replace(c, buffer_size=-(-c.buffer_size // c.num_envs) * c.num_envs)
-    if c.overlap_learning:
-        parallel.check_in_graph_single_device(c, "--overlap-learning")
     return c
 
 
@@ -397,20 +390,6 @@ class State:
     buffer_iterations: jax.Array
     """Iterations since the buffer was (re)created (int32): learning starts
     once ``buffer_iterations * num_envs >= learning_starts``."""
-    pending: envs.Transition | None = None
-    """``--overlap-learning`` only: the last iteration's ``B`` transitions, stored
-    at the start of the next iteration (before its gradient steps); ``valid``
-    all False before the first step. ``None`` otherwise."""
-
-
-def empty_transition(obs: jax.Array, num_envs: int) -> envs.Transition:
-    """``B`` transitions that :func:`replay.add` skips (``valid`` all False):
-    the pending transitions of ``--overlap-learning`` before the first step.
-    Every leaf is its own array, so the result can be donated."""
-    no = lambda: jnp.zeros((num_envs,), jnp.bool_)  # noqa: E731
-    return envs.Transition(obs=jnp.zeros_like(obs), first=no(), valid=no(), action=jnp.zeros((num_envs,), jnp.int32),
-                           reward=jnp.zeros((num_envs,), jnp.float32), terminated=no(), truncated=no(),
-                           next_obs=jnp.zeros_like(obs))
 
 
 def make_optimizer(c: Config) -> optax.GradientTransformation:
@@ -440,7 +419,6 @@ def init(c: Config, spec: envs.EnvSpec, qnet: QNetwork, optimizer, obs: np.ndarr
             iteration=zero(),
             updates=zero(),
             buffer_iterations=zero(),
-            pending=empty_transition(obs, c.num_envs) if c.overlap_learning else None,
         )
 
     return jax.jit(build)(obs, key)  # every output leaf is its own buffer (the state is donated)
@@ -572,50 +550,33 @@ def train_due(c: Config, iteration: jax.Array, buffer_iterations: jax.Array) -> 
     return (buffer_iterations * c.num_envs >= c.learning_starts) & (iteration % c.train_period == 0)
 
 
-def learn_if_due(state: State, buffer: replay.BufferState, k_train: jax.Array, do_train: jax.Array, *, c: Config,
-                 qnet: QNetwork, optimizer, update_fn=update):
-    """The iteration's gradient steps on ``buffer`` if ``do_train`` (else nothing):
-    ``(params, opt_state, TrainSums)``."""
-    learn = functools.partial(update_fn, c=c, qnet=qnet, optimizer=optimizer, num_updates=c.updates_per_train)
-
-    def skip(params, target_params, opt_state, buffer, key):
-        return params, opt_state, TrainSums.zeros()
-
-    return jax.lax.cond(do_train, learn, skip, state.params, state.target_params, state.opt_state, buffer, k_train)
-
-
-def store(buffer: replay.BufferState, tr: envs.Transition) -> replay.BufferState:
-    """Adds the ``B`` transitions ``tr`` to the buffer (its ``valid=False`` ones skipped)."""
-    return replay.add(buffer, tr.obs, tr.action, tr.reward, tr.next_obs, tr.terminated, tr.truncated, tr.valid)
-
-
 def observe(state: State, env_state: envs.EnvState, tr: envs.Transition, key: jax.Array, k_train: jax.Array, *,
-            c: Config, qnet: QNetwork, optimizer, update_fn=update, do_train: jax.Array | None = None,
-            learned: tuple | None = None):
+            c: Config, qnet: QNetwork, optimizer, update_fn=update, do_train: jax.Array | None = None):
     """After the env step: store the ``B`` transitions, learn on training
     iterations (``update_fn``: :func:`update` or :func:`update_sharded`), sync
     the target. Returns ``(state, TrainSums)``. ``do_train``: the
     :func:`train_due` flag computed by the caller (a population passes it from
     outside its vmap, so that the ``lax.cond`` is not turned into a select that
-    runs the update on every iteration). ``learned``: the iteration's
-    :func:`learn_if_due` already taken (``--overlap-learning``): the transitions
-    are then kept as ``state.pending`` for the next iteration to store."""
+    runs the update on every iteration)."""
     B = c.num_envs
+    buffer = replay.add(state.replay, tr.obs, tr.action, tr.reward, tr.next_obs, tr.terminated,
+                        tr.truncated, tr.valid)
+
     it = state.iteration + 1
     buffer_it = state.buffer_iterations + 1
-    if learned is None:
-        buffer, pending = store(state.replay, tr), state.pending
-        do_train = train_due(c, it, buffer_it) if do_train is None else do_train
-        learned = learn_if_due(state, buffer, k_train, do_train, c=c, qnet=qnet, optimizer=optimizer,
-                               update_fn=update_fn)
-    else:
-        buffer, pending = state.replay, tr
-    params, opt_state, sums = learned
+    do_train = train_due(c, it, buffer_it) if do_train is None else do_train
+    learn = functools.partial(update_fn, c=c, qnet=qnet, optimizer=optimizer, num_updates=c.updates_per_train)
+
+    def skip(params, target_params, opt_state, buffer, key):
+        return params, opt_state, TrainSums.zeros()
+
+    params, opt_state, sums = jax.lax.cond(do_train, learn, skip, state.params, state.target_params,
+                                           state.opt_state, buffer, k_train)
     crossings = it * B // c.target_network_frequency - state.iteration * B // c.target_network_frequency
     target_params = target_update(state.target_params, params, crossings=crossings, tau=c.tau)
     state = state.replace(params=params, target_params=target_params, opt_state=opt_state, env=env_state,
                           replay=buffer, key=key, iteration=it, updates=state.updates + sums.count,
-                          buffer_iterations=buffer_it, pending=pending)
+                          buffer_iterations=buffer_it)
     return state, sums
 
 
@@ -627,33 +588,6 @@ def iteration(state: State, handle, *, c: Config, qnet: QNetwork, optimizer, ste
     handle, env_state, tr, outcome = envs.env_step(step_fn, handle, state.env, action)
     state, sums = observe(state, env_state, tr, key, k_train, c=c, qnet=qnet, optimizer=optimizer)
     return state, handle, (action, outcome, sums, epsilon)
-
-
-def iteration_overlapped(state: State, handle, *, c: Config, qnet: QNetwork, optimizer, step_fn: envs.GroupedStep,
-                         num_actions: int):
-    """:func:`iteration` with the learning between EnvPool's send and recv
-    (``--overlap-learning``): store the previous iteration's transitions
-    (``state.pending``), act, send the actions, take the gradient steps due
-    while the envs step, receive, and keep the new transitions pending. The
-    learner's counters and schedule are :func:`iteration`'s; its samples lag
-    the newest ``B`` transitions by one iteration.
-
-    Storing first keeps the buffer's data flow write-then-read inside an
-    iteration, so XLA updates it in place: learning on the buffer and then
-    inserting into it would make XLA copy the whole buffer every iteration."""
-    state = state.replace(replay=store(state.replay, state.pending))
-    action, key, k_train, epsilon = act(state, c=c, qnet=qnet, num_actions=num_actions)
-    h = step_fn.send[0](handle[0], action)
-    # Order: learn after the send (the cond's predicate depends on the handle it returns) and before the recv
-    # (its handle depends on the loss sum, the cond's output): data dependencies on small values, which XLA keeps
-    # when it schedules (an optimization barrier would not order them).
-    do_train = train_due(c, state.iteration + 1, state.buffer_iterations)
-    do_train = envs.after(h, do_train.astype(jnp.int32)) > 0
-    learned = learn_if_due(state, state.replay, k_train, do_train, c=c, qnet=qnet, optimizer=optimizer)
-    h, ts = step_fn.recv[0](envs.after(learned[2].loss, h))
-    _, env_state, tr, outcome = envs.env_step(lambda hh, a: (hh, ts), None, state.env, action)
-    state, sums = observe(state, env_state, tr, key, k_train, c=c, qnet=qnet, optimizer=optimizer, learned=learned)
-    return state, (h,), (action, outcome, sums, epsilon)
 
 
 def act_sharded(state: State, *, c: Config, qnet: QNetwork, num_actions: int, local_envs: int):
@@ -733,9 +667,8 @@ def make_chunk(c: Config, qnet: QNetwork, optimizer, step_fn, num_actions: int, 
     """A jitted ``chunk(state, handle) -> (state, handle, ChunkOutput)`` of
     ``rows_per_chunk`` metric rows of :attr:`Config.iterations_per_row`
     iterations each; ``state`` (with the buffer) is donated."""
-    overlapped = isinstance(step_fn, envs.GroupedStep)  # --overlap-learning: the step comes as send and recv
-    step = functools.partial(iteration_overlapped if overlapped else iteration, c=c, qnet=qnet, optimizer=optimizer,
-                             step_fn=step_fn, num_actions=num_actions)
+    step = functools.partial(iteration, c=c, qnet=qnet, optimizer=optimizer, step_fn=step_fn,
+                             num_actions=num_actions)
 
     def row(carry, _):
         def body(carry, _):
@@ -925,7 +858,7 @@ def train(config: Config) -> runner.RunResult:
     obs, _ = env.reset()
     make_state = functools.partial(init, c, spec, qnet, optimizer, obs, jax.random.PRNGKey(c.seed))
     # Before a resume replays the action log: a backend that cannot step these envs fails here, at once.
-    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend, split=c.overlap_learning)
+    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
 
     with Checkpointer(run_dir, keep=c.keep) as ckpt:
         start_chunk = 0
@@ -936,10 +869,8 @@ def train(config: Config) -> runner.RunResult:
             target = jax.eval_shape(make_state)  # no second buffer in memory
             restored = ckpt.restore_latest(runner.abstract(target if save_buffer else target.replace(replay=None)))
             state, meta = restored.state, dict(restored.meta or {})
-            if not save_buffer:  # refill from scratch (with --overlap-learning, nothing pending either)
-                state = state.replace(replay=create_buffer(c, spec), buffer_iterations=jnp.zeros((), jnp.int32),
-                                      pending=None if state.pending is None else
-                                      empty_transition(state.pending.obs, c.num_envs))
+            if not save_buffer:  # refill from scratch
+                state = state.replace(replay=create_buffer(c, spec), buffer_iterations=jnp.zeros((), jnp.int32))
             iterations = int(state.iteration)
             runner.check_unfinished(run_dir, iterations * c.num_envs, sched.total_steps)
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
@@ -958,8 +889,7 @@ def train(config: Config) -> runner.RunResult:
         print(f"DQN on {c.env} (preset {c.preset}: {spec.options}) | dqn-preset {c.dqn_preset} | "
               f"{c.num_envs} envs | network {net_spec.torso} | loss {c.loss}"
               f"{' | double Q' if c.double_q else ''}{f' | {c.n_step}-step' if c.n_step > 1 else ''} | "
-              f"env backend {backend}{' | learning overlaps env steps' if c.overlap_learning else ''} | "
-              f"{jax.default_backend()} | run dir {run_dir}", flush=True)
+              f"env backend {backend} | {jax.default_backend()} | run dir {run_dir}", flush=True)
         saved = "saved in checkpoints" if save_buffer else f"NOT saved in checkpoints ({_why_not_saved(c, nbytes)})"
         print(f"Replay buffer: {c.buffer_size:,} transitions, {nbytes / 2**20:,.1f} MiB on {jax.default_backend()}"
               f"{' (frame-deduplicated)' if frame_stack(spec) else ''}, {saved} | "
@@ -997,11 +927,6 @@ def resolve_devices(c: Config) -> tuple[int, bool]:
                                      "--num-envs is the global batch, split evenly over the processes.")
     stored_devices = parallel.stored_layout(runner.load_run_config(c.resume))[0] if c.resume else 0
     if c.resume and not stored_devices and c.devices is None and processes == 1:
-        return 1, False
-    if c.overlap_learning:  # single-device only: the default "all local devices" means 1 here
-        if processes > 1:
-            raise runner.ConfigError(f"--overlap-learning runs on the single-device path; this launch has "
-                                     f"{processes} processes (JAXATARI_NUM_PROCESSES / jax.distributed): run one.")
         return 1, False
     n = parallel.resolve_devices(c.devices, c.num_envs // processes)
     forced = c.sharded or processes > 1 or stored_devices > 0
@@ -1234,7 +1159,7 @@ def benchmark(env_id: str, num_envs: int, num_threads: int, seconds: float, **ov
     optimizer = make_optimizer(c)
     obs, _ = env.reset()
     state = init(c, spec, qnet, optimizer, obs, jax.random.PRNGKey(c.seed))
-    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend, split=c.overlap_learning)
+    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
     chunk = make_chunk(c, qnet, optimizer, step_fn, spec.num_actions, 1)
     t0 = time.perf_counter()
     compiled = chunk.lower(state, handle).compile()

@@ -9,12 +9,6 @@ a recurrent policy carries its state across rollouts, stores it at the start of
 each rollout for the update, resets it where an episode starts, and its
 minibatches split along envs so that sequences stay whole (truncated BPTT at the
 rollout length).
-
-``--overlap-learning`` (:func:`update_overlapped`) learns on the previous
-rollout while the envs emulate the next one: the same SGD steps
-(:func:`sgd_by_microbatches`, equal to :func:`learn`'s to float rounding),
-placed between EnvPool's send and recv, with the acting policy one update
-behind the learner.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +26,8 @@ from flax import struct
 
 from jaxatari import envs, parallel, runner
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry, resolve_network_spec
-from jaxatari.ops import PPOBatch, PPOLossInfo, gae, ppo_loss, standardize, weighted_loss
-from jaxatari.rollout import bootstrap_value, rollout, rollout_population, rollout_with_work
+from jaxatari.ops import PPOBatch, gae, ppo_loss, weighted_loss
+from jaxatari.rollout import bootstrap_value, rollout, rollout_population
 
 ALGO = "ppo"
 
@@ -98,23 +92,6 @@ class Config:
     """EnvPool worker threads (0: EnvPool's default)."""
     env_backend: str = "auto"
     """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
-    env_groups: int = 1
-    """Pipelined acting: split the envs into this many EnvPools and act for one while the others emulate
-    (1: one pool, stepped synchronously); each pool gets --num-threads workers. Pays where the
-    emulator's time is comparable to the policy's (GPU, many envs); samples with per-env keys, so a run differs
-    from --env-groups 1 (see README, Performance). Single device only."""
-    overlap_learning: bool = False
-    """Learn on the previous rollout while the envs emulate the next one: the update's SGD steps run between
-    EnvPool's send and recv, spread over the rollout's env steps, so the policy acting lags the learner by one
-    update (the PPO ratio is taken against the policy that acted, as always). Pays where the emulator's and the
-    learner's time do not share the same cores (GPU). Needs --num-steps divisible by
-    --update-epochs x --num-minibatches; single device only (see README, Performance)."""
-    overlap_microbatches: int = 1
-    """With --overlap-learning: split each minibatch's gradient into this many micro-batches, taken at K evenly
-    spaced env steps (accumulated, then one optimizer step, a conditional after every K-th: the same update to
-    float rounding), to spread the learner more evenly; K = the env steps per SGD step puts one at every env step.
-    Must divide the env steps per SGD step (--num-steps / (--update-epochs x --num-minibatches)) and, with
-    --network cfc, the envs per minibatch."""
     chunk_steps: int | None = None
     """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C. Default: 50k; 10k for
     Atari on a CPU."""
@@ -200,36 +177,7 @@ def resolve(config: Config) -> Config:
         )
     if c.cfc_mode not in ("default", "no_gate", "pure"):
         raise runner.ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
-    parallel.check_env_groups(c)
-    check_overlap(c)
     return c
-
-
-def check_overlap(c: Config) -> None:
-    """Validate ``--overlap-learning`` and ``--overlap-microbatches``; raises before anything compiles."""
-    k = c.overlap_microbatches
-    if not c.overlap_learning:
-        if k != 1:
-            raise runner.ConfigError(f"--overlap-microbatches {k} is only accepted with --overlap-learning.")
-        return
-    parallel.check_in_graph_single_device(c, "--overlap-learning")
-    sgd_steps = c.update_epochs * c.num_minibatches
-    if c.num_steps % sgd_steps:
-        raise runner.ConfigError(
-            f"--overlap-learning spreads the --update-epochs x --num-minibatches = {c.update_epochs} x "
-            f"{c.num_minibatches} = {sgd_steps} SGD steps over the rollout's env steps: --num-steps {c.num_steps} "
-            f"must be a multiple of {sgd_steps}.")
-    per_step = c.num_steps // sgd_steps
-    if k < 1 or per_step % k:
-        raise runner.ConfigError(f"--overlap-microbatches {k} is not accepted: it must be >= 1 and divide the env "
-                                 f"steps per SGD step (--num-steps / {sgd_steps} = {per_step}).")
-    # A feed-forward minibatch (num_envs x update_epochs x per_step samples) then splits evenly; a recurrent one
-    # splits along envs.
-    if c.network == "cfc" and (c.num_envs // c.num_minibatches) % k:
-        raise runner.ConfigError(
-            f"--overlap-microbatches {k} is not accepted with --network cfc here: a recurrent minibatch splits "
-            f"along envs, and the envs per minibatch (--num-envs / --num-minibatches = "
-            f"{c.num_envs // c.num_minibatches}) must be divisible by it.")
 
 
 def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
@@ -258,18 +206,12 @@ class State:
     carry: Any  # recurrent state per env, () when feed-forward
     key: jax.Array
     update: jax.Array  # updates done so far (int32)
-    pending: PPOBatch | None = None
-    """``--overlap-learning`` only: the last rollout, ready to learn on (``[T, B]``,
-    ``extras = (first, carry at its start)``), learned on during the next one."""
-    has_pending: jax.Array | None = None
-    """``--overlap-learning`` only: False until the first rollout is pending."""
 
 
 def make_optimizer(c: Config, num_updates: int) -> optax.GradientTransformation:
     """Global-norm clipping, then Adam (``--adam-eps``), its learning rate
     annealed linearly to 0 over ``num_updates`` updates' SGD steps if ``--anneal-lr``."""
-    # With --overlap-learning the first update has nothing to learn on: one update fewer takes SGD steps.
-    steps = max(num_updates - _lag(c), 1) * c.update_epochs * c.num_minibatches
+    steps = num_updates * c.update_epochs * c.num_minibatches
     lr = optax.linear_schedule(c.learning_rate, 0.0, steps) if c.anneal_lr else c.learning_rate
     return optax.chain(optax.clip_by_global_norm(c.max_grad_norm), optax.adam(lr, eps=c.adam_eps))
 
@@ -280,7 +222,6 @@ def init(c: Config, spec: envs.EnvSpec, net_spec: NetworkSpec, optimizer, obs: n
     the zero recurrent state for ``B`` envs, update counter 0."""
     k_params, k_train = jax.random.split(key)
     _, params = init_actor_critic(net_spec, k_params, spec.obs_shape, spec.obs_dtype)
-    overlap = c.overlap_learning
     return State(
         params=params,
         opt_state=optimizer.init(params),
@@ -288,18 +229,7 @@ def init(c: Config, spec: envs.EnvSpec, net_spec: NetworkSpec, optimizer, obs: n
         carry=initial_carry(net_spec, c.num_envs),
         key=k_train,
         update=jnp.zeros((), jnp.int32),
-        pending=empty_batch(c, spec, net_spec) if overlap else None,
-        has_pending=jnp.zeros((), bool) if overlap else None,
     )
-
-
-def empty_batch(c: Config, spec: envs.EnvSpec, net_spec: NetworkSpec) -> PPOBatch:
-    """An all-masked ``[T, B]`` :class:`PPOBatch` shaped like a rollout's (each leaf its own array)."""
-    T, B = c.num_steps, c.num_envs
-    f32 = lambda: jnp.zeros((T, B), jnp.float32)  # noqa: E731
-    return PPOBatch(obs=jnp.zeros((T, B, *spec.obs_shape), spec.obs_dtype), actions=jnp.zeros((T, B), jnp.int32),
-                    log_probs=f32(), values=f32(), advantages=f32(), returns=f32(), mask=jnp.zeros((T, B), bool),
-                    extras=(jnp.zeros((T, B), bool), initial_carry(net_spec, B)))
 
 
 # ---------------------------------------------------------------------------
@@ -344,13 +274,6 @@ def _minibatches(batch: PPOBatch, key, num_minibatches: int, recurrent: bool) ->
     N = flat.actions.shape[0]
     perm = jax.random.permutation(key, N)
     return jax.tree.map(lambda x: x[perm].reshape(num_minibatches, N // num_minibatches, *x.shape[1:]), flat)
-
-
-def make_loss_fn(c: Config, net: ActorCritic, recurrent: bool, *, normalize_advantages: bool):
-    """``loss_fn(params, batch) -> (loss, PPOLossInfo)``: :func:`ppo_loss` with this config."""
-    return functools.partial(ppo_loss, apply_fn=make_apply(net, recurrent), clip_eps=c.clip_coef,
-                             vf_coef=c.vf_coef, ent_coef=c.ent_coef, clip_value=c.clip_vloss,
-                             normalize_advantages=normalize_advantages)
 
 
 def _tree_finite(tree) -> jax.Array:
@@ -412,10 +335,15 @@ def learn(state: State, traj, ep, env_state, carry, key, k_sgd, *, c: Config, ne
     """
     carry0 = state.carry
     sharded = env_index is not None
-    batch = rollout_batch(net.apply, state.params, traj, carry0, carry, env_state, c)
-    ret = batch.returns
+    last_value = bootstrap_value(net.apply, state.params, carry, env_state)
+    adv, ret = gae(traj.rewards, traj.values, traj.dones, last_value,
+                   gamma=c.gamma, gae_lambda=c.gae_lambda, truncations=traj.truncated)
+    batch = PPOBatch(obs=traj.obs, actions=traj.actions, log_probs=traj.log_probs, values=traj.values,
+                     advantages=adv, returns=ret, mask=traj.valid, extras=(traj.first, carry0))
 
-    loss_fn = make_loss_fn(c, net, recurrent, normalize_advantages=c.norm_adv and not sharded)
+    loss_fn = functools.partial(ppo_loss, apply_fn=make_apply(net, recurrent), clip_eps=c.clip_coef,
+                                vf_coef=c.vf_coef, ent_coef=c.ent_coef, clip_value=c.clip_vloss,
+                                normalize_advantages=c.norm_adv and not sharded)
     if sharded:
         local_loss = weighted_loss(loss_fn)
 
@@ -449,209 +377,34 @@ def learn(state: State, traj, ep, env_state, carry, key, k_sgd, *, c: Config, ne
     (params, opt_state), (loss, info, gnorm) = jax.lax.scan(
         epoch, (state.params, state.opt_state), jax.random.split(k_sgd, c.update_epochs))
 
+    mask = traj.valid.astype(jnp.float32)
     if sharded:
-        mask = traj.valid.astype(jnp.float32)
         var_y = parallel.psum_masked_var(ret, traj.valid)
         explained_var = 1.0 - parallel.psum_masked_var(ret - traj.values, traj.valid) / jnp.maximum(var_y, 1e-8)
         ep = jax.lax.psum(ep, parallel.AXIS)
-        stats = dict(return_mean100=parallel.global_window_mean(env_state.stats), explained_variance=explained_var,
-                     value_mean=parallel.psum_masked_mean(traj.values, mask),
-                     return_target_mean=parallel.psum_masked_mean(ret, mask))
+        return_mean100 = parallel.global_window_mean(env_state.stats)
+        value_mean = parallel.psum_masked_mean(traj.values, mask)
+        return_target_mean = parallel.psum_masked_mean(ret, mask)
     else:
-        stats = batch_stats(batch, env_state)
+        var_y = jnp.var(ret, where=traj.valid)
+        explained_var = 1.0 - jnp.var(ret - traj.values, where=traj.valid) / jnp.maximum(var_y, 1e-8)
+        return_mean100 = envs.window_mean(env_state.stats)
+        value_mean = (traj.values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        return_target_mean = (ret * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     new_state = state.replace(params=params, opt_state=opt_state, env=env_state, carry=carry,
                               key=key, update=state.update + 1)
-    return new_state, _metrics(c, new_state, ep, stats, loss.mean(), jax.tree.map(jnp.mean, info), gnorm.mean())
-
-
-def rollout_batch(policy_fn, params, traj, carry0, carry, env_state: envs.EnvState, c: Config) -> PPOBatch:
-    """The ``[T, B]`` :class:`PPOBatch` of a rollout: GAE with the bootstrap value
-    of ``params`` (the policy that acted), ``extras = (first, carry0)``."""
-    last_value = bootstrap_value(policy_fn, params, carry, env_state)
-    adv, ret = gae(traj.rewards, traj.values, traj.dones, last_value,
-                   gamma=c.gamma, gae_lambda=c.gae_lambda, truncations=traj.truncated)
-    return PPOBatch(obs=traj.obs, actions=traj.actions, log_probs=traj.log_probs, values=traj.values,
-                    advantages=adv, returns=ret, mask=traj.valid, extras=(traj.first, carry0))
-
-
-def batch_stats(batch: PPOBatch, env_state: envs.EnvState) -> dict[str, jax.Array]:
-    """Value-fit diagnostics of a rollout's batch and the 100-episode return window."""
-    ret, values, valid = batch.returns, batch.values, batch.mask
-    mask = valid.astype(jnp.float32)
-    var_y = jnp.var(ret, where=valid)
-    return dict(
-        return_mean100=envs.window_mean(env_state.stats),
-        explained_variance=1.0 - jnp.var(ret - values, where=valid) / jnp.maximum(var_y, 1e-8),
-        value_mean=(values * mask).sum() / jnp.maximum(mask.sum(), 1.0),
-        return_target_mean=(ret * mask).sum() / jnp.maximum(mask.sum(), 1.0),
-    )
-
-
-def _metrics(c: Config, state: State, ep, stats, loss, info, gnorm) -> dict[str, jax.Array]:
-    """One update's metric row (``loss``, ``info``, ``gnorm``: means over its SGD steps)."""
-    return dict(
-        update=state.update,
-        env_steps=state.update * (c.num_envs * c.num_steps),
+    metrics = dict(
+        update=new_state.update,
+        env_steps=new_state.update * (c.num_envs * c.num_steps),
         episode_return_sum=ep.return_sum, episode_length_sum=ep.length_sum, episode_count=ep.count,
-        finite=jnp.isfinite(loss) & _tree_finite(state.params),
-        loss=loss, policy_loss=info.policy_loss, value_loss=info.value_loss,
-        entropy=info.entropy, approx_kl=info.approx_kl, clip_fraction=info.clip_fraction,
-        grad_norm=gnorm, **stats,
+        return_mean100=return_mean100,
+        finite=jnp.isfinite(loss).all() & _tree_finite(params),
+        loss=loss.mean(), policy_loss=info.policy_loss.mean(), value_loss=info.value_loss.mean(),
+        entropy=info.entropy.mean(), approx_kl=info.approx_kl.mean(), clip_fraction=info.clip_fraction.mean(),
+        grad_norm=gnorm.mean(), explained_variance=explained_var,
+        value_mean=value_mean, return_target_mean=return_target_mean,
     )
-
-
-# ---------------------------------------------------------------------------
-# Overlapped learning (--overlap-learning)
-# ---------------------------------------------------------------------------
-
-
-class SGDPlan(NamedTuple):
-    """Which samples each micro-batch of each SGD step of one batch takes, drawn
-    up front so that the SGD steps can run one micro-batch at a time.
-
-    ``E`` epochs, ``M`` minibatches, ``K`` micro-batches of ``u`` units each
-    (samples; envs if recurrent). The draws are :func:`learn`'s: epoch ``e``
-    permutes with ``split(key, E)[e]``, minibatch ``m`` takes block ``m``.
-    """
-
-    batch: PPOBatch
-    """The batch: flat ``[N, ...]`` (feed-forward) or ``[T, B, ...]`` (recurrent)."""
-    index: jax.Array
-    """``[E, M, K, u]`` units of each micro-batch."""
-    advantages: jax.Array
-    """``[E, M, K, u]`` (recurrent ``[E, M, K, T, u]``): advantages, normalised per minibatch if ``norm_adv``."""
-    weight: jax.Array
-    """``[E, M, K]``: valid samples in the micro-batch over those in its minibatch."""
-
-
-def sgd_plan(batch: PPOBatch, key: jax.Array, *, epochs: int, minibatches: int, microbatches: int,
-             recurrent: bool, norm_adv: bool) -> SGDPlan:
-    """Draw the :class:`SGDPlan` of a ``[T, B]`` batch (see :func:`micro_batch`)."""
-    E, M, K = epochs, minibatches, microbatches
-    if recurrent:
-        data = batch
-        units = batch.actions.shape[1]
-    else:
-        data = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch._replace(extras=None))
-        units = data.actions.shape[0]
-    perms = jax.vmap(lambda k: jax.random.permutation(k, units))(jax.random.split(key, E))
-    index = perms.reshape(E, M, K, units // (M * K))
-    if recurrent:  # [T, E, M, K, u] -> [E, M, K, T, u]; a minibatch is axes (K, T, u)
-        adv, mask = (jnp.moveaxis(x[:, index], 0, 3) for x in (batch.advantages, batch.mask))
-        axes = (2, 3, 4)
-    else:
-        adv, mask = data.advantages[index], data.mask[index]
-        axes = (2, 3)
-    mask = mask.astype(jnp.float32)
-    n_minibatch = jnp.maximum(mask.sum(axis=axes, keepdims=True), 1.0)
-    if norm_adv:  # as ppo_loss normalises each minibatch
-        adv = standardize(adv, lambda v: jnp.where(mask != 0, v * mask, 0.0).sum(axis=axes, keepdims=True) / n_minibatch)
-    weight = mask.sum(axis=axes[1:]) / n_minibatch.reshape(E, M, 1)
-    return SGDPlan(batch=data, index=index, advantages=adv, weight=weight)
-
-
-def micro_batch(plan: SGDPlan, j: jax.Array, i: jax.Array, *, minibatches: int) -> tuple[PPOBatch, jax.Array]:
-    """Micro-batch ``i`` of SGD step ``j`` (epoch ``j // M``, minibatch ``j % M``)
-    and its weight: the minibatch's loss (masked means) is the weighted sum of
-    its micro-batches' losses, and so is its gradient."""
-    e, m = j // minibatches, j % minibatches
-    idx = plan.index[e, m, i]
-    adv = plan.advantages[e, m, i]
-    if plan.batch.extras is None:  # feed-forward: flat samples
-        mb = jax.tree.map(lambda x: x[idx], plan.batch)
-    else:
-        first, carry0 = plan.batch.extras
-        mb = jax.tree.map(lambda x: x[:, idx], plan.batch._replace(extras=None))
-        mb = mb._replace(extras=(first[:, idx], jax.tree.map(lambda x: x[idx], carry0)))
-    return mb._replace(advantages=adv), plan.weight[e, m, i]
-
-
-class Learner(NamedTuple):
-    """The learner's carry through the micro-steps of one update."""
-
-    params: Any
-    opt_state: Any
-    grads: Any
-    """Gradient accumulated over the current SGD step's micro-batches."""
-    loss: jax.Array
-    info: Any
-    gnorm: jax.Array
-    """Sums over the SGD steps done (the update's metrics are their means)."""
-
-
-def learner_init(params, opt_state) -> Learner:
-    z = jnp.zeros((), jnp.float32)
-    return Learner(params=params, opt_state=opt_state, grads=jax.tree.map(jnp.zeros_like, params), loss=z,
-                   info=PPOLossInfo(z, z, z, z, z), gnorm=z)
-
-
-def learner_step(w: Learner, n: jax.Array, *, plan: SGDPlan, c: Config, net: ActorCritic, optimizer,
-                 recurrent: bool) -> Learner:
-    """Micro-step ``n`` (``0 .. E*M*K - 1``): accumulate micro-batch ``n % K`` of SGD
-    step ``n // K``, then, after its last micro-batch, the optimizer step (with
-    ``K > 1`` a ``lax.cond``; ``K = 1`` has no conditional)."""
-    K = c.overlap_microbatches
-    loss_fn = weighted_loss(make_loss_fn(c, net, recurrent, normalize_advantages=False))  # normalised in the plan
-    mb, weight = micro_batch(plan, n // K, n % K, minibatches=c.num_minibatches)
-    (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(w.params, mb, weight)
-    w = w._replace(grads=jax.tree.map(jnp.add, w.grads, g), loss=w.loss + loss,
-                   info=jax.tree.map(jnp.add, w.info, info))
-
-    def apply(w: Learner) -> Learner:
-        updates, opt_state = optimizer.update(w.grads, w.opt_state, w.params)
-        return w._replace(params=optax.apply_updates(w.params, updates), opt_state=opt_state,
-                          grads=jax.tree.map(jnp.zeros_like, w.grads), gnorm=w.gnorm + optax.tree.norm(w.grads))
-
-    if K == 1:
-        return apply(w)
-    return jax.lax.cond(n % K == K - 1, apply, lambda w: w, w)
-
-
-def sgd_by_microbatches(params, opt_state, batch: PPOBatch, key: jax.Array, *, c: Config, net: ActorCritic,
-                        optimizer, recurrent: bool) -> Learner:
-    """What the overlapped learner computes for one batch, without envs: the
-    ``E*M*K`` micro-steps of :func:`learner_step` in a row. Equals :func:`learn`'s
-    epochs of SGD to float rounding (tested)."""
-    step = learner_for(batch, key, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
-    n = c.update_epochs * c.num_minibatches * c.overlap_microbatches
-    w, _ = jax.lax.scan(lambda w, i: (step(w, i), None), learner_init(params, opt_state),
-                        jnp.arange(n, dtype=jnp.int32))
-    return w
-
-
-def learner_for(batch: PPOBatch, key: jax.Array, *, c: Config, net: ActorCritic, optimizer, recurrent: bool):
-    """``step(learner, n) -> learner``: :func:`learner_step` on the :class:`SGDPlan` of ``batch`` drawn with ``key``."""
-    plan = sgd_plan(batch, key, epochs=c.update_epochs, minibatches=c.num_minibatches,
-                    microbatches=c.overlap_microbatches, recurrent=recurrent, norm_adv=c.norm_adv)
-    return functools.partial(learner_step, plan=plan, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
-
-
-def update_overlapped(state: State, handle, *, c: Config, net: ActorCritic, optimizer, step_fn: envs.GroupedStep,
-                      recurrent: bool):
-    """One ``--overlap-learning`` iteration: collect a rollout with ``state.params``
-    while learning on ``state.pending`` (the previous rollout) between EnvPool's
-    send and recv, one micro-step every ``num_steps / (E*M*K)`` env steps; the
-    new rollout becomes pending. Returns :func:`update`'s tuple. Its metric row
-    mixes two rollouts: the SGD metrics (loss, KL, clip fraction, grad norm) are
-    the pending batch's (zeros on the first update, which has nothing to learn
-    on); episodes, returns and the value-fit columns (explained variance, value
-    and target means) are the new rollout's."""
-    key, k_roll, k_sgd = jax.random.split(state.key, 3)
-    micro_steps = c.update_epochs * c.num_minibatches * c.overlap_microbatches
-    work = learner_for(state.pending, k_sgd, c=c, net=net, optimizer=optimizer, recurrent=recurrent)
-    handle, env_state, carry, traj, ep, w = rollout_with_work(
-        net.apply, state.params, state.carry, state.env, handle, step_fn, k_roll, c.num_steps,
-        work, learner_init(state.params, state.opt_state), every=c.num_steps // micro_steps)
-    batch = rollout_batch(net.apply, state.params, traj, state.carry, carry, env_state, c)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(state.has_pending, a, b), new, old)  # noqa: E731
-    sgd_steps = c.update_epochs * c.num_minibatches
-    new_state = state.replace(params=keep(w.params, state.params), opt_state=keep(w.opt_state, state.opt_state),
-                              env=env_state, carry=carry, key=key, update=state.update + 1, pending=batch,
-                              has_pending=jnp.ones((), bool))
-    mean = lambda x: jnp.where(state.has_pending, x / sgd_steps, 0.0)  # noqa: E731
-    metrics = _metrics(c, new_state, ep, batch_stats(batch, env_state), mean(w.loss), jax.tree.map(mean, w.info),
-                       mean(w.gnorm))
-    return new_state, handle, metrics, traj.actions
+    return new_state, metrics
 
 
 def update_population(state: State, handle, *, c: Config, net: ActorCritic, step_fn, recurrent: bool,
@@ -681,24 +434,17 @@ METRIC_COLUMNS = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "
                   "grad_norm", "explained_variance", "value_mean", "return_target_mean", "learning_rate")
 
 
-
-def _lag(c: Config) -> int:
-    """Updates the learner is behind the acting policy: 1 with ``--overlap-learning``."""
-    return 1 if getattr(c, "overlap_learning", False) else 0
-
-
 def _chunk_of_updates(upd, c: Config, updates_per_chunk: int, num_updates: int):
     """``chunk(state, handle)``: a ``lax.scan`` of ``updates_per_chunk`` calls of
     ``upd(state, handle) -> (state, handle, metrics, actions [T, B])``, logging the
     learning rate each update used; shared by :func:`make_chunk` and
     :func:`make_chunk_sharded`."""
-    lag = _lag(c)  # the overlapped learner is one update behind
 
     def chunk(state: State, handle):
         def body(carry, _):
             s, h = carry
             s, h, m, a = upd(s, h)
-            frac = 1.0 - jnp.maximum(s.update - 1 - lag, 0) / max(num_updates - lag, 1)
+            frac = 1.0 - (s.update - 1) / num_updates
             m["learning_rate"] = c.learning_rate * (frac if c.anneal_lr else 1.0)
             return (s, h), (m, a)
 
@@ -711,10 +457,8 @@ def _chunk_of_updates(upd, c: Config, updates_per_chunk: int, num_updates: int):
 
 def make_chunk(c: Config, net: ActorCritic, optimizer, step_fn, recurrent: bool, updates_per_chunk: int, num_updates: int):
     """A jitted ``chunk(state, handle) -> (state, handle, ChunkOutput)`` of
-    ``updates_per_chunk`` updates; ``state`` is donated. With ``--overlap-learning``
-    the updates are :func:`update_overlapped` (``step_fn`` split: send and recv)."""
-    upd = functools.partial(update_overlapped if c.overlap_learning else update, c=c, net=net, optimizer=optimizer,
-                            step_fn=step_fn, recurrent=recurrent)
+    ``updates_per_chunk`` updates; ``state`` is donated."""
+    upd = functools.partial(update, c=c, net=net, optimizer=optimizer, step_fn=step_fn, recurrent=recurrent)
     chunk = _chunk_of_updates(upd, c, updates_per_chunk, num_updates)
     return jax.jit(chunk, donate_argnames=("state",))
 
@@ -766,15 +510,6 @@ def make_chunk_population(c: Config, net: ActorCritic, step_fn, recurrent: bool,
 # ---------------------------------------------------------------------------
 
 
-def overlap_note(c: Config) -> str:
-    """The run header's words for ``--overlap-learning`` ('' without it)."""
-    if not c.overlap_learning:
-        return ""
-    k = c.overlap_microbatches
-    return (f" | learning overlaps env steps ({k} micro-batch{'es' if k > 1 else ''} per SGD step, "
-            "policy one update behind)")
-
-
 def train(config: Config) -> runner.RunResult:
     """Train PPO as configured; returns the final :class:`jaxatari.runner.RunResult`."""
     from jaxatari.checkpoint import Checkpointer
@@ -785,7 +520,7 @@ def train(config: Config) -> runner.RunResult:
         return parallel.train(sys.modules[__name__], c, devices)
     env_options = envs.parse_env_options(c.env_option)
     env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, options=env_options,
-                          num_threads=c.num_threads, groups=c.env_groups)
+                          num_threads=c.num_threads)
     net_spec = network_spec(c, spec)
     net = ActorCritic(net_spec)
     stored = runner.load_run_config(c.resume) if c.resume else {}
@@ -798,7 +533,7 @@ def train(config: Config) -> runner.RunResult:
     obs, _ = env.reset()
     state = init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))
     # Before a resume replays the action log: a backend that cannot step these envs fails here, at once.
-    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend, split=c.overlap_learning)
+    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
 
     with Checkpointer(run_dir, keep=c.keep) as ckpt:
         start_chunk, meta = 0, {}
@@ -811,8 +546,7 @@ def train(config: Config) -> runner.RunResult:
         ))
         print(f"PPO on {c.env} (preset {c.preset}: {spec.options}) | {c.num_envs} envs x {c.num_steps} steps | "
               f"network {net_spec.torso}{'+cfc' if net_spec.recurrent else ''} | "
-              f"env backend {backend}{envs.groups_note(c.env_groups)}{overlap_note(c)} | "
-              f"{jax.default_backend()} | run dir {run_dir}", flush=True)
+              f"env backend {backend} | {jax.default_backend()} | run dir {run_dir}", flush=True)
 
         eval_fn = None
         if c.eval_every:
@@ -837,14 +571,13 @@ def benchmark(env_id: str, num_envs: int, num_threads: int, seconds: float, **ov
     import time
 
     c = resolve(Config(env=env_id, num_envs=num_envs, num_threads=num_threads, total_timesteps=10**9, **overrides))
-    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads,
-                          groups=c.env_groups)
+    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads)
     net_spec = network_spec(c, spec)
     net = ActorCritic(net_spec)
     optimizer = make_optimizer(c, 10**6)
     obs, _ = env.reset()
     state = init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))
-    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend, split=c.overlap_learning)
+    handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
     chunk = make_chunk(c, net, optimizer, step_fn, net_spec.recurrent, 1, 10**6)
     t0 = time.perf_counter()
     compiled = chunk.lower(state, handle).compile()

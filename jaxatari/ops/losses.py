@@ -58,7 +58,7 @@ def weighted_loss(loss_fn: Callable) -> Callable:
     masked-mean ``loss_fn(params, batch) -> (loss, info)``. With ``weight`` = the
     batch's valid samples over those of a larger batch it is made from, the
     weighted losses (and their gradients) sum to the larger batch's: the shards
-    of a data-parallel step, the micro-batches of a minibatch."""
+    of a data-parallel step."""
     def fn(params, batch, weight):
         loss, info = loss_fn(params, batch)
         return loss * weight, jax.tree.map(lambda x: x * weight, info)

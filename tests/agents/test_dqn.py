@@ -110,13 +110,6 @@ def test_replay_ratio_is_kept_for_any_env_count(num_envs, freq, grad_steps, peri
     (dict(optimizer_eps=-1.0), r"--optimizer-eps -1.0 is not accepted: it must be > 0\."),
     (dict(exploration_fraction=0.0), r"--exploration-fraction 0.0 is not accepted: it must be in \(0, 1\]\."),
     (dict(exploration_steps=0), r"--exploration-steps 0 is not accepted: it must be an integer >= 1\."),
-    (dict(overlap_learning=True, env_backend="callback"), r"--overlap-learning .* --env-backend callback"),
-    (dict(overlap_learning=True, num_agents=2), r"--overlap-learning runs on the single-device path.* --num-agents 2 "),
-    (dict(overlap_learning=True, devices=2), r"single-device path; it is not accepted with --devices 2 "),
-    (dict(overlap_learning=True, sharded=True), r"single-device path; it is not accepted with --sharded "),
-    (dict(overlap_learning=True, sweep="learning_rate=1e-4,2e-4"), r"single-device path.* --sweep learning_rate="),
-    (dict(overlap_learning=True, num_processes=2, coordinator="localhost:1234"),
-     r"single-device path.* --num-processes 2 "),
 ])
 def test_bad_config_names_the_value(kw, match):
     with pytest.raises(runner.ConfigError, match=match):
@@ -160,19 +153,18 @@ def _chunk_parts(c, qnet=None):
     opt = dqn.make_optimizer(c)
     obs, _ = env.reset()
     state = dqn.init(c, spec, qnet, opt, obs, jax.random.PRNGKey(0))
-    handle, step_fn, _ = envs.make_step_fn(env, spec, split=c.overlap_learning)
+    handle, step_fn, _ = envs.make_step_fn(env, spec)
     return env, spec, qnet, opt, state, handle, step_fn
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_the_chunk_updates_the_buffer_in_place(overlap):
-    """No copy of the replay frames in the optimized program, with or without
-    --overlap-learning (learning on the buffer before inserting into it made XLA
+def test_the_chunk_updates_the_buffer_in_place():
+    """No copy of the replay frames in the optimized program: the buffer is
+    updated in place (learning on a buffer before inserting into it makes XLA
     copy the whole buffer every iteration)."""
     import re
 
     c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=2, buffer_size=512, learning_starts=1, batch_size=8,
-                               mlp_hidden=(8,), total_timesteps=10_000, log_every=8, overlap_learning=overlap))
+                               mlp_hidden=(8,), total_timesteps=10_000, log_every=8))
     env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c)
     chunk = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=1)
     hlo = chunk.lower(state, handle).compile().as_text()
@@ -184,30 +176,12 @@ def test_the_chunk_updates_the_buffer_in_place(overlap):
     assert not copies, f"{len(copies)} copies of the replay frames {shape} per iteration"
 
 
-def test_overlapped_learning_runs_between_send_and_recv():
-    """In the optimized, scheduled program the learning conditional sits after
-    EnvPool's send and before its recv (with optimization barriers alone, XLA
-    scheduled it before the send: no overlap at all)."""
-    from hlo_order import env_step_orders
-
-    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=2, buffer_size=512, learning_starts=1, batch_size=8,
-                               mlp_hidden=(8,), total_timesteps=10_000, log_every=8, overlap_learning=True))
-    env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c)
-    hlo = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=1).lower(state, handle)
-    hlo = hlo.compile().as_text()
-    env.close()
-    assert env_step_orders(hlo, lambda line: " conditional(" in line) == [["S0", "W", "R0"]]
-
-
-@pytest.mark.parametrize("overlap", [False, True])
-def test_chunk_compiles_once_and_keeps_the_replay_ratio(overlap):
-    # 3 envs, one update per 2 env steps: 3 updates every 2 iterations, from env step 30 on. With
-    # --overlap-learning an iteration learns on the buffer before its own 3 transitions (one iteration later).
+def test_chunk_compiles_once_and_keeps_the_replay_ratio():
+    # 3 envs, one update per 2 env steps: 3 updates every 2 iterations, from env step 30 on.
     c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=3, train_frequency=2, learning_starts=30,
                                buffer_size=300, batch_size=16, log_every=12, target_network_frequency=7,
-                               mlp_hidden=(16,), total_timesteps=10_000, overlap_learning=overlap))
+                               mlp_hidden=(16,), total_timesteps=10_000))
     env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c)
-    assert isinstance(step_fn, envs.GroupedStep) == overlap
     chunk = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=2)
     chex.clear_trace_counter()
     traced = chex.assert_max_traces(chunk.__wrapped__, n=1)
@@ -221,8 +195,7 @@ def test_chunk_compiles_once_and_keeps_the_replay_ratio(overlap):
         assert out.actions.shape == (2 * c.iterations_per_row, 3) and out.actions.dtype == jnp.uint8
     iters = 3 * 2 * c.iterations_per_row  # 3 chunks of 2 rows of 4 iterations
     assert int(state.iteration) == iters
-    stored = (lambda it: it - 1) if overlap else (lambda it: it)  # iterations in the buffer it learns on
-    expected = 3 * sum(1 for it in range(1, iters + 1) if stored(it) * 3 >= 30 and it % 2 == 0)
+    expected = 3 * sum(1 for it in range(1, iters + 1) if it * 3 >= 30 and it % 2 == 0)
     assert int(state.updates) == expected
     m = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     np.testing.assert_array_equal(m["env_steps"], np.arange(1, 7) * c.steps_per_row)
@@ -294,14 +267,13 @@ def test_the_buffer_holds_what_the_envs_returned(env_id, option, qnet, epsilon):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--overlap-learning"], ["--sharded"]])
+@pytest.mark.parametrize("extra", [[], ["--sharded"]])
 def test_cartpole_learns(tmp_path, capsys, extra):
-    """The plain, the overlapped and the data-parallel (``--sharded``, on one device) paths each learn (what
-    the script trains with these flags, in this process)."""
+    """The plain and the data-parallel (``--sharded``, on one device) paths each learn (what the script
+    trains with these flags, in this process)."""
     d = tmp_path / "run"
     _train(["--env", "CartPole-v1", "--target-return", "400", "--run-dir", str(d), "--no-tensorboard", *extra])
     out = capsys.readouterr().out
-    assert ("learning overlaps env steps" in out) == ("--overlap-learning" in extra)
     assert json.loads((d / "config.json").read_text())["sharded"] == ("--sharded" in extra)
     assert "Target return 400.0 reached" in out
     rows = read_csv(d / "metrics.csv")
@@ -361,7 +333,7 @@ RESUME_RUN = ["--env", "CartPole-v1", "--num-envs", "2", "--buffer-size", "1000"
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """The default (not overlapped) resume-test run in one go: the reference of both resume tests."""
+    """The resume-test run in one go: the resume test's reference, and a trained DQN run to load."""
     d = tmp_path_factory.mktemp("dqn_full") / "full"
     _train(RESUME_RUN + ["--total-timesteps", "1200", "--run-dir", str(d)])
     return d
@@ -407,35 +379,3 @@ def test_sampling_a_q_network_is_refused(tmp_path, full_run):
     r = run_script("scripts/evaluate.py", "--run-dir", str(full_run), "--mode", "sample", "--episodes", "1", timeout=300)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert "--mode sample is not accepted for a DQN run" in r.stderr and "use epsilon or greedy" in r.stderr
-
-
-@pytest.mark.slow
-def test_overlapped_learning_resumes_exactly_and_differs_from_the_default(tmp_path, full_run):
-    """--overlap-learning: half a run resumed equals the whole run; the run is
-    not the default one (its gradient steps see the buffer one iteration later)."""
-    common, full, part, plain = RESUME_RUN, tmp_path / "full", tmp_path / "part", full_run
-    _train(common + ["--overlap-learning", "--total-timesteps", "1200", "--run-dir", str(full)])
-    _train(common + ["--overlap-learning", "--total-timesteps", "600", "--run-dir", str(part)])
-    assert _train(["--resume", str(part), "--total-timesteps", "1200"]).global_step == 1200
-    assert _rows(part / "metrics.csv") == _rows(full / "metrics.csv")
-    assert json.loads((part / "config.json").read_text())["overlap_learning"] is True
-    got, want = _rows(full / "metrics.csv"), _rows(plain / "metrics.csv")
-    assert [r["global_step"] for r in got] == [r["global_step"] for r in want]
-    assert [r["loss"] for r in got] != [r["loss"] for r in want]
-
-    # Without the buffer in the checkpoint it refills from scratch, pending transitions included.
-    nobuf = tmp_path / "nobuf"
-    _train(common + ["--overlap-learning", "--total-timesteps", "600", "--run-dir", str(nobuf),
-                     "--no-checkpoint-buffer"])
-    assert _train(["--resume", str(nobuf), "--total-timesteps", "1200"]).global_step == 1200
-    rows = read_csv(nobuf / "metrics.csv")
-    assert float(rows[3]["buffer_size"]) < 200 and rows[3]["loss"] in ("", "nan")
-    assert rows[-1]["loss"] not in ("", "nan")
-
-
-def test_overlapped_learning_refuses_several_processes(monkeypatch):
-    """Several processes given through the environment (not --num-processes) are refused too."""
-    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=4, overlap_learning=True))
-    monkeypatch.setattr(dqn.jax, "process_count", lambda: 2)
-    with pytest.raises(runner.ConfigError, match=r"--overlap-learning .* 2 processes"):
-        dqn.resolve_devices(c)

@@ -147,6 +147,26 @@ def test_default_relative_run_dir_checkpoints_resumes_and_loads(tmp_path, monkey
     assert load_policy(relative).meta["step"] == 512
 
 
+def test_a_run_from_before_the_speed_features_were_removed(tmp_path):
+    """A config.json that still holds the removed flags, off, resumes (the keys are ignored); with one on, the
+    resume is refused (it cannot continue exactly) and load_policy still loads the policy."""
+    from jaxatari.checkpoint import load_policy
+
+    def cli(*argv):
+        return runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv))
+
+    d, path = tmp_path / "run", tmp_path / "run" / "config.json"
+    ppo.train(cli("--env", "CartPole-v1", "--num-envs", "2", "--num-steps", "8", "--chunk-steps", "16",
+                  "--total-timesteps", "16", "--no-tensorboard", "--run-dir", str(d)))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "overlap_learning": False, "overlap_microbatches": 1,
+                                "env_groups": 1}))
+    assert ppo.train(cli("--resume", str(d), "--total-timesteps", "32")).global_step == 32
+    path.write_text(json.dumps({**json.loads(path.read_text()), "env_groups": 2}))
+    with pytest.raises(runner.ConfigError, match=r"was trained with --env-groups 2, which was removed"):
+        cli("--resume", str(d), "--total-timesteps", "48")
+    assert load_policy(d).meta["step"] == 32
+
+
 def test_readme_research_loop_runs_and_learns(capsys):
     """The README's "PPO's update in your own loop" block, executed as written."""
     import re
