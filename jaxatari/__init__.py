@@ -8,10 +8,11 @@ The public API, for research code::
     policy = ja.load_policy("runs/Breakout-v5__ppo__1__...")
 
 Algorithms live in :mod:`jaxatari.agents` (``ppo``, ``a2c``, ``dqn``, ``bc``);
-the replay buffer is :mod:`jaxatari.replay`; expert datasets :mod:`jaxatari.data`.
+the replay buffer is :mod:`jaxatari.replay`; expert datasets :mod:`jaxatari.data`; the errors a
+user sees :mod:`jaxatari.errors`.
 """
 
-from jaxatari import data, replay
+from jaxatari import data, errors, replay
 from jaxatari.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, LoadedPolicy, load_policy
 from jaxatari.envs import (
     ATARI_PRESETS,
@@ -46,6 +47,7 @@ __all__ = [
     "data",
     "episode_stats_init",
     "episode_stats_update",
+    "errors",
     "evaluate",
     "gae",
     "load_policy",

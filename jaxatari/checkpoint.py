@@ -75,6 +75,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath  # orbax's path type (a dependency of orbax)
 
+from jaxatari.errors import CheckpointError, CheckpointSaveError
+
 __all__ = ["Checkpointer", "CheckpointError", "LoadedPolicy", "Restored", "load_policy", "restore_policy"]
 
 log = logging.getLogger(__name__)
@@ -103,15 +105,6 @@ class _Writing:
     def __exit__(self, *exc):
         global _writing
         _writing -= 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be saved or restored; the message says why."""
-
-
-class CheckpointSaveError(CheckpointError):
-    """Writing a checkpoint failed (a full disk, a lost mount): not the user's
-    input, so the scripts exit 1 for it rather than 2."""
 
 
 class _NoneReadable(CheckpointError):

@@ -8,32 +8,34 @@ import signal
 import sys
 from typing import Callable, Sequence
 
+from jaxatari.errors import (
+    AlreadyComplete, CheckpointError, CheckpointSaveError, ConfigError, EnvError, NonFiniteError,
+)
+
 
 def main(config_cls, train: Callable, *, resumable: Sequence[str], description: str | None = None) -> None:
     """Parse ``config_cls`` (tyro; ``--resume`` aware), call ``train``, exit cleanly.
 
-    Bad input (:class:`~jaxatari.runner.ConfigError`, :class:`~jaxatari.envs.EnvError`,
-    :class:`~jaxatari.checkpoint.CheckpointError`) prints one sentence and exits 2;
-    a failed checkpoint write (:class:`~jaxatari.checkpoint.CheckpointSaveError`)
+    Bad input (:mod:`jaxatari.errors`: ``ConfigError``, ``EnvError``, ``CheckpointError``,
+    ``NonFiniteError``) prints one sentence and exits 2; a failed checkpoint write
+    (``CheckpointSaveError``)
     prints one sentence and exits 1;
     an interrupted run exits 130 (SIGINT) or 143 (SIGTERM) after saving; a
     ``--resume`` of a run that is already complete says so and exits 0.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from jaxatari import envs, runner
-
-    from jaxatari.checkpoint import CheckpointError, CheckpointSaveError
+    from jaxatari import runner  # after the environment above, which JAX reads at import
     try:
         config = runner.cli(config_cls, resumable=resumable, description=description)
         result = train(config)
-    except runner.AlreadyComplete as e:
+    except AlreadyComplete as e:
         print(e, flush=True)
         sys.exit(0)
     except CheckpointSaveError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (runner.ConfigError, envs.EnvError, CheckpointError, runner.NonFiniteError) as e:
+    except (ConfigError, EnvError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

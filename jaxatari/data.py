@@ -52,7 +52,7 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from jaxatari.runner import ConfigError
+from jaxatari.errors import ConfigError, DataError
 
 __all__ = [
     "Batch", "CollectConfig", "CollectResult", "DataError", "SequenceDataset", "collect", "list_shards",
@@ -65,10 +65,6 @@ SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 FORMAT = "ncps-atari-cloning"
 FORMAT_VERSION = 1
-
-
-class DataError(ConfigError):
-    """A dataset directory or shard is missing or malformed; the message names it."""
 
 
 # ---------------------------------------------------------------------------

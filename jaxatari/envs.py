@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxatari.errors import EnvError
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------
@@ -76,10 +78,6 @@ _RESERVED_OPTIONS = (
     "num_envs", "batch_size", "seed", "env_seed", "base_path", "task", "num_threads",
     "max_num_players", "thread_affinity_offset", "gym_reset_return_info",
 )
-
-
-class EnvError(ValueError):
-    """Bad environment id or option, raised before anything is compiled."""
 
 
 @functools.lru_cache(maxsize=None)

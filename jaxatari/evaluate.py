@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxatari import envs
+from jaxatari.errors import EvalError
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,6 @@ DEFAULT_MAX_NUM_ENVS = 8
 
 PolicyFn = Callable[..., tuple]
 """``policy_fn(params, carry, obs [T, B, ...], first [T, B]) -> (carry, logits_or_q [T, B, A], ...)``."""
-
-
-class EvalError(ValueError):
-    """Bad evaluation argument or policy output, raised before anything is compiled."""
 
 
 # ---------------------------------------------------------------------------

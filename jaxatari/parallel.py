@@ -68,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxatari import envs, runner
+from jaxatari.errors import ConfigError, ParallelError
 from jaxatari.ops import standardize
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,6 @@ AXIS = "d"
 ENV_COORDINATOR = "JAXATARI_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXATARI_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXATARI_PROCESS_ID"
-
-
-class ParallelError(runner.ConfigError):
-    """Bad scale-out configuration, raised before anything is compiled."""
 
 
 # ---------------------------------------------------------------------------
@@ -565,7 +562,7 @@ def parse_sweep(sweep: str | None, num_agents: int, sweepable: Sequence[str],
     for v in values:
         try:
             runner.check_ranges(types.SimpleNamespace(**{name: v}), {name: ranges[name]})
-        except runner.ConfigError as e:
+        except ConfigError as e:
             raise ParallelError(f"--sweep {name}={vals}: {e}") from None
     if num_agents == 1:
         num_agents = len(values)
@@ -715,7 +712,7 @@ def train(mod, c, devices_per_process: int) -> runner.RunResult:
             done_updates = env_steps(state) // c.batch_size
             runner.check_unfinished(run_dir, env_steps(state), sched.total_steps)
             if done_updates % sched.updates_per_chunk:
-                raise runner.ConfigError(f"Checkpoint at update {done_updates} is not on a chunk boundary.")
+                raise ConfigError(f"Checkpoint at update {done_updates} is not on a chunk boundary.")
             start_chunk = done_updates // sched.updates_per_chunk
             if not runner.restore_env(group, run_dir, done_updates * c.num_steps, env_obs(state), total_B,
                                       logged_processes=stored_layout(stored)[1], process_index=jax.process_index(),

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxatari.errors import AlreadyComplete, ConfigError, NonFiniteError
+
 log = logging.getLogger("jaxatari")
 
 #: Columns every metrics.csv starts with; algorithm metrics follow.
@@ -50,15 +52,6 @@ BASE_COLUMNS = (
 )
 #: Columns whose values depend on wall-clock time (excluded from determinism checks).
 WALL_CLOCK_COLUMNS = ("wall_time", "sps")
-
-
-class ConfigError(ValueError):
-    """Bad configuration, raised before anything is compiled."""
-
-
-class AlreadyComplete(Exception):
-    """``--resume`` of a run whose checkpoint already covers the requested
-    steps (or epochs): nothing to train. The CLI prints it and exits 0."""
 
 
 # ---------------------------------------------------------------------------
@@ -804,10 +797,6 @@ class Signals:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 def _wait_keeping_the_error(checkpointer, *, replace: bool) -> None:

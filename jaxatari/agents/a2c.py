@@ -31,6 +31,7 @@ import optax
 from flax import struct
 
 from jaxatari import envs, parallel, runner
+from jaxatari.errors import ConfigError
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry, resolve_network_spec
 from jaxatari.ops import A2CBatch, a2c_loss, gae, masked_mean, n_step_returns, weighted_loss
 from jaxatari.rollout import Trajectory, bootstrap_value, rollout, rollout_population
@@ -162,9 +163,9 @@ def resolve(config: Config) -> Config:
         c = dataclasses.replace(c, chunk_steps=runner.default_chunk_steps(envs.is_atari(c.env)))
     runner.check_ranges(c, RANGES)
     if c.target not in TARGETS:
-        raise runner.ConfigError(f"--target {c.target!r} is not accepted; use nstep or gae.")
+        raise ConfigError(f"--target {c.target!r} is not accepted; use nstep or gae.")
     if c.cfc_mode not in ("default", "no_gate", "pure"):
-        raise runner.ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
+        raise ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
     return c
 
 
@@ -176,7 +177,7 @@ def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
         return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari,
                                     torso=c.torso, cfc=cfc)
     except ValueError as e:
-        raise runner.ConfigError(str(e)) from None
+        raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------

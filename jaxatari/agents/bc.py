@@ -44,6 +44,7 @@ import optax
 from flax import struct
 
 from jaxatari import data, envs, runner
+from jaxatari.errors import ConfigError, NonFiniteError
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry
 
 ALGO = "bc"
@@ -119,15 +120,15 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
                              "scripts/collect.py (or the ncps layout: train_<i>.npz and val_<i>.npz).")
     if c.env is None:
         if manifest is None or "env" not in manifest:
-            raise runner.ConfigError(f"--env is needed: {c.data} has no manifest.json naming its game (the ncps "
-                                     "layout); pass the game the data come from, e.g. --env Breakout-v5.")
+            raise ConfigError(f"--env is needed: {c.data} has no manifest.json naming its game (the ncps "
+                              "layout); pass the game the data come from, e.g. --env Breakout-v5.")
         c = dataclasses.replace(c, env=manifest["env"])
     elif manifest is not None and manifest.get("env") not in (None, c.env):
-        raise runner.ConfigError(f"--env {c.env} differs from the game of the dataset in {c.data} "
-                                 f"({manifest['env']}); leave --env out or pass --env {manifest['env']}.")
+        raise ConfigError(f"--env {c.env} differs from the game of the dataset in {c.data} "
+                          f"({manifest['env']}); leave --env out or pass --env {manifest['env']}.")
     envs.validate_env_id(c.env)
     if not envs.is_atari(c.env):
-        raise runner.ConfigError(f"--env {c.env}: behaviour cloning takes Atari games (pixel sequences).")
+        raise ConfigError(f"--env {c.env}: behaviour cloning takes Atari games (pixel sequences).")
     preset = c.preset or (manifest or {}).get("preset")
     dataset_game = c.preset in (None, (manifest or {}).get("preset"))
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, preset))
@@ -141,7 +142,7 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
         c = dataclasses.replace(c, env_option=tuple(extra) + tuple(c.env_option))
 
     def bad(flag, value, what):
-        raise runner.ConfigError(f"--{flag} {value!r} is not accepted: {what}.")
+        raise ConfigError(f"--{flag} {value!r} is not accepted: {what}.")
 
     for name in ("epochs", "batch_size", "cfc_units"):
         if getattr(c, name) < 1:
@@ -368,8 +369,8 @@ def train(config: Config) -> Result:
                              f"under preset {c.preset} gives {list(spec.obs_shape)}; pass the matching --preset "
                              "or --env-option (e.g. img_height=..).")
     if len(train_ds) < c.batch_size:
-        raise runner.ConfigError(f"The train split of {c.data} has {len(train_ds)} sequences, fewer than "
-                                 f"--batch-size {c.batch_size}; collect more episodes or lower --batch-size.")
+        raise ConfigError(f"The train split of {c.data} has {len(train_ds)} sequences, fewer than "
+                          f"--batch-size {c.batch_size}; collect more episodes or lower --batch-size.")
     net_spec = network_spec(c, spec.num_actions)
     net = ActorCritic(net_spec)
     optimizer = make_optimizer(c)
@@ -455,7 +456,7 @@ def train(config: Config) -> Result:
                     train_loss = float(state.loss_sum / jnp.maximum(state.count, 1.0))
                     train_acc = float(state.correct_sum / jnp.maximum(state.count, 1.0))
                     if not (math.isfinite(train_loss) and _finite(state.params)):
-                        raise runner.NonFiniteError(
+                        raise NonFiniteError(
                             f"Non-finite training loss or parameters in epoch {epoch + 1}; training stopped. The "
                             f"last good checkpoint in {run_dir / 'checkpoints'} is still the latest; lower "
                             "--learning-rate or check the data.")

@@ -82,6 +82,7 @@ import optax
 from flax import struct
 
 from jaxatari import envs, parallel, replay, runner
+from jaxatari.errors import ConfigError
 from jaxatari.networks import NetworkSpec, QNetwork, resolve_network_spec
 from jaxatari.ops.td import LOSSES, dqn_loss
 from jaxatari.rollout import episode_metrics
@@ -307,7 +308,7 @@ def resolve(config: Config) -> Config:
     atari = envs.is_atari(config.env)
     preset = config.dqn_preset or ("nature" if atari else "classic")
     if preset not in DQN_PRESETS:
-        raise runner.ConfigError(f"--dqn-preset {preset!r} is not accepted; use one of {', '.join(DQN_PRESETS)}.")
+        raise ConfigError(f"--dqn-preset {preset!r} is not accepted; use one of {', '.join(DQN_PRESETS)}.")
     fill = dict(ATARI_DEFAULTS if atari else CLASSIC_DEFAULTS, **DQN_PRESETS[preset])
     fill = {k: v for k, v in fill.items() if getattr(config, k) is None}
     if config.exploration_fraction is not None and config.exploration_steps is None:
@@ -319,17 +320,17 @@ def resolve(config: Config) -> Config:
 
     runner.check_ranges(c, RANGES)
     if not c.mlp_hidden or min(c.mlp_hidden) < 1:
-        raise runner.ConfigError(f"--mlp-hidden {' '.join(map(str, c.mlp_hidden)) or '(empty)'} is not accepted: "
-                                 "it needs one or more layer widths, each >= 1.")
+        raise ConfigError(f"--mlp-hidden {' '.join(map(str, c.mlp_hidden)) or '(empty)'} is not accepted: "
+                          "it needs one or more layer widths, each >= 1.")
     if c.loss not in LOSSES:
-        raise runner.ConfigError(f"--loss {c.loss!r} is not accepted; use one of {', '.join(LOSSES)}.")
+        raise ConfigError(f"--loss {c.loss!r} is not accepted; use one of {', '.join(LOSSES)}.")
     if c.optimizer not in OPTIMIZERS:
-        raise runner.ConfigError(f"--optimizer {c.optimizer!r} is not accepted; use one of {', '.join(OPTIMIZERS)}.")
+        raise ConfigError(f"--optimizer {c.optimizer!r} is not accepted; use one of {', '.join(OPTIMIZERS)}.")
     if c.network not in NETWORKS:
-        raise runner.ConfigError(f"--network {c.network!r} is not accepted for DQN; use one of {', '.join(NETWORKS)} "
+        raise ConfigError(f"--network {c.network!r} is not accepted for DQN; use one of {', '.join(NETWORKS)} "
                      "(recurrent cores are for the actor-critic agents).")
     if c.mlp_activation not in ("relu", "tanh"):
-        raise runner.ConfigError(f"--mlp-activation {c.mlp_activation!r} is not accepted; use relu or tanh.")
+        raise ConfigError(f"--mlp-activation {c.mlp_activation!r} is not accepted; use relu or tanh.")
     if c.optimizer_eps is None:
         c = dataclasses.replace(c, optimizer_eps=1e-8 if c.optimizer == "adam" else 0.01)
     if c.exploration_steps is None:
@@ -348,7 +349,7 @@ def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
     try:
         return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari, torso_kwargs=kw)
     except ValueError as e:
-        raise runner.ConfigError(str(e)) from None
+        raise ConfigError(str(e)) from None
 
 
 def frame_stack(spec: envs.EnvSpec) -> int | None:
@@ -874,7 +875,7 @@ def train(config: Config) -> runner.RunResult:
             iterations = int(state.iteration)
             runner.check_unfinished(run_dir, iterations * c.num_envs, sched.total_steps)
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
-                raise runner.ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
+                raise ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
             start_chunk = iterations // (c.iterations_per_row * sched.updates_per_chunk)
             exact = runner.restore_env(env, run_dir, iterations, np.asarray(state.env.obs), c.num_envs)
             if not exact:
@@ -998,7 +999,7 @@ def train_sharded(c: Config) -> runner.RunResult:
             iterations = int(parallel.fetch(state.iteration))
             runner.check_unfinished(run_dir, iterations * c.num_envs, sched.total_steps)
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
-                raise runner.ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
+                raise ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
             start_chunk = iterations // (c.iterations_per_row * sched.updates_per_chunk)
             exact = runner.restore_env(senv.group, run_dir, iterations, parallel.fetch(state.env.obs), c.num_envs,
                                        logged_processes=old_processes, process_index=jax.process_index(),
@@ -1094,7 +1095,7 @@ def train_population(c: Config) -> runner.RunResult:
             iterations = int(np.asarray(state.iteration)[0])
             runner.check_unfinished(run_dir, iterations * c.num_envs, sched.total_steps)
             if iterations % (c.iterations_per_row * sched.updates_per_chunk):
-                raise runner.ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
+                raise ConfigError(f"Checkpoint at iteration {iterations} is not on a chunk boundary.")
             start_chunk = iterations // (c.iterations_per_row * sched.updates_per_chunk)
             exact = runner.restore_env(env, run_dir, iterations, np.asarray(state.env.obs).reshape(
                 total_B, *spec.obs_shape), total_B)

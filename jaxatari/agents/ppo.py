@@ -25,6 +25,7 @@ import optax
 from flax import struct
 
 from jaxatari import envs, parallel, runner
+from jaxatari.errors import ConfigError
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry, resolve_network_spec
 from jaxatari.ops import PPOBatch, gae, ppo_loss, weighted_loss
 from jaxatari.rollout import bootstrap_value, rollout, rollout_population
@@ -166,17 +167,17 @@ def resolve(config: Config) -> Config:
     runner.check_ranges(c, RANGES)
     if c.network == "cfc":
         if c.num_envs % c.num_minibatches:
-            raise runner.ConfigError(
+            raise ConfigError(
                 f"--num-envs {c.num_envs} is not divisible by --num-minibatches {c.num_minibatches}; "
                 "a recurrent policy splits minibatches along envs."
             )
     elif c.batch_size % c.num_minibatches:
-        raise runner.ConfigError(
+        raise ConfigError(
             f"The batch --num-envs x --num-steps = {c.num_envs} x {c.num_steps} = {c.batch_size} is not "
             f"divisible by --num-minibatches {c.num_minibatches}."
         )
     if c.cfc_mode not in ("default", "no_gate", "pure"):
-        raise runner.ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
+        raise ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
     return c
 
 
@@ -188,7 +189,7 @@ def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
         return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari,
                                     torso=c.torso, cfc=cfc)
     except ValueError as e:
-        raise runner.ConfigError(str(e)) from None
+        raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------
