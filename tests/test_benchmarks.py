@@ -486,3 +486,23 @@ def test_dqn_throughput_refuses_bad_input_before_measuring(argv, message, capsys
     assert dqn_throughput.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- cpu learner
+
+from benchmarks import cpu_learner  # noqa: E402
+
+
+def test_cpu_learner_flops_and_table():
+    # Nature CNN as im2col matmuls (M x K x N per sample): conv1 400x256x32, conv2 81x512x64, conv3 49x576x64,
+    # dense 1x3136x512; forward + backward = 3 forwards of 2 flops per multiply-add.
+    per_sample = 400 * 256 * 32 + 81 * 512 * 64 + 49 * 576 * 64 + 3136 * 512
+    assert cpu_learner.nature_flops(2) == 3 * 2 * 2 * per_sample
+    doc = {"tag": "", "machine_summary": "fake", "settings": {"steps": 4, "repeats": 3},
+           "dots": [{"shape": "1x1x1", "float32_gflops": 200.0, "bfloat16_gflops": 400.0},
+                    {"shape": "2x2x2", "float32_gflops": 100.0, "bfloat16_gflops": 300.0}],
+           "torsos": [{"torso": "nature", "batch": 256, "ms_per_step": 140.0, "samples_per_s": 1828.6, "gflops": 50.0},
+                      {"torso": "convblock", "batch": 256, "ms_per_step": 2047.0, "samples_per_s": 125.1}]}
+    md = cpu_learner.to_markdown(doc)
+    assert "| nature | 256 | 140 | 1,829 | 50 | 25% |" in md  # against the best float32 dot, 200
+    assert "| convblock | 256 | 2047 | 125 | - | - |" in md and "| 1x1x1 | 200 | 400 |" in md

@@ -23,6 +23,27 @@ def ortho(gain: float = SQRT2):
     return nn.initializers.orthogonal(gain)
 
 
+def im2col_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Any) -> jax.Array:
+    """``[N, H, W, C]`` -> ``[N, OH, OW, kh * kw * C]``: every kernel window, features ordered
+    (kh, kw, C), gathered by ``kh * kw`` strided slices of the padded input.
+
+    XLA:CPU differentiates slices and a concatenation into pads and adds that run at memory speed;
+    ``lax.conv_general_dilated_patches`` (an identity convolution) and its transpose in the
+    backward pass made the Nature CNN's gradient step 2.8x slower
+    (``benchmarks/results/cpu_learner_cpu-2core.md``).
+    """
+    kh, kw = kernel_size
+    sh, sw = strides
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel_size, strides, padding)
+    (pt, pb), (pl, pr) = padding
+    if pt or pb or pl or pr:
+        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    windows = [x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(windows, axis=-1)
+
+
 class Conv(nn.Module):
     """2-D convolution, NHWC, with ``nn.Conv``'s parameters (``kernel [kh, kw, C, F]``,
     ``bias [F]``), so checkpoints move freely between backends.
@@ -58,10 +79,8 @@ class Conv(nn.Module):
             y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
         elif impl == "im2col":
-            patches = jax.lax.conv_general_dilated_patches(
-                x, (kh, kw), self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            # Patch features are ordered (C, kh, kw).
-            y = patches @ jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c * kh * kw, self.features)
+            # Patch features are ordered (kh, kw, C), the kernel's own layout: no transpose of either operand.
+            y = im2col_patches(x, (kh, kw), self.strides, self.padding) @ kernel.reshape(kh * kw * c, self.features)
         else:
             raise ValueError(f"Conv impl={self.impl!r} is not accepted; use auto, xla or im2col.")
         return y + bias
