@@ -72,14 +72,16 @@ def test_q_network():
     assert q.apply(params, jnp.zeros((7, 4, 84, 84), jnp.uint8)).shape == (7, 6)
 
 
-@pytest.mark.parametrize("padding,stride", [("VALID", 4), ("SAME", 1), (((2, 2), (2, 2)), 2)])
-def test_conv_im2col_matches_xla_and_flax(padding, stride):
+@pytest.mark.parametrize("padding,stride,k", [
+    ("VALID", 4, 5), ("SAME", 1, 5), (((2, 2), (2, 2)), 2, 5),  # windows by slices
+    ("VALID", 4, 8), ("VALID", 2, 4), ("SAME", 2, 4), (((1, 2), (0, 1)), 2, 4),  # folded space-to-depth first
+])
+def test_conv_im2col_matches_xla_and_flax(padding, stride, k):
     import flax.linen as nn
 
     from jaxatari.networks.torsos import Conv
 
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 21, 21, 3))
-    k = 5
     a = Conv(4, (k, k), (stride, stride), padding=padding, impl="im2col")
     params = a.init(jax.random.PRNGKey(1), x)
     y_im2col = a.apply(params, x)
