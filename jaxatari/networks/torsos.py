@@ -29,7 +29,7 @@ def im2col_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[in
 
     XLA:CPU differentiates slices and a concatenation into pads and adds that run at memory speed;
     ``lax.conv_general_dilated_patches`` (an identity convolution) and its transpose in the
-    backward pass made the Nature CNN's gradient step 2.8x slower
+    backward pass made the Nature CNN's gradient step 2.7x slower
     (``benchmarks/results/cpu_learner_cpu-2core.md``).
     """
     kh, kw = kernel_size
