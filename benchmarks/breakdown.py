@@ -13,28 +13,35 @@ the machine description.
 Method. A training step cannot be profiled from the inside without changing
 it (it is one compiled program), so each part is rebuilt from the library's
 own functions as a separately compiled program and timed on its own, on the
-same EnvPool (`envs.make`, `envs.make_step_fn`), with the agent's own
-resolved Config as its `benchmark()` builds it (`throughput.ALGORITHMS` names
-the rows and their overrides; DQN: a 100k buffer, learning from the first
-row, so that every update learns):
+same EnvPool, with the agent's own resolved Config as the throughput
+benchmark builds it (`throughput.ALGORITHMS` names the rows and their
+overrides, over the algorithm's benchmark defaults in `train_sps.EXTRAS`;
+DQN: a 100k buffer, learning from the first iteration, so that every update
+learns). Every algorithm: the envs and state
+of the training driver on one device (`driver.make_envs`,
+`driver.initial_state`), every part inside `shard_map` on a one-device mesh,
+as training runs it.
 
 1. env:   the update's env steps in a `lax.scan` of the same `make_step_fn`
           step (`env.xla()` on CPU and GPU) with random actions fed in: the
           emulator at this env count, inside the graph, and nothing else.
 2. act:   the agent's acting for the update's env steps, no learning.
-          PPO/A2C: `rollout.rollout` (policy forward, sampling, env step,
-          episode statistics, the stored trajectory). DQN: `dqn.act` (forward,
+          PPO/A2C: `rollout.rollout` with per-env sampling keys (policy
+          forward, sampling, env step, episode statistics, the stored
+          trajectory), as `ppo.update` calls it. DQN: `dqn.act` (forward,
           epsilon-greedy), `envs.env_step` and `dqn.observe` with training off
-          (replay insert, target sync).
+          (`learning_starts` out of reach: replay insert, target sync).
 3. learn: the agent's learning on data already collected, no env. PPO:
           `ppo.learn` (bootstrap value, GAE, update_epochs x num_minibatches
           SGD steps) and A2C: `a2c.learn` (targets, one gradient step), each
           update on its own rollout kept from step 2 (distinct inputs, so
           that XLA cannot hoist work out of the loop). DQN: the gradient
           steps that go with the update's iterations at the preset's replay
-          ratio (`dqn.train_due`, `dqn.update`: sample + SGD, then
-          `dqn.target_update`), on the replay buffer step 2 filled.
-4. chunk: the compiled update as training runs it (`make_chunk` of each agent).
+          ratio (`dqn.train_due`, `dqn.learn`: `updates_per_train` x
+          (stratified sample + SGD step), then `dqn.target_update`), on the
+          replay buffer step 2 filled.
+4. chunk: the compiled update as training runs it: `driver.make_chunk` of
+          the agent's `update`.
 5. host:  the runner's work between chunks: `runner.run` itself (fetching the
           metrics and actions, metrics.csv, the action log with its fsync, the
           progress line), driven by a stand-in chunk that does no work and
@@ -47,10 +54,10 @@ row, so that every update learns):
 An "update" is one PPO/A2C iteration (num_envs x num_steps env steps) or one
 DQN metrics row (`--log-every` env steps, i.e. `iterations_per_row` iterations
 of num_envs envs). Each compiled call covers `updates_per_call` updates (enough
-for at least `--call-steps` env steps, as A2C's `benchmark()` does), so that
-dispatch stays out of the figures. Each part is compiled (time reported
-separately), run once untimed, then timed in `--repeats` windows of at least
-`--window` seconds (whole calls); the reported figure is the median window.
+for at least `--call-steps` env steps), so that dispatch stays out of the
+figures. Each part is compiled (time reported separately), run once untimed,
+then timed in `--repeats` windows of at least `--window` seconds (whole
+calls); the reported figure is the median window.
 
 Derived figures, per update: env; inference = act - env (policy forward,
 sampling, episode bookkeeping, trajectory or replay writes); learning = learn;
@@ -85,7 +92,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import machine, throughput  # noqa: E402
+from benchmarks import machine, throughput, train_sps  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DEFAULT_ENV = "Breakout-v5"
@@ -94,10 +101,10 @@ DEFAULT_ALGOS = ("ppo", "ppo-cfc", "a2c", "dqn")
 COMPONENTS = ("env", "act", "learn", "chunk", "host")
 DERIVED = ("env", "inference", "learning", "unexplained", "host", "total")
 
-#: Config overrides per agent module beyond the registry's: DQN as its `benchmark()`
-#: runs it (a 100k buffer, learning from the first row, so every update learns).
+#: Config overrides per agent module beyond the registry's: each algorithm's benchmark defaults
+#: (`train_sps.EXTRAS`; DQN: a 100k buffer, learning from the first iteration, so every update learns).
 MODULE_OVERRIDES: dict[str, dict[str, Any]] = {
-    "jaxatari.agents.dqn": dict(buffer_size=100_000, learning_starts=1),
+    f"jaxatari.agents.{name}": dict(extra.defaults) for name, extra in train_sps.EXTRAS.items()
 }
 #: --quick: tiny updates on CartPole.
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -127,7 +134,7 @@ class Args:
     """Least seconds per timed window, in whole calls (default 2; --quick 0.1)."""
     call_steps: int | None = None
     """Least env steps per compiled call: updates_per_call = max(1, call_steps // steps per update)
-    (default 1024, as A2C's benchmark(); --quick 128)."""
+    (default 1024; --quick 128)."""
     host_chunks: int | None = None
     """Chunks the runner drives per host window (default 10; --quick 3)."""
     quick: bool = False
@@ -268,128 +275,145 @@ class Measured(NamedTuple):
     info: dict[str, Any]  # steps_per_update, updates_per_call, training_updates_per_chunk, backend, ...
 
 
+def on_mesh(f, mesh, donate: tuple[int, ...] = ()):
+    """``f`` compiled inside ``shard_map`` on ``mesh`` (one device), every input and output replicated;
+    the arguments ``donate`` donated (DQN's state: its replay buffer is updated in place, not copied)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False),
+                   donate_argnums=donate)
+
+
 def measure_actor_critic(module, c, s: Settings, log) -> Measured:
-    """env / act / learn / chunk for PPO or A2C (``module``), built from its own functions."""
+    """env / act / learn / chunk for PPO or A2C (``module``), built from its own functions on
+    the driver's envs and state, each inside ``shard_map`` on a one-device mesh as training runs it."""
     import jax
 
-    from jaxatari import envs, runner
+    from jaxatari import driver, parallel, runner
     from jaxatari.networks import ActorCritic
     from jaxatari.rollout import rollout
 
+    algo = module.ALGORITHM
     is_ppo = module.ALGO == "ppo"
-    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads)
+    c = dataclasses.replace(c, devices=1)
+    setup = driver.make_envs(c, num_agents=1, seeds=[c.seed])
     try:
-        net_spec = module.network_spec(c, spec)
+        net_spec = algo.network_spec(c, setup.spec)
         net = ActorCritic(net_spec)
         recurrent = net_spec.recurrent
-        optimizer = module.make_optimizer(c, 10**6)
-        obs, _ = env.reset()
-        state = module.init(c, spec, net_spec, optimizer, obs, jax.random.PRNGKey(c.seed))
-        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
+        ctx = driver.Context(setup.spec, net_spec, setup.step_fn, setup.local_envs, 10**6)
+        state = driver.initial_state(algo, c, ctx, setup, agents=[c], abstract=False)
+        mesh, handle, step_fn = setup.mesh, setup.handle, setup.step_fn
         T, B = c.num_steps, c.num_envs
         K = max(1, s.call_steps // (T * B))
         kw = dict(repeats=s.repeats, window=s.window)
 
         log("env")
-        t_env, (handle, _), _ = measure(env_scan(step_fn), (handle, random_actions(spec.num_actions, K * T, B)),
-                                        lambda a, out: (out[0], a[1]), **kw)
+        t_env, (handle, _), _ = measure(
+            on_mesh(env_scan(step_fn), mesh), (handle, random_actions(setup.spec.num_actions, K * T, B)),
+            lambda a, out: (out[0], a[1]), **kw)
 
         def act(params, carry, env_state, handle, key):
+            env_index = parallel.env_index(B)
+
             def body(x, k):  # every rollout is kept, as learn's input
                 h, es, cy = x
-                h, es2, cy2, traj, ep = rollout(net.apply, params, cy, es, h, step_fn, k, T)
+                h, es2, cy2, traj, ep = rollout(net.apply, params, cy, es, h, step_fn, k, T, env_index=env_index)
                 return (h, es2, cy2), (traj, ep, es2, cy2)
 
-            (handle, env_state, carry), rollouts = jax.lax.scan(body, (handle, env_state, carry),
-                                                                jax.random.split(key, K))
-            return handle, env_state, carry, rollouts
+            (handle, env_state, carry), rollouts = jax.lax.scan(
+                body, (handle, parallel.env_state_in(env_state), carry), jax.random.split(key, K))
+            return handle, parallel.env_state_out(env_state), carry, rollouts
 
         log("act")
         key = jax.random.PRNGKey(c.seed + 1)
         t_act, _, (handle, _, _, rollouts) = measure(
-            jax.jit(act), (state.params, state.carry, state.env, handle, key),
+            on_mesh(act, mesh), (state.params, state.carry, state.env, handle, key),
             lambda a, out: (a[0], out[2], out[1], out[0], a[4]), **kw)
 
         def learn(state, rollouts, key):
             """K learning steps, each on its own rollout (distinct inputs: nothing is hoisted out of the loop)."""
+            env_index = parallel.env_index(B)
+
             def body(st, x):
                 (traj, ep, env_state, carry), k = x
                 k1, k2 = jax.random.split(k)
                 if is_ppo:
-                    return module.learn(st, traj, ep, env_state, carry, k1, k2, c=c, net=net, optimizer=optimizer,
-                                        recurrent=recurrent)
-                return module.learn(st, traj, ep, env_state, carry, k1, c=c, net=net, optimizer=optimizer)
+                    st, m = module.learn(c, ctx, st, traj, ep, env_state, carry, k1, k2, env_index)
+                else:
+                    st, m = module.learn(c, ctx, st, traj, ep, env_state, carry, k1)
+                return st.replace(env=parallel.env_state_out(st.env)), m
 
             st, metrics = jax.lax.scan(body, state, (rollouts, jax.random.split(key, K)))
             return st.params, st.opt_state, metrics
 
         log("learn")
-        t_learn, _, _ = measure(jax.jit(learn), (state, rollouts, key), lambda a, out: a, **kw)
+        t_learn, _, _ = measure(on_mesh(learn, mesh), (state, rollouts, key), lambda a, out: a, **kw)
 
         log("chunk")
-        if is_ppo:
-            chunk = module.make_chunk(c, net, optimizer, step_fn, recurrent, K, 10**6)
-        else:
-            chunk = module.make_chunk(c, net, optimizer, step_fn, K, 10**6)
+        chunk = driver.make_chunk(functools.partial(algo.update, c, ctx), mesh, driver.state_specs(algo, state, False),
+                                  K)
         t_chunk, _, out = measure(chunk, (state, handle), lambda a, out: (out[0], out[1]), **kw)
-        sched = runner.make_schedule(c.total_timesteps, c.batch_size, c.chunk_steps)
-        info = dict(backend=backend, steps_per_update=T * B, updates_per_call=K,
-                    training_updates_per_chunk=sched.updates_per_chunk, metric_columns=list(module.METRIC_COLUMNS),
+        sched = runner.make_schedule(c.total_timesteps, algo.steps_per_update(c), c.chunk_steps)
+        info = dict(backend=setup.backend, steps_per_update=T * B, updates_per_call=K,
+                    training_updates_per_chunk=sched.updates_per_chunk, metric_columns=list(algo.metric_columns),
                     update_is=f"one rollout of {T} steps x {B} envs and its learning step(s)",
                     sgd_steps_per_update=(c.update_epochs * c.num_minibatches) if is_ppo else 1,
                     network=net_spec.torso + ("+cfc" if recurrent else ""))
         return Measured(dict(env=t_env, act=t_act, learn=t_learn, chunk=t_chunk), out[2], info)
     finally:
-        env.close()
+        for pool in setup.group.pools:
+            pool.close()
 
 
 def measure_dqn(module, c, s: Settings, log) -> Measured:
-    """env / act / learn / chunk for DQN, built from :mod:`jaxatari.agents.dqn`'s own functions."""
+    """env / act / learn / chunk for DQN, built from :mod:`jaxatari.agents.dqn`'s own functions on the
+    driver's envs and state, each inside ``shard_map`` on a one-device mesh as training runs it."""
     import jax
     import jax.numpy as jnp
 
-    from jaxatari import envs, runner
-    from jaxatari.networks import QNetwork
+    from jaxatari import driver, envs, parallel, runner
     from jaxatari.rollout import episode_metrics
 
     dqn = module
-    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset, num_threads=c.num_threads)
+    algo = dqn.ALGORITHM
+    c = dataclasses.replace(c, devices=1)
+    setup = driver.make_envs(c, num_agents=1, seeds=[c.seed])
     try:
-        net_spec = dqn.network_spec(c, spec)
-        qnet = QNetwork(net_spec)
-        optimizer = dqn.make_optimizer(c)
-        obs, _ = env.reset()
-        state = dqn.init(c, spec, qnet, optimizer, obs, jax.random.PRNGKey(c.seed))
-        handle, step_fn, backend = envs.make_step_fn(env, spec, c.env_backend)
-        A, B = spec.num_actions, c.num_envs
+        net_spec = algo.network_spec(c, setup.spec)
+        ctx = driver.Context(setup.spec, net_spec, setup.step_fn, setup.local_envs, 10**6)
+        state = driver.initial_state(algo, c, ctx, setup, agents=[c], abstract=False)
+        mesh, handle, step_fn = setup.mesh, setup.handle, setup.step_fn
+        A, B = setup.spec.num_actions, c.num_envs
         K = max(1, s.call_steps // c.steps_per_row)  # rows per call
         I = K * c.iterations_per_row  # iterations per call  # noqa: E741
         kw = dict(repeats=s.repeats, window=s.window)
 
         log("env")
-        t_env, (handle, _), _ = measure(env_scan(step_fn), (handle, random_actions(A, I, B)),
+        t_env, (handle, _), _ = measure(on_mesh(env_scan(step_fn), mesh), (handle, random_actions(A, I, B)),
                                         lambda a, out: (out[0], a[1]), **kw)
+
+        # Acting without learning: dqn.observe with learning_starts out of reach never takes its training branch.
+        c_act = dataclasses.replace(c, learning_starts=np.iinfo(np.int32).max)
 
         def act(state, handle):
             def body(x, _):
                 st, h = x
-                action, key, k_train, _ = dqn.act(st, c=c, qnet=qnet, num_actions=A)
+                action, key, k_train, _ = dqn.act(c, ctx, st)
                 h, env_state, tr, outcome = envs.env_step(step_fn, h, st.env, action)
-                st, _ = dqn.observe(st, env_state, tr, key, k_train, c=c, qnet=qnet, optimizer=optimizer,
-                                    do_train=jnp.asarray(False))
+                st, _ = dqn.observe(c_act, ctx, st, env_state, tr, key, k_train)
                 return (st, h), (action, outcome)
 
+            state = state.replace(env=parallel.env_state_in(state.env))
             (state, handle), (actions, outcomes) = jax.lax.scan(body, (state, handle), None, length=I)
-            return state, handle, actions, episode_metrics(outcomes)
+            return state.replace(env=parallel.env_state_out(state.env)), handle, actions, episode_metrics(outcomes)
 
         log("act")  # also fills the replay buffer that learn samples from
-        t_act, (state, handle), _ = measure(jax.jit(act, donate_argnames=("state",)), (state, handle),
+        t_act, (state, handle), _ = measure(on_mesh(act, mesh, donate=(0,)), (state, handle),
                                             lambda a, out: (out[0], out[1]), **kw)
 
-        learn_step = functools.partial(dqn.update, c=c, qnet=qnet, optimizer=optimizer,
-                                       num_updates=c.updates_per_train)
-
-        def skip(params, target_params, opt_state, buffer, key):
+        def skip(c, ctx, params, target_params, opt_state, buffer, key):
             return params, opt_state, dqn.TrainSums.zeros()
 
         def learn(params, target_params, opt_state, buffer, key, iteration, buffer_iterations):
@@ -398,8 +422,9 @@ def measure_dqn(module, c, s: Settings, log) -> Measured:
                 key, k = jax.random.split(key)
                 it = iteration + i + 1
                 due = dqn.train_due(c, it, buffer_iterations + i + 1)
-                params, opt_state, sums = jax.lax.cond(due, learn_step, skip, params, target_params, opt_state,
-                                                       buffer, k)
+                params, opt_state, sums = jax.lax.cond(due, functools.partial(dqn.learn, c, ctx),
+                                                       functools.partial(skip, c, ctx), params, target_params,
+                                                       opt_state, buffer, k)
                 crossings = it * B // c.target_network_frequency - (it - 1) * B // c.target_network_frequency
                 target_params = dqn.target_update(target_params, params, crossings=crossings, tau=c.tau)
                 return (params, target_params, opt_state, key), sums
@@ -409,23 +434,25 @@ def measure_dqn(module, c, s: Settings, log) -> Measured:
 
         log("learn")
         t_learn, _, (_, sums) = measure(
-            jax.jit(learn), (state.params, state.target_params, state.opt_state, state.replay, state.key,
-                             state.iteration, state.buffer_iterations), lambda a, out: a, **kw)
+            on_mesh(learn, mesh), (state.params, state.target_params, state.opt_state, state.replay, state.key,
+                                   state.iteration, state.buffer_iterations), lambda a, out: a, **kw)
         grad_steps = int(np.asarray(sums.count).sum()) / K
 
         log("chunk")
-        chunk = dqn.make_chunk(c, qnet, optimizer, step_fn, A, K)
+        chunk = driver.make_chunk(functools.partial(algo.update, c, ctx), mesh, driver.state_specs(algo, state, False),
+                                  K)
         t_chunk, _, out = measure(chunk, (state, handle), lambda a, out: (out[0], out[1]), **kw)
-        sched = runner.make_schedule(c.total_timesteps, c.steps_per_row, c.chunk_steps)
-        info = dict(backend=backend, steps_per_update=c.steps_per_row, updates_per_call=K,
-                    training_updates_per_chunk=sched.updates_per_chunk, metric_columns=list(dqn.METRIC_COLUMNS),
+        sched = runner.make_schedule(c.total_timesteps, algo.steps_per_update(c), c.chunk_steps)
+        info = dict(backend=setup.backend, steps_per_update=c.steps_per_row, updates_per_call=K,
+                    training_updates_per_chunk=sched.updates_per_chunk, metric_columns=list(algo.metric_columns),
                     update_is=(f"one metrics row: {c.iterations_per_row} iterations of {B} envs, "
                                f"{dqn.describe_replay_ratio(c)}"),
                     sgd_steps_per_update=grad_steps, network=net_spec.torso, replay_ratio=c.updates_per_env_step,
                     buffer_size=c.buffer_size)
         return Measured(dict(env=t_env, act=t_act, learn=t_learn, chunk=t_chunk), out[2], info)
     finally:
-        env.close()
+        for pool in setup.group.pools:
+            pool.close()
 
 
 class _Stand(NamedTuple):

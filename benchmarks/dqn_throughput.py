@@ -19,8 +19,10 @@ after learning has started, so that every timed step pays for learning):
   steps `gradient_steps` minibatches are drawn with NumPy and sent to one
   jitted update (the same `jaxatari.ops.td.dqn_loss` and optimizer as the
   compiled agent); the target is synced by step count with a jitted copy.
-* **compiled, B envs**: `jaxatari.agents.dqn.benchmark`: act, EnvPool step
-  (`env.xla()`), buffer insert, sampling and updates in one compiled chunk.
+* **compiled, B envs**: `benchmarks.train_sps.benchmark(dqn.ALGORITHM, ...)`,
+  DQN on the training driver (`jaxatari.driver`) on one device: act, EnvPool
+  step (`env.xla()`), buffer insert, sampling and updates in one compiled
+  chunk of one metrics row.
 
 Both use the `--dqn-preset` hyperparameters (network, batch, loss, optimizer,
 `gradient_steps / train_frequency` updates per env step) with epsilon held at
@@ -180,6 +182,7 @@ def python_loop_dqn(env_id: str, seconds: float, **overrides) -> dict[str, Any]:
 
 
 def measure(a: Args, log=print) -> dict[str, Any]:
+    from benchmarks import train_sps
     from jaxatari.agents import dqn
 
     cores = machine.usable_cores()
@@ -193,7 +196,7 @@ def measure(a: Args, log=print) -> dict[str, Any]:
     for b in a.num_envs:
         threads = a.threads or min(b, cores)
         log(f"compiled DQN, {b} envs, {threads} threads on {a.env} ...")
-        r = dqn.benchmark(a.env, b, threads, a.seconds, **_overrides(a))
+        r = train_sps.benchmark(dqn.ALGORITHM, a.env, b, threads, a.seconds, **_overrides(a))
         doc["rows"].append(dict(kind="compiled", num_envs=b, threads=threads, **r))
         log(f"  {r['sps']:,.0f} SPS, {r['updates_per_s']:,.1f} updates/s (compiled in {r['compile_s']:.1f}s)")
     base = next((r["sps"] for r in doc["rows"] if r["kind"] == "python-loop"), None)
@@ -246,7 +249,8 @@ def write_results(doc: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]
 
 def check(a: Args) -> None:
     """Raise ``ValueError`` naming the first bad argument, before anything is measured or compiled:
-    every compiled row's config is resolved as :func:`jaxatari.agents.dqn.benchmark` will resolve it."""
+    every compiled row's config is resolved as :func:`benchmarks.train_sps.benchmark` will resolve it."""
+    from benchmarks import train_sps
     from jaxatari import envs
     from jaxatari.agents import dqn
 
@@ -261,7 +265,7 @@ def check(a: Args) -> None:
         if isinstance(b, bool) or b < 1:
             raise ValueError(f"--num-envs {b} is not accepted: every env count must be >= 1.")
         dqn.resolve(dqn.Config(env=a.env, num_envs=b, num_threads=a.threads, total_timesteps=10**9,
-                               **dict(dict(buffer_size=100_000, learning_starts=1), **_overrides(a))))
+                               **{**train_sps.EXTRAS[dqn.ALGO].defaults, **_overrides(a)}))
 
 
 def main(argv=None) -> int:

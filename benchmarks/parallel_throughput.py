@@ -108,8 +108,7 @@ def plan_modes(desc: dict[str, Any]) -> list[tuple[str, dict[str, int], list[str
     else:
         processes_skip = f"several local processes are set up for CPUs and NVIDIA GPUs, not {backend}"
     modes = [
-        ("1 device (default path)", dict(devices=1), ["--devices", "1"], None),
-        ("1 device, sharded path", dict(devices=1), ["--devices", "1", "--sharded"], None),
+        ("1 device", dict(devices=1), ["--devices", "1"], None),
         (f"{n} devices, one process", dict(devices=n), ["--devices", str(n)],
          None if acc == 0 or acc >= 2 else f"needs 2 or more {backend} devices; this machine has {acc}"),
         ("2 processes x 1 device (jax.distributed" + (", gloo)" if acc == 0 else ")"),

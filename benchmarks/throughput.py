@@ -32,12 +32,13 @@ the machine description.
 
 2. Training SPS. For each algorithm in `ALGORITHMS` and each env count in
    `--algo-envs` (default max(8, T)) at T = `--algo-threads` (default: the
-   largest thread count), the algorithm's own benchmark function runs in a
+   largest thread count), the algorithm's benchmark (below) runs in a
    fresh subprocess (so a crash, a hang or its memory cannot spoil the other
    rows; `--algo-timeout` bounds it). The row reports its SPS, the compile
    time separately, and SPS as a fraction of the best ceiling row measured at
-   the same thread count. A missing module or function marks the row
-   "not available"; an exception marks it "failed" with the error.
+   the same thread count. A missing module, or one without an `ALGORITHM`,
+   marks the row "not available"; an exception marks it "failed" with the
+   error.
 
    `--budget S` bounds the whole run to about S seconds of wall time (a lent
    GPU session, a CI job): the ceiling rows are measured first as usual, each
@@ -57,19 +58,22 @@ the machine description.
    Markdown's note column. Each row's timeout is `QUICK_TIMEOUT`, or its entry
    in `QUICK_TIMEOUTS` (ppo-cfc: longer), unless --algo-timeout is given.
 
-   The contract each algorithm module implements:
+   Every row's module has an `ALGORITHM` (a `jaxatari.driver.Algorithm`) and
+   runs through one benchmark function, `benchmarks/train_sps.py`:
 
-       jaxatari.agents.<algo>.benchmark(
-           env_id: str, num_envs: int, num_threads: int, seconds: float, **overrides
+       benchmarks.train_sps.benchmark(
+           algo, env_id: str, num_envs: int, num_threads: int, seconds: float, **overrides
        ) -> dict  # at least {"sps": float, "compile_s": float, "steps": int}
 
    It builds the training step for `env_id` with `num_envs` envs on
-   `num_threads` EnvPool threads, compiles it (and runs it once) - the
-   `compile_s` reported - then trains for about `seconds` of wall time after
-   compilation and returns `sps` = env steps (summed over envs) per second in
-   that window and `steps` = the env steps it counted. `overrides` are Config
-   fields (e.g. network="cfc"). Extra keys in the returned dict are kept in
-   the JSON.
+   `num_threads` EnvPool threads as the training driver does (DQN: with a
+   100k buffer and learning from the start, `train_sps.EXTRAS`), compiles it
+   (and runs it once) - the `compile_s` reported - then trains for about
+   `seconds` of wall time after compilation and returns `sps` = env steps
+   (summed over envs) per second in that window and `steps` = the env steps
+   it counted. `overrides` are Config fields (e.g. network="cfc"). Extra keys
+   in the returned dict (DQN: `updates_per_s`, `replay_ratio`, ...) are kept
+   in the JSON. A module without an `ALGORITHM` is "not available".
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ DEFAULT_ENV = "Breakout-v5"
 
 @dataclasses.dataclass(frozen=True)
 class AlgoSpec:
-    """How to benchmark one training configuration: `module.benchmark(..., **overrides)`."""
+    """How to benchmark one training configuration: `module.ALGORITHM` through `train_sps.benchmark`, with
+    `overrides`."""
 
     module: str
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -116,7 +121,8 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "a2c": AlgoSpec("jaxatari.agents.a2c"),
     "dqn": AlgoSpec("jaxatari.agents.dqn"),
 }
-"""Registry of training rows: name -> module with a `benchmark()` and the overrides passed to it."""
+"""Registry of training rows: name -> module (with an `ALGORITHM`) and the Config overrides its benchmark
+(`benchmarks.train_sps.benchmark`) gets."""
 QUICK_ALGOS = ("ppo", "ppo-cfc", "a2c", "dqn")
 """The rows of ``--quick``: one per algorithm, so that it stays under two minutes on 2 cores."""
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {"jaxatari.agents.dqn": {"log_every": 100}}
@@ -227,6 +233,9 @@ def measure_envpool(
 
 # ----------------------------------------------------------------------------- training rows
 
+TRAIN_SPS = "benchmarks.train_sps:benchmark"
+"""The benchmark every training row runs: ``benchmark(algo, env_id, num_envs, num_threads, seconds, **overrides)``."""
+
 _WORKER = r"""
 import importlib, json, sys, traceback
 spec = json.loads(sys.argv[1])
@@ -235,12 +244,15 @@ try:
 except Exception as err:
     out = {"status": "not available", "reason": f"import {spec['module']} failed: {type(err).__name__}: {err}"}
 else:
-    fn = getattr(module, "benchmark", None)
-    if fn is None:
-        out = {"status": "not available", "reason": f"{spec['module']} has no benchmark() function"}
+    algo = getattr(module, "ALGORITHM", None)
+    if algo is None:
+        out = {"status": "not available", "reason": f"{spec['module']} has no ALGORITHM"}
     else:
         try:
-            res = fn(spec["env_id"], spec["num_envs"], spec["num_threads"], spec["seconds"], **spec["overrides"])
+            bench_module, bench_name = spec["bench"].split(":")
+            fn = getattr(importlib.import_module(bench_module), bench_name)
+            res = fn(algo, spec["env_id"], spec["num_envs"], spec["num_threads"], spec["seconds"],
+                     **spec["overrides"])
             out = {"status": "ok", **dict(res)}
         except Exception as err:
             out = {"status": "failed", "reason": f"{type(err).__name__}: {err}",
@@ -288,9 +300,11 @@ def run_algorithm(
     seconds: float,
     timeout: float,
     preset: str | None = None,
+    bench: str = TRAIN_SPS,
 ) -> dict[str, Any]:
-    """One training row: `spec.module.benchmark(...)` in a subprocess, or why not.
-    `preset` (the env option preset the ceiling stepped) is passed with the overrides."""
+    """One training row: `bench` ("module:function", default `benchmarks.train_sps.benchmark`) called with
+    `spec.module`'s `ALGORITHM` in a subprocess, or why not. `preset` (the env option preset the ceiling
+    stepped) is passed with the overrides."""
     row = blank_row(name, spec, preset=preset, num_envs=num_envs, num_threads=num_threads, seconds=seconds,
                     timeout=timeout)
     if not _module_file_exists(spec.module):
@@ -300,6 +314,7 @@ def run_algorithm(
         result_file = Path(tmp) / "result.json"
         payload = dict(
             module=spec.module,
+            bench=bench,
             env_id=env_id,
             num_envs=num_envs,
             num_threads=num_threads,
@@ -327,7 +342,7 @@ def run_algorithm(
         result = json.loads(result_file.read_text())
     row.update(result)
     if row["status"] == "ok" and not isinstance(row.get("sps"), (int, float)):
-        row.update(status="failed", reason=f"benchmark() returned no numeric 'sps' (keys: {sorted(result)})")
+        row.update(status="failed", reason=f"the benchmark returned no numeric 'sps' (keys: {sorted(result)})")
     return row
 
 
@@ -655,7 +670,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         lines.append("Not measured in this run (--algos was empty).")
     else:
         lines += [
-            f"Each algorithm's `benchmark()` in its own process, {s['algo_seconds']:g} s of training after "
+            f"Each algorithm's benchmark in its own process, {s['algo_seconds']:g} s of training after "
             f"compilation (compile time separate; rows stopped after {_timeouts_text(s)} are 'timed out'"
             + (f"; a --budget of {s['budget']:g} s for the whole run" if s.get("budget") else "") + "). "
             "Fraction = training SPS / best ceiling row at the same thread count.",

@@ -1,34 +1,30 @@
-"""Scale-out on JAX's own runtime: data parallelism over devices and hosts, and
-populations of agents in one process.
+"""Scale-out on JAX's own runtime: the pieces :mod:`jaxatari.driver` puts
+together for data parallelism over devices and hosts, and for populations.
 
 Data parallelism (``--devices N``). The global env batch ``B`` is split into
 ``N`` shards of ``B / N`` envs, one EnvPool per device. Device ``d`` (global
 index, counting the devices of every process in order) owns the envs
 ``d * B/N .. (d + 1) * B/N - 1`` and seeds them exactly as a one-device run
-seeds those envs (env ``i`` gets ``seed + i``). The update runs under
-``shard_map`` over a one-axis mesh: each device steps its own EnvPool, computes
-gradients on its share, and gradients and statistics are summed with
-``psum``; params and optimiser state stay replicated and identical.
+seeds those envs (env ``i`` gets ``seed + i``). An algorithm's update runs under
+``shard_map`` over a one-axis mesh (:data:`AXIS`): each device steps its own
+EnvPool, computes gradients on its share, and gradients and statistics are
+summed with ``psum``; params and optimiser state stay replicated and identical.
+One device is simply N = 1.
 
 EnvPool's ``env.xla()`` custom call carries its pool in the compiled op (the
-handle argument alone does not select the pool), so the per-device step is a
-``lax.switch`` on the device's index over the local pools' step functions: each
-device executes only its own pool's custom call.
+handle argument alone does not select the pool), so with several local
+devices the step is a ``lax.switch`` on the device's index over the local
+pools' step functions: each device executes only its own pool's custom call.
 
-The sharded update is *device-invariant*: the same global batch and seed give
-the same result on any number of devices (to float tolerance). To get there it
-samples actions with one key per env (``fold_in(key, global env index)``) and
-builds PPO minibatches by permuting time within each env (one key per env) and
-cutting the permuted time axis into ``num_minibatches`` blocks, so a minibatch
-holds the same samples however the envs are split. This scheme differs from the
-default single-device path (one key for the batch, one flat permutation), so
-the default (``--devices 1``, ``--num-agents 1``) keeps the old code path and
-its numbers bit for bit; ``--devices N`` > 1 takes the sharded path, and the
-sharded path on one device (``sharded=True``) is what it is compared against.
-
-Recurrent policies carry their state split along envs like the env state;
-their minibatches take whole envs (:func:`env_minibatches`, blocks of
-``num_minibatches`` envs permuted per block), again device-invariant.
+The update is *device-invariant*: the same global batch and seed give the same
+result on any number of devices (to float tolerance). To get there it samples
+actions with one key per env (``fold_in(key, global env index)``) and builds
+PPO minibatches by permuting time within each env (one key per env) and
+cutting the permuted time axis into ``num_minibatches`` blocks
+(:func:`time_minibatches`), so a minibatch holds the same samples however the
+envs are split. Recurrent policies carry their state split along envs like the
+env state; their minibatches take whole envs (:func:`env_minibatches`). DQN's
+replay buffer is split along envs too, and its minibatches are stratified by env.
 
 Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize``
 (CPU collectives via gloo); each process builds the pools of its local devices,
@@ -42,20 +38,15 @@ topology (re-laying those windows with :func:`merge_windows`) and
 :func:`jaxatari.runner.restore_env` replays the global action log into the envs
 each process now owns.
 
-Populations (``--num-agents K``): the update of the single-device path is
-vmapped over a leading agent axis, the env step is taken out of the vmap and
-made once for one EnvPool of ``K x num_envs`` envs whose per-env seeds
-(EnvPool's ``env_seed``) are those agent ``k`` would have alone.
-
-DQN (:mod:`jaxatari.agents.dqn`) uses these pieces with its own glue
-(``train_sharded``, ``train_population``): its replay buffer is split along
-envs like the env state, and its minibatches are stratified by env.
+Populations (``--num-agents K``): one EnvPool of ``K x num_envs`` envs whose
+per-env seeds (EnvPool's ``env_seed``) are those agent ``k`` would have alone
+(:func:`make_population_envs`); the update is vmapped over agents and the env
+step batches itself into one call on the joint pool (:func:`agent_step_fn`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import types
@@ -205,12 +196,6 @@ def make_mesh(devices_per_process: int) -> Mesh:
     return Mesh(np.array(devs), (AXIS,))
 
 
-def replicate(mesh: Mesh, tree):
-    """Put every leaf, identical on every process, on every device of ``mesh``."""
-    sh = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), tree)
-
-
 def shard_local(mesh: Mesh, tree):
     """Arrays ``[B_local, ...]`` (this process's share) -> global arrays split on axis 0."""
     sh = NamedSharding(mesh, P(AXIS))
@@ -284,6 +269,7 @@ class ShardedEnvs:
     handle: jax.Array
     step_fn: envs.StepFn
     initial_obs: np.ndarray  # this process's first observations [B_local, ...]
+    backend: str  # the env backend used: xla or callback
 
 
 def make_sharded_envs(env_id: str, num_envs: int, *, seed: int, devices_per_process: int, preset=None,
@@ -292,11 +278,13 @@ def make_sharded_envs(env_id: str, num_envs: int, *, seed: int, devices_per_proc
     global batch of ``num_envs`` (summed over every process) gets ``seed + i``.
 
     ``num_envs`` is the *global* batch; it must divide evenly over all devices.
+    ``backend`` is :func:`jaxatari.envs.make_step_fn`'s; several devices or
+    processes need ``env.xla()`` (``auto`` then means ``xla``).
     """
-    if backend == "callback":
-        raise ParallelError("--env-backend callback is not supported with several devices; use auto or xla.")
     mesh = make_mesh(devices_per_process)
     n_global = mesh.devices.size
+    if backend == "callback" and n_global > 1:
+        raise ParallelError("--env-backend callback is not supported with several devices; use auto or xla.")
     if num_envs % n_global:
         raise ParallelError(f"--num-envs {num_envs} is not divisible by the {n_global} devices of the mesh.")
     per = num_envs // n_global
@@ -308,8 +296,9 @@ def make_sharded_envs(env_id: str, num_envs: int, *, seed: int, devices_per_proc
         pools.append(env)
     group = PoolGroup(pools)
     obs0, _ = group.reset()
+    used = backend
     for env in pools:
-        h, step, _ = envs.make_step_fn(env, spec, "xla")
+        h, step, used = envs.make_step_fn(env, spec, backend if n_global == 1 else "xla")
         handles.append(np.asarray(h))
         steps.append(step)
     local_devs = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
@@ -319,30 +308,30 @@ def make_sharded_envs(env_id: str, num_envs: int, *, seed: int, devices_per_proc
         (n_global * hshape[0], *hshape[1:]), sh, [jax.device_put(h, d) for h, d in zip(handles, local_devs)])
 
     def step_fn(h, actions):
+        if len(steps) == 1:
+            return steps[0](h, actions)
         idx = jax.lax.axis_index(AXIS) % devices_per_process
         return jax.lax.switch(idx, steps, h, actions)
 
     spec = dataclasses.replace(spec, num_envs=num_envs)
-    return ShardedEnvs(group, spec, mesh, per, num_envs, handle, step_fn, obs0)
+    return ShardedEnvs(group, spec, mesh, per, num_envs, handle, step_fn, obs0, used)
+
+
+def device_env_state(obs: np.ndarray, devices: int, window: int = 100) -> envs.EnvState:
+    """A host :class:`~jaxatari.envs.EnvState` for ``obs [B, ...]`` split over ``devices``:
+    per-env fields ``[B]``, a window of recent returns and a count per device
+    (``[devices * W]``, ``[devices]``)."""
+    B = obs.shape[0]
+    return envs.EnvState(obs=obs, done=np.zeros((B,), bool), first=np.ones((B,), bool),
+                         stats=envs.EpisodeStats(returns=np.zeros((B,), np.float32), lengths=np.zeros((B,), np.int32),
+                                                 window=np.full((devices * window,), np.nan, np.float32),
+                                                 count=np.zeros((devices,), np.int32)))
 
 
 def sharded_env_state(mesh: Mesh, obs_local: np.ndarray, devices_per_process: int, window: int = 100) -> envs.EnvState:
     """The global :class:`~jaxatari.envs.EnvState`: per-env fields split along
     envs; the episode window and count are kept per device (``[N * W]``, ``[N]``)."""
-    B = obs_local.shape[0]
-    local = dict(
-        obs=obs_local,
-        done=np.zeros((B,), bool),
-        first=np.ones((B,), bool),
-        returns=np.zeros((B,), np.float32),
-        lengths=np.zeros((B,), np.int32),
-        window=np.full((devices_per_process * window,), np.nan, np.float32),
-        count=np.zeros((devices_per_process,), np.int32),
-    )
-    g = shard_local(mesh, local)
-    return envs.EnvState(obs=g["obs"], done=g["done"], first=g["first"],
-                         stats=envs.EpisodeStats(returns=g["returns"], lengths=g["lengths"], window=g["window"],
-                                                 count=g["count"]))
+    return shard_local(mesh, device_env_state(obs_local, devices_per_process, window))
 
 
 # ---------------------------------------------------------------------------
@@ -353,7 +342,7 @@ def sharded_env_state(mesh: Mesh, obs_local: np.ndarray, devices_per_process: in
 def stored_layout(stored: dict[str, Any]) -> tuple[int, int]:
     """``(windows, processes)`` of the run that wrote ``stored`` (its config.json):
     ``windows`` is the number of per-device episode windows in its env state (0:
-    the plain single-device path, one unsplit window), ``processes`` the number of
+    the former single-device path, one unsplit window), ``processes`` the number of
     processes whose action logs it wrote."""
     so = stored.get("scale_out") or {}
     if not so or so.get("num_agents", 1) > 1:
@@ -398,14 +387,15 @@ def restore_latest_any_topology(ckpt, target, stored: dict[str, Any]):
     """``ckpt.restore_latest`` into ``target``'s layout, whatever topology wrote it.
 
     ``target`` is a training state (arrays, with their shardings) built for this
-    run: on any number of devices and processes, or the plain path. Every field
+    run: on any number of devices and processes, or a population. Every field
     has the same global shape on every topology except the per-device windows of
     recent episode returns (``target.env.stats``), which are restored as stored
     and re-laid with :func:`merge_windows`. Returns the ``Restored`` with its
     ``state`` placed with ``target``'s shardings.
     """
     old, _ = stored_layout(stored)
-    population = (stored.get("scale_out") or {}).get("num_agents", 1) > 1  # agents x envs: one fixed layout
+    so = stored.get("scale_out") or {}
+    population = so.get("num_agents", 1) > 1  # agents x envs on one device
     new = old if population else _layout(target.env.stats)
 
     def spec(x):
@@ -413,6 +403,15 @@ def restore_latest_any_topology(ckpt, target, stored: dict[str, Any]):
 
     abstract = jax.tree.map(spec, target)
     stats = target.env.stats
+    if population and np.ndim(stats.count) == 2 and "windows_per_agent" not in so:
+        # Written before an agent's count of returns had its device axis: [K] -> [K, 1].
+        count = abstract.env.stats.count
+        abstract = abstract.replace(env=abstract.env.replace(stats=abstract.env.stats.replace(
+            count=jax.ShapeDtypeStruct(count.shape[:1], count.dtype, sharding=count.sharding))))
+        restored = ckpt.restore_latest(abstract)
+        st = restored.state.env.stats
+        state = restored.state.replace(env=restored.state.env.replace(stats=st.replace(count=st.count[:, None])))
+        return restored._replace(state=place(state, target))
     if old != new:
         W = stats.window.shape[0] // max(new, 1)
         sh = stats.window.sharding
@@ -421,8 +420,8 @@ def restore_latest_any_topology(ckpt, target, stored: dict[str, Any]):
             window=jax.ShapeDtypeStruct((max(old, 1) * W,), stats.window.dtype, sharding=rep),
             count=jax.ShapeDtypeStruct((old,) if old else (), stats.count.dtype, sharding=rep))))
         log.warning("Resuming a checkpoint written with %s on %s: the windows of recent episode returns are "
-                    "re-laid for the new device count.", f"{old} device window(s)" if old else "the plain path",
-                    f"{new} device(s)" if new else "the plain path")
+                    "re-laid for the new device count.", f"{old} device window(s)" if old else "one window (the former single-device path)",
+                    f"{new} device(s)" if new else "one window")
     restored = ckpt.restore_latest(abstract)
     state = restored.state
     if old != new:
@@ -446,14 +445,8 @@ def global_window_mean(stats: envs.EpisodeStats) -> jax.Array:
     return jnp.nanmean(jax.lax.all_gather(stats.window, AXIS))
 
 
-def state_specs(state, *, sharded_fields: Sequence[str] = ("env", "carry")):
-    """``shard_map`` specs for a training state: ``env``/``carry`` split along envs, the rest replicated."""
-    return state.replace(**{f.name: (P(AXIS) if f.name in sharded_fields else P())
-                            for f in dataclasses.fields(state)})
-
-
 # ---------------------------------------------------------------------------
-# Maths shared by the sharded updates (inside shard_map)
+# Maths of the device-invariant updates (inside shard_map)
 # ---------------------------------------------------------------------------
 
 
@@ -588,181 +581,39 @@ def make_population_envs(env_id: str, num_envs: int, seeds: Sequence[int], *, pr
     return env, dataclasses.replace(spec, num_envs=num_envs)
 
 
-def population_step_fn(step_fn: envs.StepFn, num_agents: int) -> Callable:
-    """``step(handle, actions [K, B]) -> (handle, Timestep [K, B, ...])`` over the joint pool."""
-
-    def step(h, actions):
+def agent_step_fn(step_fn: envs.StepFn, num_agents: int) -> envs.StepFn:
+    """One agent's ``step(handle, actions [B])`` on the joint pool of ``K x B`` envs,
+    for ``jax.vmap`` over agents: vmapped, it is one call of ``step_fn`` with the
+    agents' actions ``[K, B]`` laid end to end (a custom batching rule; the
+    handle stays unbatched). Called outside a vmap it steps the pool with the
+    actions repeated for every agent and returns the first agent's share (only
+    its shapes are ever used, when JAX traces the unbatched function)."""
+    def joint(h, actions):  # actions [K, B] -> Timestep [K, B, ...]
         h, ts = step_fn(h, actions.reshape(-1))
         return h, jax.tree.map(lambda x: x.reshape(num_agents, -1, *x.shape[1:]), ts)
+
+    @jax.custom_batching.custom_vmap
+    def step(h, actions):
+        h, ts = joint(h, jnp.broadcast_to(actions, (num_agents, *actions.shape)))
+        return h, jax.tree.map(lambda x: x[0], ts)
+
+    @step.def_vmap
+    def _batched(axis_size, in_batched, h, actions):
+        h_batched, a_batched = in_batched
+        if h_batched or axis_size != num_agents:
+            raise ValueError(f"the joint pool steps {num_agents} agents with one handle; got a vmap of "
+                             f"{axis_size} with a batched handle: {h_batched}")
+        if not a_batched:
+            actions = jnp.broadcast_to(actions, (num_agents, *actions.shape))
+        h, ts = joint(h, actions)
+        return (h, ts), (False, jax.tree.map(lambda _: True, ts))
 
     return step
 
 
 # ---------------------------------------------------------------------------
-# The scale-out training driver (PPO and A2C)
+# Populations: per-agent snapshots
 # ---------------------------------------------------------------------------
-
-
-def setup(c) -> tuple[Any, int, bool]:
-    """Initialise ``jax.distributed`` if asked, resolve ``--devices`` and the
-    population. Returns ``(config, devices_per_process, scaled)``; ``scaled``
-    False means: the plain single-device path."""
-    initialize_distributed(c.coordinator, c.num_processes, c.process_id)
-    if c.num_agents < 1:
-        raise ParallelError(f"--num-agents {c.num_agents} is not accepted: it must be >= 1.")
-    if c.num_agents > 1 or c.sweep:
-        if c.devices not in (None, 1) or jax.process_count() > 1:
-            raise ParallelError(f"--num-agents {c.num_agents} runs on one device of one process; "
-                                f"drop --devices {c.devices} (or run one population per device).")
-        n = 1
-    else:
-        n = resolve_devices(c.devices, c.num_envs if jax.process_count() == 1 else
-                            c.num_envs // max(jax.process_count(), 1))
-    c = dataclasses.replace(c, devices=n)
-    c = dataclasses.replace(c, sharded=resume_sharded(c))
-    scaled = n > 1 or c.sharded or c.num_agents > 1 or bool(c.sweep) or jax.process_count() > 1
-    return c, n, scaled
-
-
-def resume_sharded(c) -> bool:
-    """``--sharded`` for a run that resumes one written on the data-parallel path
-    (several devices or processes): it continues on that path (its minibatching
-    differs from the plain path's) on whatever devices this run has."""
-    if not c.resume or c.sharded or c.num_agents > 1 or c.sweep:
-        return c.sharded
-    windows, processes = stored_layout(runner.load_run_config(c.resume))
-    if windows and is_main_process():
-        print(f"Resuming a data-parallel run ({windows} device(s) on {processes} process(es)) on "
-              f"{c.devices} device(s) x {jax.process_count()} process(es).", flush=True)
-    return windows > 0
-
-
-def train(mod, c, devices_per_process: int) -> runner.RunResult:
-    """Train ``mod`` (:mod:`jaxatari.agents.ppo` or ``a2c``) data-parallel or as a
-    population; the glue mirrors ``mod.train``."""
-    from jaxatari.checkpoint import Checkpointer
-    from jaxatari.networks import ActorCritic, initial_carry
-
-    algo = mod.ALGO
-    population = c.num_agents > 1 or bool(c.sweep)
-    name, values, K = parse_sweep(c.sweep, c.num_agents, mod.SWEEPABLE, mod.RANGES)
-    c = dataclasses.replace(c, num_agents=K)
-    env_options = envs.parse_env_options(c.env_option)
-    stored = runner.load_run_config(c.resume) if c.resume else {}
-    sched = runner.make_schedule(c.total_timesteps, c.batch_size, c.chunk_steps,
-                                 updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
-    run_dir = runner.run_dir_for(c, algo)
-    c = dataclasses.replace(c, run_dir=str(run_dir))
-    main = is_main_process()
-
-    if population:
-        seeds = agent_seeds(c.seed, K)
-        env, spec = make_population_envs(c.env, c.num_envs, seeds, preset=c.preset, options=env_options,
-                                         num_threads=c.num_threads)
-        net_spec = mod.network_spec(c, spec)
-        net = ActorCritic(net_spec)
-        obs, _ = env.reset()
-        obs = obs.reshape(K, c.num_envs, *obs.shape[1:])
-        agents = [dataclasses.replace(c, seed=s, **({name: values[k]} if name else {})) for k, s in enumerate(seeds)]
-        states = [mod.init(ck, spec, net_spec, mod.make_optimizer(ck, sched.num_updates), obs[k],
-                           jax.random.PRNGKey(ck.seed)) for k, ck in enumerate(agents)]
-        state = jax.tree.map(lambda *x: jnp.stack(x), *states)
-        group, total_B = env, K * c.num_envs
-        handle, step_fn, backend = envs.make_step_fn(env, dataclasses.replace(spec, num_envs=total_B),
-                                                     c.env_backend)
-        chunk_fn = mod.make_chunk_population(c, net, population_step_fn(step_fn, K), net_spec.recurrent,
-                                             sched.updates_per_chunk, sched.num_updates, name, values)
-        env_obs = lambda s: np.asarray(s.env.obs).reshape(total_B, *spec.obs_shape)  # noqa: E731
-        env_steps = lambda s: int(np.asarray(s.update)[0]) * c.batch_size  # noqa: E731
-    else:
-        n_dev = devices_per_process * jax.process_count()
-        if algo == "ppo" and c.network == "cfc" and (c.num_envs // n_dev) % c.num_minibatches:
-            raise ParallelError(f"--num-envs {c.num_envs} on {n_dev} device(s) gives {c.num_envs // n_dev} envs per "
-                                f"device, not divisible by --num-minibatches {c.num_minibatches}; a recurrent "
-                                "policy's minibatches take whole envs from every device.")
-        if algo == "ppo" and c.network != "cfc" and c.num_steps % c.num_minibatches:
-            raise ParallelError(f"--num-steps {c.num_steps} is not divisible by --num-minibatches "
-                                f"{c.num_minibatches}; with several devices minibatches split along time.")
-        senv = make_sharded_envs(c.env, c.num_envs, seed=c.seed, devices_per_process=devices_per_process,
-                                 preset=c.preset, options=env_options, num_threads=c.num_threads,
-                                 backend=c.env_backend)
-        spec, group, backend = senv.spec, senv.group, "xla"
-        net_spec = mod.network_spec(c, spec)
-        net = ActorCritic(net_spec)
-        optimizer = mod.make_optimizer(c, sched.num_updates)
-        local_obs = senv.initial_obs
-        s0 = mod.init(c, spec, net_spec, optimizer, local_obs[:1], jax.random.PRNGKey(c.seed))
-        state = s0.replace(params=replicate(senv.mesh, s0.params), opt_state=replicate(senv.mesh, s0.opt_state),
-                           key=replicate(senv.mesh, s0.key), update=replicate(senv.mesh, s0.update),
-                           env=sharded_env_state(senv.mesh, local_obs, devices_per_process),
-                           carry=shard_local(senv.mesh, initial_carry(net_spec, local_obs.shape[0])))
-        handle = senv.handle
-        total_B = c.num_envs
-        chunk_fn = mod.make_chunk_sharded(c, net, optimizer, senv, state, sched.updates_per_chunk,
-                                          sched.num_updates)
-        env_obs = lambda s: fetch(s.env.obs)  # noqa: E731
-        env_steps = lambda s: int(fetch(s.update)) * c.batch_size  # noqa: E731
-
-    with Checkpointer(run_dir, keep=c.keep) as ckpt:
-        start_chunk = 0
-        meta: dict[str, Any] = {}
-        if c.resume:
-            restored = restore_latest_any_topology(ckpt, state, stored)
-            state, meta = restored.state, dict(restored.meta or {})
-            done_updates = env_steps(state) // c.batch_size
-            runner.check_unfinished(run_dir, env_steps(state), sched.total_steps)
-            if done_updates % sched.updates_per_chunk:
-                raise ConfigError(f"Checkpoint at update {done_updates} is not on a chunk boundary.")
-            start_chunk = done_updates // sched.updates_per_chunk
-            if not runner.restore_env(group, run_dir, done_updates * c.num_steps, env_obs(state), total_B,
-                                      logged_processes=stored_layout(stored)[1], process_index=jax.process_index(),
-                                      process_count=jax.process_count()):
-                state = state.replace(env=runner.restart_episodes(state.env))
-            if main:
-                print(f"Resumed {run_dir} at env step {done_updates * c.batch_size:,}.", flush=True)
-        if main:
-            runner.write_config(run_dir, dict(
-                runner.config_to_json(c), algo=algo, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
-                schedule=dataclasses.asdict(sched), env_backend_used=backend, versions=runner.versions(),
-                coordinator=None, num_processes=None, process_id=None,  # a resume may use another topology
-                scale_out=dict(devices_per_process=devices_per_process, processes=jax.process_count(),
-                               devices=devices_per_process * jax.process_count(), num_agents=K,
-                               sweep=dict(name=name, values=values) if name else None),
-            ))
-            mode = (f"population of {K} agents x {c.num_envs} envs" if population else
-                    f"{devices_per_process * jax.process_count()} device(s) x {c.num_envs // (devices_per_process * jax.process_count())} envs"
-                    f" on {jax.process_count()} process(es)")
-            print(f"{algo.upper()} on {c.env} | {mode} x {c.num_steps} steps | network {net_spec.torso}{'+cfc' if net_spec.recurrent else ''} | "
-                  f"env backend {backend} | {jax.default_backend()} | run dir {run_dir}", flush=True)
-        eval_fn = None
-        if c.eval_every:
-            from jaxatari.evaluate import actor_critic_eval_fn
-
-            def scorer(seed):  # the lone run's evaluation: env seeds from seed + 100_000
-                return actor_critic_eval_fn(net, net_spec, env_id=c.env, preset=c.preset, options=env_options,
-                                            episodes=c.eval_episodes, seed=seed + 100_000)
-
-            if population:
-                eval_fn = functools.partial(evaluate_agents, [scorer(s) for s in seeds])
-            else:
-                one = scorer(c.seed)
-                eval_fn = lambda params: one(jax.tree.map(fetch, params))  # noqa: E731
-        result = runner.run(
-            run_dir=run_dir, state=state, handle=handle, chunk_fn=chunk_fn, schedule=sched,
-            start_chunk=start_chunk, num_envs=total_B, env_steps=env_steps, policy_of=lambda s: s.params,
-            checkpointer=ckpt, checkpoint_every=c.checkpoint_every, metric_columns=mod.METRIC_COLUMNS,
-            eval_fn=eval_fn, eval_every=c.eval_every, meta=meta, tensorboard=c.tensorboard,
-            resume_command=runner.resume_command(algo, run_dir), num_agents=K, is_main=main, fetch=fetch,
-        )
-    if population and main:
-        save_agents(run_dir, result.state, c, agents, algo, spec, net_spec, sched, result.global_step)
-    return result
-
-
-def evaluate_agents(scorers: Sequence[Callable[[Any], float]], params) -> np.ndarray:
-    """``[K]`` scores: agent ``k``'s slice of the stacked ``params`` scored by ``scorers[k]``
-    (the evaluation agent ``k``'s lone run would make)."""
-    return np.array([score(jax.tree.map(lambda x: np.asarray(x)[k], params)) for k, score in enumerate(scorers)])
 
 
 def save_agents(run_dir, state, c, agents, algo, spec, net_spec, sched, step: int) -> None:

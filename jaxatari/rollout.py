@@ -1,8 +1,10 @@
-"""The on-policy rollout shared by PPO and A2C (feed-forward or recurrent).
+"""The on-policy pieces shared by PPO and A2C (feed-forward or recurrent).
 
 A rollout runs ``num_steps`` env steps inside ``lax.scan``: sample an action
 from the policy, step EnvPool (``env.xla()`` or the host callback), update the
-episode statistics. Everything is time-major ``[T, B, ...]``.
+episode statistics. Everything is time-major ``[T, B, ...]``. :class:`State`
+and :func:`init_state` are the training state both agents keep;
+:func:`device_rollout` is the rollout of their ``update`` inside ``shard_map``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxatari import envs
+from flax import struct
+
+from jaxatari import envs, parallel
+from jaxatari.networks import ActorCritic, init_actor_critic, initial_carry
 from jaxatari.ops.losses import categorical_log_prob
 
 PolicyFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[Any, jax.Array, jax.Array]]
@@ -112,50 +117,41 @@ def bootstrap_value(policy_fn: PolicyFn, params, carry, env_state: envs.EnvState
     return value[0]
 
 
-def rollout_population(
-    policy_fn: PolicyFn,
-    params,
-    carry,
-    env_state: envs.EnvState,
-    handle: jax.Array,
-    step_fn: Callable,
-    key: jax.Array,
-    num_steps: int,
-) -> tuple[jax.Array, envs.EnvState, Any, Trajectory, EpisodeMetrics]:
-    """:func:`rollout` for ``K`` agents at once, every input and output with a
-    leading agent axis (``key [K, 2]``, ``trajectory [K, T, B]``).
 
-    The policy and the bookkeeping are vmapped over agents; the env step is one
-    call of ``step_fn(handle, actions [K, B]) -> (handle, Timestep [K, B, ...])``
-    on the joint EnvPool. Each agent samples exactly as :func:`rollout` would
-    with its own key.
-    """
+# ---------------------------------------------------------------------------
+# The state of an on-policy agent, and its rollout on one device's envs
+# ---------------------------------------------------------------------------
 
-    def act(p, c, o, f, k):
-        c, logits, value = policy_fn(p, c, o[None], f[None])
-        logits, value = logits[0], value[0]
-        action = jax.random.categorical(k, logits)
-        return c, action, categorical_log_prob(logits, action), value
 
-    def bookkeep(state, action, ts):
-        _, state2, tr, outcome = envs.env_step(lambda h, a: (h, ts), None, state, action)
-        return state2, tr, outcome
+@struct.dataclass
+class State:
+    """An on-policy agent's training state (PPO, A2C), checkpointed whole."""
 
-    def body(c, k):
-        handle, env_state, carry = c
-        carry, action, log_prob, value = jax.vmap(act)(params, carry, env_state.obs, env_state.first, k)
-        action = action.astype(jnp.int32)
-        handle, ts = step_fn(handle, action)
-        env_state2, tr, outcome = jax.vmap(bookkeep)(env_state, action, ts)
-        step = Trajectory(
-            obs=tr.obs, first=tr.first, valid=tr.valid, actions=action,
-            log_probs=log_prob, values=value, rewards=tr.reward,
-            terminated=tr.terminated, truncated=tr.truncated,
-        )
-        return (handle, env_state2, carry), (step, outcome)
+    params: Any
+    opt_state: Any
+    env: envs.EnvState
+    carry: Any  # recurrent state per env, () when feed-forward
+    key: jax.Array
+    update: jax.Array  # updates done so far (int32)
 
-    keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num_steps))(key), 0, 1)  # [T, K, 2]
-    (handle, env_state, carry), (traj, outcomes) = jax.lax.scan(body, (handle, env_state, carry), keys)
-    traj = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj)
-    outcomes = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outcomes)
-    return handle, env_state, carry, traj, jax.vmap(episode_metrics)(outcomes)
+
+def init_state(ctx, env_state: envs.EnvState, key: jax.Array, optimizer, num_envs: int) -> State:
+    """The state before update 0: fresh params of ``ctx.net_spec`` and their
+    ``optimizer`` state, the envs' first observations and statistics
+    ``env_state``, the zero recurrent state for ``num_envs`` envs, counter 0."""
+    k_params, k_train = jax.random.split(key)
+    _, params = init_actor_critic(ctx.net_spec, k_params, ctx.spec.obs_shape, ctx.spec.obs_dtype)
+    return State(params=params, opt_state=optimizer.init(params), env=env_state,
+                 carry=initial_carry(ctx.net_spec, num_envs), key=k_train, update=jnp.zeros((), jnp.int32))
+
+
+def device_rollout(ctx, state: State, handle: jax.Array, key: jax.Array, num_steps: int):
+    """:func:`rollout` of ``state``'s policy on this device's envs inside ``shard_map``
+    (``ctx`` a :class:`jaxatari.driver.Context`): one sampling key per env
+    (device-invariant). Returns ``(handle, env_state, carry, trajectory,
+    episode_metrics, env_index)``, ``env_index [B/N]`` the envs' global indices;
+    ``env_state`` keeps its per-device count as a scalar (:func:`jaxatari.parallel.env_state_in`)."""
+    env_index = parallel.env_index(ctx.local_envs)
+    out = rollout(ActorCritic(ctx.net_spec).apply, state.params, state.carry, parallel.env_state_in(state.env),
+                  handle, ctx.step_fn, key, num_steps, env_index=env_index)
+    return (*out, env_index)

@@ -151,6 +151,18 @@ def _refuse_removed_flags(argv: Sequence[str]) -> None:
                               f"({REMOVED_WHERE}); train without it.")
 
 
+#: Flags whose meaning is gone, each with the sentence that says why (refused where the config lacks the field).
+MEANINGLESS_FLAGS = {"sharded": "every run takes the one device-invariant path, on one device or --devices N"}
+
+
+def _refuse_meaningless_flags(config_cls, argv: Sequence[str]) -> None:
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for a in argv:
+        name = _flag_name(a)[2:].replace("-", "_") if a.startswith("--") else ""
+        if name in MEANINGLESS_FLAGS and name not in fields:
+            raise ConfigError(f"{_flag_name(a)} has no meaning any more: {MEANINGLESS_FLAGS[name]}; drop it.")
+
+
 def _refuse_removed_features(stored: dict[str, Any], run_dir: str) -> None:
     """A run trained with a removed flag on cannot continue exactly without it."""
     on = [f"--{k.replace('_', '-')}" + ("" if isinstance(off, bool) else f" {stored[k]}")
@@ -175,6 +187,7 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
     argv = list(sys.argv[1:] if argv is None else argv)
     if not {"-h", "--help"} & set(argv):
         _refuse_removed_flags(argv)
+        _refuse_meaningless_flags(config_cls, argv)
         _refuse_repeated_flags(argv)
     resume = _flag_value(argv, "--resume")
     if resume is None:
@@ -648,26 +661,6 @@ def restart_episodes(env_state):
                          stats=st.replace(returns=jnp.zeros_like(st.returns), lengths=jnp.zeros_like(st.lengths)))
 
     return jax.jit(restart, out_shardings=jax.tree.map(lambda x: x.sharding, env_state))(env_state)
-
-
-def resume_training(ckpt, state, *, run_dir: Path, env, schedule: Schedule, num_envs: int, num_steps: int):
-    """Restore an on-policy agent's latest good checkpoint and its envs.
-
-    ``state`` (with an ``update`` counter) is the freshly initialised state, used
-    as the restore target. Replays the logged env actions (see
-    :func:`restore_env`). Returns ``(state, meta, start_chunk)``.
-    """
-    restored = ckpt.restore_latest(abstract(state))
-    state, meta = restored.state, dict(restored.meta or {})
-    done = int(state.update)
-    check_unfinished(run_dir, done * num_steps * num_envs, schedule.total_steps)
-    if done % schedule.updates_per_chunk:
-        raise ConfigError(f"Checkpoint at update {done} is not on a chunk boundary of "
-                          f"{schedule.updates_per_chunk} updates.")
-    if not restore_env(env, run_dir, done * num_steps, np.asarray(state.env.obs), num_envs):
-        state = state.replace(env=restart_episodes(state.env))
-    print(f"Resumed {run_dir} at env step {done * num_steps * num_envs:,}.", flush=True)
-    return state, meta, done // schedule.updates_per_chunk
 
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ n-step returns to GAE; ``--resume RUN_DIR`` continues an interrupted run.
 
 from jaxatari.agents import a2c
 from jaxatari.cli import main
+from jaxatari.driver import train
 
 if __name__ == "__main__":
-    main(a2c.Config, a2c.train, resumable=a2c.RESUMABLE, description=__doc__)
+    main(a2c.Config, lambda c: train(a2c.ALGORITHM, c), resumable=a2c.RESUMABLE, description=__doc__)

@@ -9,6 +9,7 @@ nature on Atari, classic otherwise), ``--preset`` the Atari env options.
 
 from jaxatari.agents import dqn
 from jaxatari.cli import main
+from jaxatari.driver import train
 
 if __name__ == "__main__":
-    main(dqn.Config, dqn.train, resumable=dqn.RESUMABLE, description=__doc__)
+    main(dqn.Config, lambda c: train(dqn.ALGORITHM, c), resumable=dqn.RESUMABLE, description=__doc__)

@@ -5,6 +5,7 @@
 
 from jaxatari.agents import ppo
 from jaxatari.cli import main
+from jaxatari.driver import train
 
 if __name__ == "__main__":
-    main(ppo.Config, ppo.train, resumable=ppo.RESUMABLE, description=__doc__)
+    main(ppo.Config, lambda c: train(ppo.ALGORITHM, c), resumable=ppo.RESUMABLE, description=__doc__)

@@ -1,6 +1,6 @@
 """Trainings in subprocesses for tests/test_parallel*.py: several fake CPU devices need
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts, and several
-processes need ``jax.distributed``. Each training runs through ``agent.train`` and dumps its
+processes need ``jax.distributed``. Each training runs through ``driver.train`` and dumps its
 final params to ``NAME.<process index>.npz``.
 
 The tests call :func:`run_jobs` (many trainings in one worker process: one start and one JAX
@@ -85,10 +85,11 @@ def launch(tmp, name, algo, *args, processes=2, timeout=600):
 
 
 def train(algo, out, argv):
-    from jaxatari import parallel, runner
+    from jaxatari import driver, parallel, runner
 
     mod = importlib.import_module(f"jaxatari.agents.{algo}")
-    result = mod.train(runner.cli(mod.Config, resumable=mod.RESUMABLE, argv=argv))
+    config = runner.cli(mod.Config, resumable=mod.RESUMABLE, argv=argv)
+    result = driver.train(mod.ALGORITHM, config)
     params = [parallel.fetch(x) for x in jax.tree.leaves(result.state.params)]
     np.savez(out.replace(".npz", f".{jax.process_index()}.npz"), *params)
     print("DONE", jax.process_index(), jax.process_count(), jax.device_count(), flush=True)

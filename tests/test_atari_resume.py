@@ -9,7 +9,7 @@ import signal
 import pytest
 from test_resume import params_equal, rows
 
-from jaxatari import runner
+from jaxatari import driver, runner
 from jaxatari.agents import ppo
 from jaxatari.checkpoint import load_policy
 
@@ -35,7 +35,7 @@ class SigintOnEntry(runner.Signals):
 
 
 def train(*argv):
-    return ppo.train(runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv)))
+    return driver.train(ppo.ALGORITHM, runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv)))
 
 
 @pytest.mark.parametrize("preset", ["nature", "machado"])

@@ -86,21 +86,22 @@ def test_parallel_modes_fit_the_machine_and_every_row_is_kept(tmp_path, monkeypa
 
     def fake_measure(script, flags, **kw):
         calls.append((script, kw))
-        if "--sharded" in flags:
+        if "--num-agents" in flags and script == "ppo":
             raise RuntimeError("scripts/ppo.py failed:\nTraceback ...\nValueError: boom")
         if "--num-agents" in flags:
             raise RuntimeError("")  # a process killed without a word on stderr
         return 1234.5
 
     out = tmp_path / "par"
-    assert parallel_throughput.main(["--algos", "ppo", "--out", str(out)], measure_fn=fake_measure) == 1
+    assert parallel_throughput.main(["--algos", "ppo", "a2c", "--out", str(out)], measure_fn=fake_measure) == 1
     doc = json.loads(out.with_suffix(".json").read_text())
-    status = {r["mode"]: (r["status"], r["sps"], r["reason"]) for r in doc["results"]}
-    assert status["1 device (default path)"] == ("ok", 1234.5, None)
-    assert status["1 device, sharded path"] == ("failed", None, "ValueError: boom")
-    assert status["2 devices, one process"][0] == status["2 processes x 1 device (jax.distributed)"][0] == "skipped"
-    assert status["population of 4 agents, one process"] == ("failed", None, "RuntimeError")
-    assert len(calls) == 3 and doc["settings"]["env"] == "CartPole-v1"
+    status = {(r["algo"], r["mode"]): (r["status"], r["sps"], r["reason"]) for r in doc["results"]}
+    assert status["ppo", "1 device"] == status["a2c", "1 device"] == ("ok", 1234.5, None)
+    assert status["ppo", "population of 4 agents, one process"] == ("failed", None, "ValueError: boom")
+    assert status["a2c", "population of 4 agents, one process"] == ("failed", None, "RuntimeError")
+    assert status["ppo", "2 devices, one process"][0] == "skipped"
+    assert status["ppo", "2 processes x 1 device (jax.distributed)"][0] == "skipped"
+    assert len(calls) == 4 and doc["settings"]["env"] == "CartPole-v1"
     md = out.with_suffix(".md").read_text()
     assert "| ppo | 2 devices, one process | skipped: needs 2 or more gpu devices" in md and "fake" not in md
     with pytest.raises(SystemExit):
@@ -116,7 +117,7 @@ README_QUICK_ROWS = ("ppo", "ppo-cfc", "a2c", "dqn")  # README: "--quick ... ppo
 
 def test_quick_throughput_writes_expected_structure(tmp_path):
     # Every row the README promises must be measured (SPS, not a timeout); the figures themselves are not
-    # checked. On CartPole: the rows run each algorithm's own benchmark() as on Breakout, at a fifth of the
+    # checked. On CartPole: the rows run each algorithm's benchmark as on Breakout, at a fifth of the
     # compile time (the Atari torsos are compiled by the script tests; the preset handed from the ceiling to
     # the rows is checked with fakes above). The suite shares the CPU with another test worker, so a generous
     # --algo-timeout replaces --quick's own (sized for a quiet machine; the settings test checks them). Short
@@ -155,13 +156,17 @@ def test_quick_throughput_writes_expected_structure(tmp_path):
     assert all(s in md for s in ("100-step metric rows (--quick)", "8-step rollouts (--quick)", "32-step rollouts"))
 
 
-FAKE_ALGOS = {
-    "fake_ok": "def benchmark(env_id, num_envs, num_threads, seconds, **overrides):\n"
-    "    return {'sps': 123.0, 'compile_s': 1.5, 'steps': 10, 'echo': [env_id, num_envs, num_threads, overrides]}\n",
-    "fake_raises": "def benchmark(*args, **kwargs):\n    raise RuntimeError('boom')\n",
+FAKE_ALGOS = {  # modules with an ALGORITHM (a tag here), run by the fake benchmark below
+    "fake_ok": "ALGORITHM = 'ok'\n",
+    "fake_raises": "ALGORITHM = 'raises'\n",
     "fake_nofn": "X = 1\n",
     "fake_badimport": "import no_such_module_anywhere\n",
-    "fake_slow": "import time\ndef benchmark(*a, **k):\n    time.sleep(60)\n",
+    "fake_slow": "ALGORITHM = 'slow'\n",
+    "fake_bench": "import time\n"
+    "def benchmark(algo, env_id, num_envs, num_threads, seconds, **overrides):\n"
+    "    if algo == 'raises':\n        raise RuntimeError('boom')\n"
+    "    if algo == 'slow':\n        time.sleep(60)\n"
+    "    return {'sps': 123.0, 'compile_s': 1.5, 'steps': 10, 'echo': [env_id, num_envs, num_threads, overrides]}\n",
 }
 
 
@@ -170,23 +175,27 @@ def test_algorithm_rows_from_the_registry_contract(tmp_path, monkeypatch):
         (tmp_path / f"{name}.py").write_text(src)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert throughput.TRAIN_SPS == "benchmarks.train_sps:benchmark"  # what the rows run unless told
 
     def row(module, timeout=30.0, **overrides):
         spec = throughput.AlgoSpec(module, overrides)
         return throughput.run_algorithm(
-            module, spec, env_id="Pong-v5", num_envs=4, num_threads=2, seconds=0.1, timeout=timeout
+            module, spec, env_id="Pong-v5", num_envs=4, num_threads=2, seconds=0.1, timeout=timeout,
+            bench="fake_bench:benchmark",
         )
 
     ok = row("fake_ok", network="cfc")
     assert ok["status"] == "ok" and ok["sps"] == 123.0 and ok["compile_s"] == 1.5 and ok["steps"] == 10
     assert ok["echo"] == ["Pong-v5", 4, 2, {"network": "cfc"}]
     sticky = throughput.run_algorithm("fake_ok", throughput.AlgoSpec("fake_ok", {"network": "cfc"}), env_id="Pong-v5",
-                                      num_envs=4, num_threads=2, seconds=0.1, timeout=30.0, preset="machado")
+                                      num_envs=4, num_threads=2, seconds=0.1, timeout=30.0, preset="machado",
+                                      bench="fake_bench:benchmark")
     assert sticky["echo"][3] == {"network": "cfc", "preset": "machado"}  # the ceiling's env options, passed on
     assert sticky["overrides"] == {"network": "cfc"} and sticky["preset"] == "machado"
     failed = row("fake_raises")
     assert failed["status"] == "failed" and "RuntimeError: boom" in failed["reason"]
-    assert row("fake_nofn")["status"] == "not available"
+    nofn = row("fake_nofn")
+    assert nofn["status"] == "not available" and "fake_nofn has no ALGORITHM" in nofn["reason"]
     bad = row("fake_badimport")
     assert bad["status"] == "not available" and "no_such_module_anywhere" in bad["reason"]
     missing = row("jaxatari.agents.no_such_algo")

@@ -94,7 +94,7 @@ def mp_half(tmp):
 def runs(tmp, mp_half):
     """Every single-process training of this file, in one worker process with 4 devices."""
     jobs = [
-        job(tmp, "one", "ppo", *FULL, "--devices", "1", "--sharded"),  # the data-parallel path's reference
+        job(tmp, "one", "ppo", *FULL, "--devices", "1"),  # the reference: one device
         job(tmp, "two", "ppo", *FULL, "--devices", "2"),
         job(tmp, "all", "ppo", *FULL),  # without --devices: every local device (4)
         job(tmp, "half", "ppo", *HALF, "--devices", "2"),
@@ -104,10 +104,10 @@ def runs(tmp, mp_half):
         job(tmp, "mp_single", "ppo", "--resume", str(tmp / "mp_single"), "--total-timesteps", "1024",
             "--devices", "2"),
         job(tmp, "cfc_one", "ppo", *CFC, "--num-envs", "8", "--num-minibatches", "2", "--total-timesteps", "512",
-            "--devices", "1", "--sharded"),
+            "--devices", "1"),
         job(tmp, "cfc_two", "ppo", *CFC, "--num-envs", "8", "--num-minibatches", "2", "--total-timesteps", "512",
             "--devices", "2", "--eval-every", "256", "--eval-episodes", "2"),
-        job(tmp, "a2c_one", "a2c", *A2C, "--devices", "1", "--sharded"),
+        job(tmp, "a2c_one", "a2c", *A2C, "--devices", "1"),
         job(tmp, "a2c_two", "a2c", *A2C, "--devices", "2"),
         # a population, resumed; its half against agent 1 alone (seed 3 + 1), which then resumes on 2 devices
         job(tmp, "pop", "ppo", *FULL, "--seed", "3", "--num-agents", "2", "--eval-every", "1024",
@@ -116,8 +116,8 @@ def runs(tmp, mp_half):
             "--eval-episodes", "2"),
         copy(tmp, "pop_half", "pop_512"),
         job(tmp, "pop_resumed", "ppo", "--resume", str(tmp / "pop_half"), "--total-timesteps", "1024"),
-        job(tmp, "plain", "ppo", *HALF, "--seed", "4", "--devices", "1"),
-        job(tmp, "plain_resumed", "ppo", "--resume", str(tmp / "plain"), "--total-timesteps", "1024",
+        job(tmp, "lone", "ppo", *HALF, "--seed", "4", "--devices", "1"),
+        job(tmp, "lone_resumed", "ppo", "--resume", str(tmp / "lone"), "--total-timesteps", "1024",
             "--devices", "2"),
         job(tmp, "sweep", "a2c", *A2C, "--sweep", "learning_rate=1e-3,3e-3"),
         job(tmp, "lr0", "a2c", *A2C, "--learning-rate", "1e-3", "--seed", "1", "--devices", "1"),
@@ -141,7 +141,7 @@ def test_ppo_two_and_four_devices_match_one_device(runs):
     assert config(runs / "all")["devices"] == 4 and config(runs / "all")["scale_out"]["devices"] == 4
     assert config(runs / "two")["devices"] == 2 and config(runs / "two")["scale_out"]["devices"] == 2
     assert int(rows(runs / "two")[-1]["global_step"]) == 1024
-    # the checkpoint restores on another topology (here: one plain device)
+    # the checkpoint restores on another topology (here: one device)
     assert_close(params_of(runs / "two" / "checkpoints" / "latest"), one)
 
 
@@ -196,28 +196,27 @@ def test_two_process_run_resumes_exactly_on_any_topology(tmp, mp_half, runs):
 # ---------------------------------------------------------------------------
 
 
-def test_sharded_resume_is_exact_and_continues_on_fewer_devices(runs):
+def test_resume_is_exact_and_continues_on_fewer_devices(runs):
     """Half the run on 2 devices, then --resume to the full length: on 2
     devices the same params as one go, bit for bit. Resumed on 1 device, the
-    run stays on the data-parallel path, the emulators are replayed, the return
-    windows re-laid; params and metrics follow the uninterrupted run to float
-    tolerance."""
+    emulators are replayed, the return windows re-laid; params and metrics
+    follow the uninterrupted run to float tolerance."""
     full = trained(runs, "two")
     assert_equal(full, trained(runs, "resumed"))
     assert_close(trained(runs, "topo"), full)
     cfg = config(runs / "topo")
-    assert cfg["sharded"] and cfg["scale_out"]["devices"] == 1
+    assert "sharded" not in cfg and cfg["scale_out"]["devices"] == 1
     got, want = rows(runs / "topo"), rows(runs / "two")
     assert [(r["global_step"], r["episodes"], r["return_mean100"]) for r in got] == \
            [(r["global_step"], r["episodes"], r["return_mean100"]) for r in want]
 
 
-def test_plain_run_resumes_on_two_devices(runs):
-    trained(runs, "plain_resumed")
-    assert "written with the plain path on 2 device(s)" in (runs / "plain_resumed.log").read_text()
-    got = rows(runs / "plain")
+def test_one_device_run_resumes_on_two_devices(runs):
+    trained(runs, "lone_resumed")
+    assert "written on 1 device(s) and continues on 2" in (runs / "lone_resumed.log").read_text()
+    got = rows(runs / "lone")
     assert int(got[-1]["global_step"]) == 1024 and got[-1]["return_mean100"]
-    assert config(runs / "plain")["scale_out"]["devices"] == 2
+    assert config(runs / "lone")["scale_out"]["devices"] == 2
 
 
 # ---------------------------------------------------------------------------
@@ -233,9 +232,9 @@ def test_ppo_population_matches_agents_trained_alone(runs):
     # agent 1 (seed 3 + 1) alone: the agents are neither mixed up nor given the population's seed
     agent = load_policy(pop / "agents" / "1")
     assert agent.config["seed"] == 4
-    assert_close([np.asarray(x) for x in jax.tree.leaves(agent.params)], trained(runs, "plain"))
+    assert_close([np.asarray(x) for x in jax.tree.leaves(agent.params)], trained(runs, "lone"))
     # metrics of agent 1 are those of the lone run (its first half, before the resume)
-    solo, mine = rows(runs / "plain")[:4], [r for r in got if r["agent"] == "1"]
+    solo, mine = rows(runs / "lone")[:4], [r for r in got if r["agent"] == "1"]
     np.testing.assert_allclose([float(r["loss"]) for r in mine], [float(r["loss"]) for r in solo], rtol=1e-4)
     assert [r["episodes"] for r in mine] == [r["episodes"] for r in solo]
     assert_differs(params_of(pop / "agents" / "0"), params_of(pop / "agents" / "1"))

@@ -2,8 +2,7 @@
 
 Data parallel (``--devices N``): each device steps its share of the envs and
 holds their replay rows; minibatches are stratified by env with per-env keys,
-so N devices give the params of the same sharded path on one device
-(``--devices 1 --sharded``) to float tolerance; so do two processes on
+so N devices give the params of one device to float tolerance; so do two processes on
 localhost with ``jax.distributed`` (one device each). A checkpoint resumes
 bit for bit on the topology that wrote it and to float tolerance on another.
 Several devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 
 from _scale_worker import copy, job, launch, run_jobs, trained
-from jaxatari import parallel, runner
+from jaxatari import driver, parallel, runner
 from jaxatari.agents import dqn
 from jaxatari.checkpoint import load_policy
 
@@ -45,7 +44,7 @@ FULL, HALF = [*FLAGS, "--total-timesteps", "1200"], [*FLAGS, "--total-timesteps"
 
 
 def train(run_dir, **kw):
-    return dqn.train(dqn.Config(**dict(TINY, **kw), run_dir=str(run_dir)))
+    return driver.train(dqn.ALGORITHM, dqn.Config(**dict(TINY, **kw), run_dir=str(run_dir)))
 
 
 def params_of(path):
@@ -88,7 +87,7 @@ def final_eval_return(run_dir, seed):
     (the evaluation after the last chunk of an ``--eval-every`` run)."""
     pol = load_policy(Path(run_dir) / "checkpoints" / "latest")
     c = dqn.resolve(dqn.Config(**dict(TINY, eval_episodes=3, seed=seed)))
-    return dqn.make_evaluator(c, pol.network, {})(pol.params, seed=seed)
+    return dqn.evaluator(c, pol.spec)(pol.params, seed)
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +109,17 @@ def mhalf(shared):
 
 
 @pytest.fixture(scope="module")
-def plain(shared):
-    """Half a run on the plain single-device path, in this process: agent 1 of the population alone (seed
-    3 + 1) for 800 steps; the worker resumes it on 2 devices."""
-    return train(shared / "plain", seed=4, total_timesteps=800)
+def lone(shared):
+    """Half a run on one device, in this process: agent 1 of the population alone (seed 3 + 1) for 800
+    steps; the worker resumes it on 2 devices."""
+    return train(shared / "lone", seed=4, total_timesteps=800)
 
 
 @pytest.fixture(scope="module")
-def runs(shared, mhalf, plain):
+def runs(shared, mhalf, lone):
     """Every single-process run on fake devices, in one worker process with 2 devices."""
     run_jobs(shared, [
-        job(shared, "one", "dqn", *FULL, "--devices", "1", "--sharded"),  # the data-parallel path's reference
+        job(shared, "one", "dqn", *FULL, "--devices", "1"),  # the reference: one device
         # --eval-every: evaluated after every chunk, on the host copy of the replicated params (which leaves
         # training as it is)
         job(shared, "two", "dqn", *FULL, "--devices", "2", "--eval-every", "400", "--eval-episodes", "3"),
@@ -131,14 +130,14 @@ def runs(shared, mhalf, plain):
             "--devices", "1"),
         job(shared, "mhalf_in_one", "dqn", "--resume", str(shared / "mhalf_in_one"), "--total-timesteps", "1200",
             "--devices", "1"),
-        job(shared, "plain_resumed", "dqn", "--resume", str(shared / "plain"), "--total-timesteps", "1200",
+        job(shared, "lone_resumed", "dqn", "--resume", str(shared / "lone"), "--total-timesteps", "1200",
             "--devices", "2"),
     ], devices=2)
     return shared
 
 
 # ---------------------------------------------------------------------------
-# Data parallel: N devices == the sharded path on 1 device
+# Data parallel: N devices == 1 device
 # ---------------------------------------------------------------------------
 
 
@@ -146,7 +145,7 @@ def test_dqn_two_devices_match_one_device(runs):
     one = trained(runs, "one")
     assert_close(trained(runs, "two"), one)
     cfg = json.loads((runs / "two" / "config.json").read_text())
-    assert cfg["devices"] == 2 and cfg["scale_out"]["devices"] == 2 and cfg["sharded"]
+    assert cfg["devices"] == 2 and cfg["scale_out"]["devices"] == 2 and "sharded" not in cfg
     r1, r2 = rows(runs / "one"), rows(runs / "two")
     assert len(r2) == 12 and r2[-1]["global_step"] == "1200" and r2[-1]["update"] == "201"
     assert [r["episodes"] for r in r2] == [r["episodes"] for r in r1]
@@ -155,7 +154,7 @@ def test_dqn_two_devices_match_one_device(runs):
     assert float(r2[-1]["buffer_size"]) > 900  # both replay shards filled
     assert [i for i, r in enumerate(r2) if r["eval_return"]] == [3, 7, 11]  # the last row of every chunk
     assert float(r2[-1]["eval_return"]) == pytest.approx(final_eval_return(runs / "two", seed=1), rel=1e-6)
-    # the checkpoint (replicated params, sharded buffer) restores on one plain device
+    # the checkpoint (replicated params, sharded buffer) restores on one device
     assert_close(params_of(runs / "two" / "checkpoints" / "latest"), one)
     # The match is not that of two idle learners: from ~0 at the first update, the Q of the taken actions climbs
     # past 2 by the 4th target sync (each adds at most ~1 reward; a learner whose target never syncs stays ~1).
@@ -163,9 +162,9 @@ def test_dqn_two_devices_match_one_device(runs):
     assert abs(q[3]) < 0.5 and q[-1] > 2, q
 
 
-def test_dqn_sharded_resume_is_exact_and_resumes_on_one_device(runs):
+def test_dqn_resume_is_exact_and_resumes_on_one_device(runs):
     """Half the run on 2 devices, then --resume (sharded buffer restored, env actions replayed): same as one go,
-    bit for bit on 2 devices, to float tolerance on 1 (the run stays on the sharded path)."""
+    bit for bit on 2 devices, to float tolerance on 1."""
     full, drop = trained(runs, "two"), ("wall_time", "sps", "eval_return")  # the run in one go evaluated
     for x, y in zip(full, trained(runs, "resumed")):
         np.testing.assert_array_equal(x, y)
@@ -174,7 +173,7 @@ def test_dqn_sharded_resume_is_exact_and_resumes_on_one_device(runs):
     assert_close(trained(runs, "half_on_one"), full)
     assert_rows_close(rows(runs / "half_on_one"), rows(runs / "two"))
     cfg = json.loads((runs / "half_on_one" / "config.json").read_text())
-    assert cfg["devices"] == 1 and cfg["sharded"] and cfg["scale_out"]["devices"] == 1
+    assert cfg["devices"] == 1 and cfg["scale_out"]["devices"] == 1
 
 
 # ---------------------------------------------------------------------------
@@ -188,14 +187,14 @@ def test_dqn_two_processes_match_one_device(shared, multi, runs):
     for x, y in zip(p0, p1):
         np.testing.assert_array_equal(x, y)
     assert_close(p0, trained(runs, "one"))  # 2 processes x 1 device == 1 device, same global batch
-    assert "Compiled" in out0 and "Compiled" not in out1 and "Replay buffer" not in out1  # only process 0 logs
+    assert "Compiled" in out0 and "Compiled" not in out1 and "replay buffer" not in out1  # only process 0 logs
     run_dir = shared / "multi"
     got = rows(run_dir)
     assert len(got) == 12 and got[-1]["global_step"] == "1200" and got[-1]["update"] == "201"
     assert_rows_close(got, rows(runs / "one"))
     assert float(got[-1]["eval_return"]) == pytest.approx(final_eval_return(run_dir, seed=1), rel=1e-6)
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["scale_out"]["processes"] == 2 and cfg["scale_out"]["devices"] == 2 and cfg["sharded"]
+    assert cfg["scale_out"]["processes"] == 2 and cfg["scale_out"]["devices"] == 2
     for i in range(2):  # one action log per process: its 2 envs, 300 env steps
         assert (run_dir / f"actions.p{i}of2.u8").stat().st_size == 300 * 2
     assert_close(params_of(run_dir / "checkpoints" / "latest"), p0)  # written once, restores on one device
@@ -219,26 +218,14 @@ def test_dqn_two_processes_resume_exact_and_in_one_process(shared, multi, runs):
     assert cfg["scale_out"]["processes"] == 1 and cfg["coordinator"] is None
 
 
-def test_plain_run_resumes_on_two_devices(runs):
-    """A plain run resumed with --devices 2 continues on the sharded path and says so."""
-    trained(runs, "plain_resumed")
-    log = (runs / "plain_resumed.log").read_text()
-    assert "trained on the plain single-device path and continues on the data-parallel one" in log
-    got = rows(runs / "plain")
+def test_one_device_run_resumes_on_two_devices(runs):
+    """A one-device run resumed with --devices 2 says that it continues to float tolerance."""
+    trained(runs, "lone_resumed")
+    log = (runs / "lone_resumed.log").read_text()
+    assert "written on 1 device(s) and continues on 2" in log
+    got = rows(runs / "lone")
     assert len(got) == 12 and got[-1]["global_step"] == "1200"
-    assert json.loads((runs / "plain" / "config.json").read_text())["scale_out"]["devices"] == 2
-
-
-def test_resume_keeps_the_code_path(tmp_path):
-    """A data-parallel run resumes on the data-parallel path even on one device (its minibatches differ from
-    the plain path's); a plain run resumes on the plain path unless --devices asks for more."""
-    def resumed(scale_out, **kw):
-        (tmp_path / "config.json").write_text(json.dumps(dict(scale_out=scale_out)))
-        return dqn.resolve_devices(dqn.resolve(dqn.Config(**dict(TINY, resume=str(tmp_path), **kw))))
-
-    assert resumed(dict(devices_per_process=1, processes=2, devices=2, num_agents=1), devices=1) == (1, True)
-    assert resumed(dict(devices_per_process=2, processes=1, devices=2, num_agents=1), devices=1) == (1, True)
-    assert resumed(None) == (1, False) and resumed(None, devices=1) == (1, False)
+    assert json.loads((runs / "lone" / "config.json").read_text())["scale_out"]["devices"] == 2
 
 
 def test_bad_process_flags_are_named(tmp_path, monkeypatch):
@@ -252,15 +239,15 @@ def test_bad_process_flags_are_named(tmp_path, monkeypatch):
     assert not (tmp_path / "bad").exists()  # refused before anything was built or written
 
 
-def test_bad_device_flags_are_named():
-    c = dqn.resolve(dqn.Config(**dict(TINY, batch_size=30, sharded=True)))
-    with pytest.raises(parallel.ParallelError, match=r"--batch-size 30 is not divisible by --num-envs 4"):
-        dqn.resolve_devices(c)
-    assert dqn.resolve_devices(dqn.resolve(dqn.Config(**dict(TINY, batch_size=30)))) == (1, False)  # 1 device
+def test_bad_device_flags_are_named(tmp_path):
+    with pytest.raises(runner.ConfigError, match=r"--batch-size 30 is not divisible by --num-envs 4"):
+        dqn.resolve(dqn.Config(**dict(TINY, batch_size=30)))
     with pytest.raises(parallel.ParallelError, match=r"--devices 2 .* 1 local device"):
-        dqn.resolve_devices(dqn.resolve(dqn.Config(**dict(TINY, devices=2))))
-    with pytest.raises(parallel.ParallelError, match=r"--num-agents 2 runs on one device; drop --devices 2"):
-        dqn.train(dqn.Config(**dict(TINY, devices=2, num_agents=2)))
+        train(tmp_path / "bad", devices=2)
+    with pytest.raises(parallel.ParallelError, match=r"--num-agents 2 runs on one device of one process; "
+                                                     r"drop --devices 2"):
+        train(tmp_path / "bad", devices=2, num_agents=2)
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------------------
@@ -280,7 +267,7 @@ def pop_half(shared):
     return train(shared / "pop_half", seed=3, num_agents=2, eval_every=1200, eval_episodes=3, total_timesteps=800)
 
 
-def test_dqn_population_matches_agents_trained_alone(shared, pop, pop_half, plain):
+def test_dqn_population_matches_agents_trained_alone(shared, pop, pop_half, lone):
     """Agent 1 ends where a lone run with seed 3 + 1 ends (so the agents are
     neither mixed up nor given the population's seed). --eval-every: each
     agent's rows get its own score, as it would alone."""
@@ -294,14 +281,14 @@ def test_dqn_population_matches_agents_trained_alone(shared, pop, pop_half, plai
         score = float(got[-2 + k]["eval_return"])
         assert score == pytest.approx(final_eval_return(shared / "pop" / "agents" / str(k), seed=3 + k), rel=1e-6)
 
-    # agent 1 of the population at 800 steps == the plain run with seed 4 (its first 800 steps)
+    # agent 1 of the population at 800 steps == the lone run with seed 4 (its first 800 steps)
     half = shared / "pop_half"
     agent = load_policy(half / "agents" / "1")
     assert agent.config["seed"] == 4 and agent.config["num_agents"] == 1
-    lone = params(plain)
-    assert_close([np.asarray(x) for x in jax.tree.leaves(agent.params)], lone)
-    assert_close([np.asarray(x)[1] for x in jax.tree.leaves(pop_half.state.params)], lone)  # the stacked state
-    solo, mine = rows(shared / "plain")[:8], [r for r in rows(half) if r["agent"] == "1"]
+    alone = params(lone)
+    assert_close([np.asarray(x) for x in jax.tree.leaves(agent.params)], alone)
+    assert_close([np.asarray(x)[1] for x in jax.tree.leaves(pop_half.state.params)], alone)  # the stacked state
+    solo, mine = rows(shared / "lone")[:8], [r for r in rows(half) if r["agent"] == "1"]
     assert [r["episodes"] for r in mine] == [r["episodes"] for r in solo]
     assert [r["global_step"] for r in mine] == [r["global_step"] for r in solo]
     for col in ("loss", "q_mean", "epsilon", "buffer_size"):
@@ -327,7 +314,7 @@ def test_dqn_population_resume_is_exact(shared, pop, pop_half, tmp_path):
     """Half the run, then --resume (buffers in the checkpoint, env actions replayed): same as one go."""
     d = tmp_path / "resumed"
     shutil.copytree(shared / "pop_half", d)
-    resumed = dqn.train(runner.cli(dqn.Config, resumable=dqn.RESUMABLE,
+    resumed = driver.train(dqn.ALGORITHM, runner.cli(dqn.Config, resumable=dqn.RESUMABLE,
                                    argv=["--resume", str(d), "--total-timesteps", "1200"]))
     for x, y in zip(jax.tree.leaves(pop.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

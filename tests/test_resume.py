@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxatari import runner
+from jaxatari import driver, runner
 from jaxatari.agents import ppo as ppo_agent
 from jaxatari.checkpoint import Checkpointer, load_policy
 
@@ -35,7 +35,7 @@ def ppo(*args, **kw):
 
 def train(*args):
     """What ``scripts/ppo.py args`` trains, in this process."""
-    return ppo_agent.train(runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE, argv=list(args)))
+    return driver.train(ppo_agent.ALGORITHM, runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE, argv=list(args)))
 
 
 def rows(run_dir, drop=("wall_time", "sps")):
@@ -119,7 +119,7 @@ def test_a_finished_run_is_neither_retrained_nor_overwritten(runs, tmp_path):
     with pytest.raises(runner.AlreadyComplete, match=r"already complete.* 51,200 .*--total-timesteps"):
         train("--resume", str(d))
     with pytest.raises(runner.ConfigError, match=r"already holds a run \(config.json, metrics.csv, checkpoints"):
-        ppo_agent.train(runner.cli(ppo_agent.Config, resumable=(), argv=[*ARGS, "--run-dir", str(d)]))
+        driver.train(ppo_agent.ALGORITHM, runner.cli(ppo_agent.Config, resumable=(), argv=[*ARGS, "--run-dir", str(d)]))
     with pytest.raises(runner.ConfigError, match=r"is a ppo run, not dqn; resume it with python scripts/ppo.py"):
         runner.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=["--resume", str(d)])
     with pytest.raises(runner.ConfigError, match="--run-dir cannot be combined with --resume"):

@@ -98,3 +98,43 @@ def test_replay_mismatch_is_reported_not_exact(tmp_path):
     assert not runner.restore_env(env, tmp_path, 3, np.ones((2, 1)), 2)
     assert env.resets == 1 and runner.ActionLog(tmp_path, 2).rows() == 3  # the envs reset after the 3 rows
     assert runner.read_segments(tmp_path)[-1][:3] == (3, 3, True)
+
+
+@pytest.mark.parametrize("agents", [1, 2])
+def test_a_run_written_before_the_one_compiled_path_resumes(tmp_path, capsys, agents):
+    """The former single-device path kept one unsplit window of returns and a scalar count (and wrote no
+    scale_out into config.json); a former population a count per agent. Rewritten so, a run resumes: the
+    windows are re-laid, the newest returns kept, and the run says how it continues."""
+    import dataclasses
+    import json
+    import shutil
+
+    import jax
+
+    from jaxatari.agents import ppo
+    from jaxatari.checkpoint import Checkpointer
+    from jaxatari.driver import train
+
+    base = ppo.Config(env="CartPole-v1", num_envs=2, num_steps=8, chunk_steps=16, total_timesteps=64,
+                      tensorboard=False, run_dir=str(tmp_path), num_agents=agents, anneal_lr=False)
+    first = train(ppo.ALGORITHM, base)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if agents == 1:
+        del cfg["scale_out"]
+    else:
+        del cfg["scale_out"]["windows_per_agent"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    state = jax.device_get(first.state)
+    st = state.env.stats
+    assert st.count.shape == ((1,) if agents == 1 else (2, 1)) and int(np.sum(st.count)) > 0
+    old = state.replace(env=state.env.replace(stats=st.replace(count=st.count.reshape(st.count.shape[:-1]))))
+    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "64")
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        ckpt.save(64, old, policy=old.params, meta=dict(env_steps=64))
+    capsys.readouterr()
+
+    resumed = train(ppo.ALGORITHM, dataclasses.replace(base, resume=str(tmp_path), total_timesteps=96))
+    assert resumed.global_step == 96
+    out = capsys.readouterr().out
+    assert ("former single-device path" in out) == (agents == 1)
+    assert json.loads((tmp_path / "config.json").read_text())["scale_out"]["windows_per_agent"] == 1

@@ -18,6 +18,12 @@ import jax.numpy as jnp
 ApplyFn = Callable[[Any, Any], tuple[jax.Array, jax.Array]]
 
 
+def all_finite(tree) -> jax.Array:
+    """True if every floating-point leaf of ``tree`` is finite (no NaN or inf): a scalar bool."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``sum(x * mask) / max(sum(mask), 1)``: the mean of ``x`` over the samples
     where ``mask`` is set; ``x`` and ``mask`` have the same shape (a mask that

@@ -3,6 +3,7 @@ CartPole, exact resume, and the script on SpaceInvaders."""
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -16,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari import envs, runner
+from jaxatari import driver, envs, runner
 from jaxatari.agents import a2c
-from jaxatari.networks import ActorCritic
+from jaxatari.driver import train
 from jaxatari.ops import A2CBatch, a2c_loss, gae, n_step_returns
 from jaxatari.rollout import Trajectory
 
@@ -192,25 +193,26 @@ def test_script_rejects_bad_target_before_compiling():
 
 
 def build(c, num_updates=100):
-    env, spec = envs.make(c.env, c.num_envs, seed=c.seed, preset=c.preset)
-    ns = a2c.network_spec(c, spec)
-    net = ActorCritic(ns)
-    opt = a2c.make_optimizer(c, num_updates)
-    obs, _ = env.reset()
-    state = a2c.init(c, spec, ns, opt, obs, jax.random.PRNGKey(c.seed))
-    handle, step_fn, _ = envs.make_step_fn(env, spec)
-    return state, handle, net, opt, step_fn
+    """The driver's pieces for one device: ``(config, context, envs, state before update 0)``."""
+    c = dataclasses.replace(c, devices=1)
+    es = driver.make_envs(c, 1, [c.seed])
+    ctx = driver.Context(es.spec, a2c.network_spec(c, es.spec), es.step_fn, es.local_envs, num_updates)
+    return c, ctx, es, driver.initial_state(a2c.ALGORITHM, c, ctx, es, [c], abstract=False)
 
 
 @pytest.mark.parametrize("network", ["auto", "cfc"])
 def test_chunk_compiles_once(network):
     c = a2c.resolve(a2c.Config(env="CartPole-v1", num_envs=3, num_steps=5, network=network, cfc_units=8,
                                cfc_backbone_units=16))
-    state, handle, net, opt, step_fn = build(c)
-    chunk = a2c.make_chunk(c, net, opt, step_fn, 4, 100)
+    c, ctx, es, state = build(c)
+
+    def update(state, handle):
+        return a2c.update(c, ctx, state, handle)
+
     chex.clear_trace_counter()
-    chunk = jax.jit(chex.assert_max_traces(chunk.__wrapped__, n=1), donate_argnames=("state",))
-    state, handle = jax.device_put((state, handle))
+    chunk = driver.make_chunk(chex.assert_max_traces(update, n=1), es.mesh,
+                              driver.state_specs(a2c.ALGORITHM, state, False), 4)
+    handle = es.handle
     with jax.transfer_guard("disallow"):  # no implicit host<->device copy inside the training loop
         for _ in range(3):
             state, handle, out = chunk(state, handle)
@@ -235,9 +237,10 @@ def test_cartpole_learns(tmp_path):
     c = a2c.resolve(a2c.Config(env="CartPole-v1", total_timesteps=1_000_000, chunk_steps=10_000))
     assert (c.num_envs, c.num_steps, c.learning_rate, c.target) == (8, 5, 2e-3, "nstep")
     sched = runner.make_schedule(c.total_timesteps, c.batch_size, c.chunk_steps)
-    state, handle, net, opt, step_fn = build(c, sched.num_updates)
-    chunk = a2c.make_chunk(c, net, opt, step_fn, sched.updates_per_chunk, sched.num_updates)
-    res = runner.run(run_dir=tmp_path, state=state, handle=handle, chunk_fn=chunk, schedule=sched, start_chunk=0,
+    c, ctx, es, state = build(c, sched.num_updates)
+    chunk = driver.make_chunk(functools.partial(a2c.update, c, ctx), es.mesh,
+                              driver.state_specs(a2c.ALGORITHM, state, False), sched.updates_per_chunk)
+    res = runner.run(run_dir=tmp_path, state=state, handle=es.handle, chunk_fn=chunk, schedule=sched, start_chunk=0,
                      num_envs=c.num_envs, env_steps=lambda s: int(s.update) * c.batch_size,
                      policy_of=lambda s: s.params, target_return=400.0, metric_columns=a2c.METRIC_COLUMNS,
                      tensorboard=False)
@@ -258,10 +261,10 @@ def test_resume_matches_uninterrupted(tmp_path):
     # 2-chunk run equals a 1-chunk run resumed to 2 chunks, bit for bit.
     base = a2c.Config(env="CartPole-v1", total_timesteps=4000, chunk_steps=2000, anneal_lr=False,
                       tensorboard=False)
-    straight = a2c.train(dataclasses.replace(base, run_dir=str(tmp_path / "a")))
-    half = a2c.train(dataclasses.replace(base, total_timesteps=2000, run_dir=str(tmp_path / "b")))
+    straight = train(a2c.ALGORITHM, dataclasses.replace(base, run_dir=str(tmp_path / "a")))
+    half = train(a2c.ALGORITHM, dataclasses.replace(base, total_timesteps=2000, run_dir=str(tmp_path / "b")))
     assert half.global_step == 2000
-    resumed = a2c.train(dataclasses.replace(base, resume=str(tmp_path / "b")))
+    resumed = train(a2c.ALGORITHM, dataclasses.replace(base, resume=str(tmp_path / "b")))
     assert straight.global_step == resumed.global_step == 4000
     drop = ("wall_time", "sps")
     a = [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "a" / "metrics.csv")]

@@ -340,7 +340,9 @@ def test_collect_then_bc_scripts_on_breakout(tmp_path):
     from jaxatari.agents import ppo
 
     expert = tmp_path / "expert"  # a tiny, untrained PPO expert: the run directory is what matters
-    ppo.train(ppo.Config(env="Breakout-v5", total_timesteps=64, num_envs=4, num_steps=16, num_minibatches=2,
+    from jaxatari.driver import train
+
+    train(ppo.ALGORITHM, ppo.Config(env="Breakout-v5", total_timesteps=64, num_envs=4, num_steps=16, num_minibatches=2,
                          update_epochs=1, run_dir=str(expert), tensorboard=False))
 
     d = tmp_path / "data"

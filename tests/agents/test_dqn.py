@@ -2,6 +2,7 @@
 CartPole, the script on Pong, and exact resume."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari import envs, runner
+from jaxatari import driver, envs, runner
 from jaxatari.agents import dqn
-from jaxatari.networks import QNetwork
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def run_script(*args, timeout=600):
 
 def _train(argv):
     """What ``scripts/dqn.py argv`` trains, in this process."""
-    return dqn.train(runner.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=argv))
+    return driver.train(dqn.ALGORITHM, runner.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=argv))
 
 
 # ---------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def test_explicit_flags_win_over_the_preset():
 def test_classic_defaults_and_buffer_rounding():
     c = dqn.resolve(dqn.Config(env="CartPole-v1"))
     assert c.dqn_preset == "classic" and c.preset == "none" and c.num_envs == 4
-    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=3, buffer_size=1000))
+    c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=3, buffer_size=1000, batch_size=126))
     assert c.buffer_size == 1002  # rounded up to a multiple of the env count
 
 
@@ -88,7 +88,7 @@ def test_classic_defaults_and_buffer_rounding():
 ])
 def test_replay_ratio_is_kept_for_any_env_count(num_envs, freq, grad_steps, period, updates):
     c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=num_envs, train_frequency=freq,
-                               gradient_steps=grad_steps))
+                               gradient_steps=grad_steps, batch_size=24 * num_envs))
     assert (c.train_period, c.updates_per_train) == (period, updates)
     assert c.updates_per_train / (c.train_period * num_envs) == pytest.approx(grad_steps / freq)
     assert f"{grad_steps / freq:g} updates/env step" in dqn.describe_replay_ratio(c)
@@ -110,6 +110,7 @@ def test_replay_ratio_is_kept_for_any_env_count(num_envs, freq, grad_steps, peri
     (dict(optimizer_eps=-1.0), r"--optimizer-eps -1.0 is not accepted: it must be > 0\."),
     (dict(exploration_fraction=0.0), r"--exploration-fraction 0.0 is not accepted: it must be in \(0, 1\]\."),
     (dict(exploration_steps=0), r"--exploration-steps 0 is not accepted: it must be an integer >= 1\."),
+    (dict(num_envs=3), r"--batch-size 128 is not divisible by --num-envs 3: every env gives"),
 ])
 def test_bad_config_names_the_value(kw, match):
     with pytest.raises(runner.ConfigError, match=match):
@@ -145,16 +146,20 @@ def test_target_update_hard_and_polyak():
 # ---------------------------------------------------------------------------
 
 
-def _chunk_parts(c, qnet=None):
-    """``(env, spec, qnet, optimizer, state, handle, step_fn)`` for :func:`dqn.make_chunk` on config ``c``
-    (``qnet``: a Q-network, default ``QNetwork`` of ``c``)."""
-    env, spec = envs.make(c.env, c.num_envs, seed=0, preset=c.preset, options=envs.parse_env_options(c.env_option))
-    qnet = qnet or QNetwork(dqn.network_spec(c, spec))
-    opt = dqn.make_optimizer(c)
-    obs, _ = env.reset()
-    state = dqn.init(c, spec, qnet, opt, obs, jax.random.PRNGKey(0))
-    handle, step_fn, _ = envs.make_step_fn(env, spec)
-    return env, spec, qnet, opt, state, handle, step_fn
+def _chunk_parts(c):
+    """``(config, context, envs, state)`` of the driver on one device for config ``c`` (env seeds from 0)."""
+    c = dataclasses.replace(c, devices=1, seed=0)
+    es = driver.make_envs(c, 1, [c.seed])
+    ctx = driver.Context(es.spec, dqn.network_spec(c, es.spec), es.step_fn, es.local_envs, 1)
+    return c, ctx, es, driver.initial_state(dqn.ALGORITHM, c, ctx, es, [c], abstract=False)
+
+
+def _chunk(c, ctx, es, state, rows_per_chunk, wrap=lambda f: f):
+    """The compiled chunk of ``rows_per_chunk`` metrics rows the driver trains with."""
+    def update(state, handle):
+        return dqn.update(c, ctx, state, handle)
+
+    return driver.make_chunk(wrap(update), es.mesh, driver.state_specs(dqn.ALGORITHM, state, False), rows_per_chunk)
 
 
 def test_the_chunk_updates_the_buffer_in_place():
@@ -165,10 +170,8 @@ def test_the_chunk_updates_the_buffer_in_place():
 
     c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=2, buffer_size=512, learning_starts=1, batch_size=8,
                                mlp_hidden=(8,), total_timesteps=10_000, log_every=8))
-    env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c)
-    chunk = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=1)
-    hlo = chunk.lower(state, handle).compile().as_text()
-    env.close()
+    c, ctx, es, state = _chunk_parts(c)
+    hlo = _chunk(c, ctx, es, state, 1).lower(state, es.handle).compile().as_text()
     frames = state.replay.frames
     shape = f"{jnp.dtype(frames.dtype).name.replace('float', 'f')}[{','.join(map(str, frames.shape))}]"
     assert shape in hlo, shape  # the buffer is in the program
@@ -179,15 +182,12 @@ def test_the_chunk_updates_the_buffer_in_place():
 def test_chunk_compiles_once_and_keeps_the_replay_ratio():
     # 3 envs, one update per 2 env steps: 3 updates every 2 iterations, from env step 30 on.
     c = dqn.resolve(dqn.Config(env="CartPole-v1", num_envs=3, train_frequency=2, learning_starts=30,
-                               buffer_size=300, batch_size=16, log_every=12, target_network_frequency=7,
+                               buffer_size=300, batch_size=15, log_every=12, target_network_frequency=7,
                                mlp_hidden=(16,), total_timesteps=10_000))
-    env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c)
-    chunk = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=2)
+    c, ctx, es, state = _chunk_parts(c)
     chex.clear_trace_counter()
-    traced = chex.assert_max_traces(chunk.__wrapped__, n=1)
-    chunk = jax.jit(traced, donate_argnames=("state",))
-    rows = []
-    state, handle = jax.device_put((state, handle))
+    chunk = _chunk(c, ctx, es, state, 2, wrap=lambda f: chex.assert_max_traces(f, n=1))
+    rows, handle = [], es.handle
     for _ in range(3):
         with jax.transfer_guard("disallow"):  # no implicit host<->device copy inside the training loop
             state, handle, out = chunk(state, handle)
@@ -229,17 +229,20 @@ class BallFollower:
     ("CartPole-v1", ("max_episode_steps=20",), None, 1.0),  # random play: terminations and truncations
     ("Breakout-v5", (), BallFollower(), 0.0),  # lives lost (terminated), a 4-point brick (reward clipped to 1)
 ])
-def test_the_buffer_holds_what_the_envs_returned(env_id, option, qnet, epsilon):
+def test_the_buffer_holds_what_the_envs_returned(env_id, option, qnet, epsilon, monkeypatch):
     """After one compiled chunk, each env's stored actions, rewards and terminated/truncated flags are those
     the same seeded envs return when stepped on the host with the chunk's actions, EnvPool's reset steps left
     out. Catches flags swapped or dropped, and the unclipped score stored as the reward."""
     n_iter, B = 320, 2
+    if qnet is not None:
+        monkeypatch.setattr(dqn, "QNetwork", lambda spec: qnet)
     c = dqn.resolve(dqn.Config(env=env_id, env_option=option, num_envs=B, buffer_size=B * (n_iter + 1),
                                learning_starts=10**6, start_e=epsilon, end_e=epsilon, exploration_steps=1,
                                log_every=B * n_iter, total_timesteps=10**7, mlp_hidden=(8,)))
-    env, spec, qnet, opt, state, handle, step_fn = _chunk_parts(c, qnet)
-    state, _, out = dqn.make_chunk(c, qnet, opt, step_fn, spec.num_actions, rows_per_chunk=1)(state, handle)
-    env.close()
+    c, ctx, es, state = _chunk_parts(c)
+    state, _, out = _chunk(c, ctx, es, state, 1)(state, es.handle)
+    for pool in es.group.pools:
+        pool.close()
 
     host, _ = envs.make(c.env, B, seed=0, preset=c.preset, options=envs.parse_env_options(c.env_option))
     host.reset()
@@ -267,14 +270,11 @@ def test_the_buffer_holds_what_the_envs_returned(env_id, option, qnet, epsilon):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--sharded"]])
-def test_cartpole_learns(tmp_path, capsys, extra):
-    """The plain and the data-parallel (``--sharded``, on one device) paths each learn (what the script
-    trains with these flags, in this process)."""
+def test_cartpole_learns(tmp_path, capsys):
+    """What the script trains with these flags, in this process."""
     d = tmp_path / "run"
-    _train(["--env", "CartPole-v1", "--target-return", "400", "--run-dir", str(d), "--no-tensorboard", *extra])
+    _train(["--env", "CartPole-v1", "--target-return", "400", "--run-dir", str(d), "--no-tensorboard"])
     out = capsys.readouterr().out
-    assert json.loads((d / "config.json").read_text())["sharded"] == ("--sharded" in extra)
     assert "Target return 400.0 reached" in out
     rows = read_csv(d / "metrics.csv")
     assert int(rows[-1]["global_step"]) <= 500_000
@@ -294,7 +294,7 @@ def test_pong_script_writes_run_dir(tmp_path):
                    "--num-envs", "4", "--buffer-size", "400", "--batch-size", "4", "--learning-starts", "192",
                    "--train-frequency", "4", "--log-every", "64", "--chunk-steps", "128", "--run-dir", str(d))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Replay buffer: 400 transitions" in r.stdout and "MiB" in r.stdout
+    assert "replay buffer: 400 transitions" in r.stdout and "MiB" in r.stdout
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["algo"] == "dqn" and cfg["env"] == "Pong-v5" and cfg["dqn_preset"] == "pong-fast"
     assert cfg["preset"] == "nature" and cfg["env_spec"]["options"]["episodic_life"] is True
