@@ -7,13 +7,13 @@ The public API, for research code::
     adv, ret = ja.gae(rewards, values, dones, last_value, gamma=0.99, gae_lambda=0.95)
     policy = ja.load_policy("runs/Breakout-v5__ppo__1__...")
 
-Algorithms live in :mod:`jaxatari.agents` (``ppo``, ``a2c``, ``dqn``, ``bc``);
-the replay buffer is :mod:`jaxatari.replay`; expert datasets :mod:`jaxatari.data`; the errors a
+Algorithms live in :mod:`jaxatari.agents` (``ppo``, ``a2c``, ``dqn``, ``bc``), each
+ending with the ``ALGORITHM`` that :func:`jaxatari.driver.train` trains; the replay buffer is :mod:`jaxatari.replay`; expert datasets :mod:`jaxatari.data`; the errors a
 user sees :mod:`jaxatari.errors`.
 """
 
 from jaxatari import data, errors, replay
-from jaxatari.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, LoadedPolicy, load_policy
+from jaxatari.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
 from jaxatari.envs import (
     ATARI_PRESETS,
     EnvSpec,
@@ -25,6 +25,7 @@ from jaxatari.evaluate import EvalResult, evaluate
 from jaxatari.networks import ActorCritic, ConvBlock, ImpalaCNN, MLP, NatureCNN, QNetwork
 from jaxatari.networks.cfc import AutoNCP, CfC, CfCCell, params_from_ncps
 from jaxatari.ops import a2c_loss, gae, n_step_returns, ppo_loss
+from jaxatari.policy import LoadedPolicy, load_policy
 
 __all__ = [
     "ATARI_PRESETS",

@@ -8,7 +8,10 @@ import signal
 import sys
 from typing import Callable, Sequence
 
-from jaxatari.errors import (
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ log level, read when JAX first logs
+
+from jaxatari import configs  # noqa: E402
+from jaxatari.errors import (  # noqa: E402
     AlreadyComplete, CheckpointError, CheckpointSaveError, ConfigError, EnvError, NonFiniteError,
 )
 
@@ -24,10 +27,8 @@ def main(config_cls, train: Callable, *, resumable: Sequence[str], description: 
     ``--resume`` of a run that is already complete says so and exits 0.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from jaxatari import runner  # after the environment above, which JAX reads at import
     try:
-        config = runner.cli(config_cls, resumable=resumable, description=description)
+        config = configs.cli(config_cls, resumable=resumable, description=description)
         result = train(config)
     except AlreadyComplete as e:
         print(e, flush=True)

@@ -50,9 +50,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
+import jax
 import numpy as np
 
+from jaxatari import envs, rundir
 from jaxatari.errors import ConfigError, DataError
+from jaxatari.evaluate import FullGames, episode_quotas
+from jaxatari.policy import load_policy
 
 __all__ = [
     "Batch", "CollectConfig", "CollectResult", "DataError", "SequenceDataset", "collect", "list_shards",
@@ -451,12 +455,6 @@ def collect(cfg: CollectConfig) -> CollectResult:
     not recorded. ``manifest.json`` is written last; a Ctrl-C writes it for the
     shards already on disk (``"interrupted": true``).
     """
-    import jax
-
-    from jaxatari import envs, runner
-    from jaxatari.checkpoint import load_policy
-    from jaxatari.evaluate import FullGames, episode_quotas
-
     _check_collect(cfg)
     path = Path(cfg.run_dir)
     if cfg.checkpoint == "latest" and (path / "checkpoints" / "latest").is_dir():
@@ -555,7 +553,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
 
     dropped = _drop_val_repeats(out, digests, episodes)
     counters["val"] -= dropped
-    manifest = _manifest(cfg, pol, spec, S, episodes, counters, status, time.perf_counter() - t0, runner.versions())
+    manifest = _manifest(cfg, pol, spec, S, episodes, counters, status, time.perf_counter() - t0, rundir.versions())
     manifest.update(val_repeats_dropped=dropped, distinct_train_sequences=len(set(digests["train"].values())))
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))

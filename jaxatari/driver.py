@@ -28,59 +28,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxatari import envs, parallel, runner
+from jaxatari import configs, envs, parallel, rundir, runner
+from jaxatari.algorithm import Algorithm, Context
 from jaxatari.checkpoint import Checkpointer
 from jaxatari.errors import ConfigError, ParallelError
 from jaxatari.evaluate import actor_critic_eval_fn
 from jaxatari.networks import ActorCritic, NetworkSpec
 
 AXIS = parallel.AXIS
-
-
-class Context(NamedTuple):
-    """What ``init`` and ``update`` know beyond the config: fixed for a run."""
-
-    spec: envs.EnvSpec  # the env; spec.num_envs is one agent's global batch
-    net_spec: NetworkSpec
-    step_fn: envs.StepFn  # step_fn(handle, actions [local_envs]) -> (handle, Timestep), inside shard_map
-    local_envs: int  # envs per device: the share ``update`` sees
-    num_updates: int  # updates in the whole run (learning-rate schedules)
-    agent_axis: str | None = None  # the vmap axis of a population's agents (None: one agent)
-
-
-@dataclasses.dataclass(frozen=True)
-class Algorithm:
-    """The contract between an algorithm file and the driver.
-
-    ``init(c, ctx, env_state, key) -> State`` builds the state before update 0
-    for the global batch (``env_state`` is the envs' first observations and
-    statistics, already laid out by the driver). ``update(c, ctx, state, handle)
-    -> (state, handle, metrics, actions [T, local_envs])`` is one compiled step
-    inside ``shard_map``: ``metrics`` a dict of scalars holding ``update``,
-    ``env_steps``, the episode sums, ``return_mean100``, ``finite`` and the
-    algorithm's :attr:`metric_columns`.
-    """
-
-    name: str  # "ppo": run directories, config.json, checkpoints
-    config: type  # its Config dataclass
-    resolve: Callable[[Any], Any]  # fill defaults and validate, before anything compiles
-    network_spec: Callable[[Any, envs.EnvSpec], NetworkSpec]
-    init: Callable
-    update: Callable
-    steps_per_update: Callable[[Any], int]  # global env steps of one update
-    metric_columns: tuple[str, ...]
-    resumable: tuple[str, ...]  # fields a resume may change
-    sweepable: tuple[str, ...]  # float fields --sweep may vary
-    ranges: dict[str, str]  # runner.check_ranges rules, for --sweep values
-    sharded_fields: tuple[str, ...] = ("env", "carry")  # state fields split along envs; the rest replicated
-    check_devices: Callable[[Any, int], None] = lambda c, n: None  # refuse a split over n devices
-    updates_done: Callable[[Any, Any], jax.Array] = lambda c, s: s.update  # update() calls a state has seen
-    evaluator: Callable | None = None  # (c, net_spec) -> score(params, seed); default: the actor-critic's
-    # A state field left out of checkpoints (DQN: a replay buffer too large to save): unsaved(c, spec, agents)
-    # names them; after a resume, restart(c, spec, restored, fresh) -> (state, why the run is not exact).
-    unsaved: Callable[[Any, envs.EnvSpec, int], tuple[str, ...]] = lambda c, spec, agents: ()
-    restart: Callable | None = None
-    describe: Callable | None = None  # (c, spec, agents) -> (a start-up line, entries for config.json)
 
 
 # ---------------------------------------------------------------------------
@@ -290,11 +245,11 @@ def train(algo: Algorithm, config) -> runner.RunResult:
     population, processes, main = K > 1, jax.process_count(), parallel.is_main_process()
     if not population:
         algo.check_devices(c, c.devices * processes)
-    stored = runner.load_run_config(c.resume) if c.resume else {}
+    stored = rundir.load_run_config(c.resume) if c.resume else {}
     steps = algo.steps_per_update(c)
     sched = runner.make_schedule(c.total_timesteps, steps, c.chunk_steps,
                                  updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
-    run_dir = runner.run_dir_for(c, algo.name)
+    run_dir = rundir.run_dir_for(c, algo.name)
     c = dataclasses.replace(c, run_dir=str(run_dir))
     seeds = parallel.agent_seeds(c.seed, K)
     agents = [dataclasses.replace(c, seed=s, **({name: values[k]} if name else {})) for k, s in enumerate(seeds)]
@@ -318,16 +273,16 @@ def train(algo: Algorithm, config) -> runner.RunResult:
             if unsaved:  # taken afresh: the state without them, then a new state for them
                 state, why = algo.restart(c, es.spec, state, initial_state(algo, c, ctx, es, agents, abstract=False))
             done = updates_done(state)
-            runner.check_unfinished(run_dir, done * steps, sched.total_steps)
+            rundir.check_unfinished(run_dir, done * steps, sched.total_steps)
             if done % sched.updates_per_chunk:
                 raise ConfigError(f"Checkpoint at update {done} is not on a chunk boundary of "
                                   f"{sched.updates_per_chunk} updates.")
             start_chunk = done // sched.updates_per_chunk
             obs = np.asarray(parallel.fetch(state.env.obs)).reshape(-1, *es.spec.obs_shape)
-            if not runner.restore_env(es.group, run_dir, done * steps // c.num_envs, obs, total_envs,
+            if not rundir.restore_env(es.group, run_dir, done * steps // c.num_envs, obs, total_envs,
                                       logged_processes=parallel.stored_layout(stored)[1],
                                       process_index=jax.process_index(), process_count=processes):
-                state = state.replace(env=runner.restart_episodes(state.env))
+                state = state.replace(env=rundir.restart_episodes(state.env))
             if main:
                 print(f"Resumed {run_dir} at env step {done * steps:,}{' per agent' if population else ''}.",
                       flush=True)
@@ -338,9 +293,9 @@ def train(algo: Algorithm, config) -> runner.RunResult:
             state = initial_state(algo, c, ctx, es, agents, abstract=False)
         line, recorded = algo.describe(c, es.spec, K) if algo.describe else ("", {})
         if main:
-            runner.write_config(run_dir, dict(
-                runner.config_to_json(c), algo=algo.name, env_spec=es.spec.to_json(), network_spec=net_spec.to_json(),
-                schedule=dataclasses.asdict(sched), env_backend_used=es.backend, versions=runner.versions(),
+            rundir.write_config(run_dir, dict(
+                configs.config_to_json(c), algo=algo.name, env_spec=es.spec.to_json(), network_spec=net_spec.to_json(),
+                schedule=dataclasses.asdict(sched), env_backend_used=es.backend, versions=rundir.versions(),
                 coordinator=None, num_processes=None, process_id=None,  # a resume may use another topology
                 scale_out=dict(devices_per_process=c.devices, processes=processes, devices=c.devices * processes,
                                num_agents=K, sweep=dict(name=name, values=values) if name else None,
@@ -375,11 +330,11 @@ def train(algo: Algorithm, config) -> runner.RunResult:
             policy_of=lambda s: s.params, checkpointer=_Without(ckpt, unsaved) if unsaved else ckpt,
             checkpoint_every=c.checkpoint_every, target_return=getattr(c, "target_return", None),
             metric_columns=algo.metric_columns, eval_fn=eval_fn, eval_every=c.eval_every, meta=meta,
-            tensorboard=c.tensorboard, resume_command=runner.resume_command(algo.name, run_dir), num_agents=K,
+            tensorboard=c.tensorboard, resume_command=rundir.resume_command(algo.name, run_dir), num_agents=K,
             is_main=main, fetch=parallel.fetch,
         )
     if population and main:
-        parallel.save_agents(run_dir, result.state.replace(**dict.fromkeys(unsaved)), c, agents, algo.name,
+        save_agents(run_dir, result.state.replace(**dict.fromkeys(unsaved)), c, agents, algo.name,
                              es.spec, net_spec, sched, result.global_step)
     return result
 
@@ -395,3 +350,20 @@ def _say_how_it_continues(stored: dict[str, Any], devices: int, population: bool
     elif old != devices:
         print(f"The checkpoint was written on {old} device(s) and continues on {devices}: the same run to float "
               "tolerance, not bit for bit.", flush=True)
+
+
+def save_agents(run_dir, state, c, agents, algo, spec, net_spec, sched, step: int) -> None:
+    """Per-agent checkpoints: ``RUN_DIR/agents/<k>/`` is a run directory of its
+    own (``config.json`` with the agent's seed and hyperparameters, and
+    ``checkpoints/latest``), loadable with :func:`jaxatari.policy.load_policy`."""
+    for k, ck in enumerate(agents):
+        d = run_dir / "agents" / str(k)
+        one = jax.tree.map(lambda x: np.asarray(x)[k], state)
+        rundir.write_config(d, dict(
+            configs.config_to_json(dataclasses.replace(ck, num_agents=1, sweep=None, run_dir=str(d))),
+            algo=algo, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
+            schedule=dataclasses.asdict(sched), agent=k, population=str(run_dir), versions=rundir.versions(),
+        ))
+        with Checkpointer(d, keep=1, async_save=False) as ckpt:
+            if ckpt.latest_step() != step:
+                ckpt.save(step, one, policy=one.params, meta=dict(agent=k, env_steps=step))

@@ -73,6 +73,7 @@ import numpy as np
 
 from jaxatari import envs
 from jaxatari.errors import EvalError
+from jaxatari.networks import initial_carry
 
 log = logging.getLogger(__name__)
 
@@ -707,8 +708,6 @@ def actor_critic_eval_fn(net, spec, *, env_id: str, preset, options, episodes: i
     """``params -> mean full-game return``: the trainers' ``--eval-every`` hook for an
     ``ActorCritic`` built from ``spec`` (recurrent or not), played under the
     training dynamics with the policy's own distribution (:func:`default_mode`)."""
-    from jaxatari.networks import initial_carry
-
     reset = spec.recurrent and resets_at_life_loss(env_id, preset, options)
 
     def eval_fn(params) -> float:
@@ -717,41 +716,3 @@ def actor_critic_eval_fn(net, spec, *, env_id: str, preset, options, episodes: i
                         reset_on_life_loss=reset).mean
 
     return eval_fn
-
-
-# ---------------------------------------------------------------------------
-# Loading a run's policy
-# ---------------------------------------------------------------------------
-
-CHECKPOINTS = ("best", "latest")
-
-
-def load_checkpoint(path: str | Path, checkpoint: str = "best"):
-    """Load the policy to evaluate from a run directory (or a checkpoint inside one).
-
-    ``checkpoint``: ``best`` (the best checkpoint; if ``best/`` is missing or has no
-    readable checkpoint, the newest readable one of ``latest/``, as
-    :func:`jaxatari.checkpoint.load_policy` falls back) or ``latest``.
-
-    Returns ``(policy, info)``: the :class:`~jaxatari.checkpoint.LoadedPolicy` and
-    ``info = {"checkpoint": kind, "checkpoint_step": step}``, the checkpoint actually
-    loaded after any fallback (``kind`` is ``best`` when its metadata carries a
-    score, which only ``best/`` checkpoints do). Raises ``ConfigError`` naming the
-    run's ``config.json`` when it is not valid JSON, :class:`EvalError` for a bad
-    ``checkpoint`` and ``CheckpointError`` when nothing is readable.
-    """
-    from jaxatari import runner
-    from jaxatari.checkpoint import load_policy
-
-    if checkpoint not in CHECKPOINTS:
-        raise EvalError(f"checkpoint={checkpoint!r} is not accepted; use {' or '.join(CHECKPOINTS)}.")
-    path = Path(path)
-    for directory in (path, *path.parents):  # where load_policy finds the config, named on bad JSON
-        if (directory / "config.json").is_file():
-            runner.load_run_config(directory)
-            break
-    if checkpoint == "latest" and (path / "checkpoints" / "latest").is_dir():
-        path = path / "checkpoints" / "latest"
-    policy = load_policy(path)
-    kind = "best" if "score" in policy.meta else "latest"
-    return policy, {"checkpoint": kind, "checkpoint_step": policy.meta.get("step")}

@@ -35,7 +35,7 @@ Any topology: every field of a training state has the same global shape on
 any number of devices and processes except the per-device windows of recent
 returns, so :func:`restore_latest_any_topology` resumes a checkpoint on another
 topology (re-laying those windows with :func:`merge_windows`) and
-:func:`jaxatari.runner.restore_env` replays the global action log into the envs
+:func:`jaxatari.rundir.restore_env` replays the global action log into the envs
 each process now owns.
 
 Populations (``--num-agents K``): one EnvPool of ``K x num_envs`` envs whose
@@ -58,7 +58,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxatari import envs, runner
+from jaxatari import configs, envs
 from jaxatari.errors import ConfigError, ParallelError
 from jaxatari.ops import standardize
 
@@ -534,7 +534,7 @@ def parse_sweep(sweep: str | None, num_agents: int, sweepable: Sequence[str],
 
     With ``--num-agents 1`` (the default) the sweep sets the agent count;
     otherwise the count must equal the number of values. Each value must be in
-    the field's range, ``ranges`` being the agent's :func:`runner.check_ranges`
+    the field's range, ``ranges`` being the agent's :func:`configs.check_ranges`
     rules (``ppo.RANGES`` ...), as the flag itself would be.
     """
     if not sweep:
@@ -554,7 +554,7 @@ def parse_sweep(sweep: str | None, num_agents: int, sweepable: Sequence[str],
                             f"{name}=1e-4,2.5e-4 (for one value, pass --{name.replace('_', '-')} alone).")
     for v in values:
         try:
-            runner.check_ranges(types.SimpleNamespace(**{name: v}), {name: ranges[name]})
+            configs.check_ranges(types.SimpleNamespace(**{name: v}), {name: ranges[name]})
         except ConfigError as e:
             raise ParallelError(f"--sweep {name}={vals}: {e}") from None
     if num_agents == 1:
@@ -609,27 +609,3 @@ def agent_step_fn(step_fn: envs.StepFn, num_agents: int) -> envs.StepFn:
         return (h, ts), (False, jax.tree.map(lambda _: True, ts))
 
     return step
-
-
-# ---------------------------------------------------------------------------
-# Populations: per-agent snapshots
-# ---------------------------------------------------------------------------
-
-
-def save_agents(run_dir, state, c, agents, algo, spec, net_spec, sched, step: int) -> None:
-    """Per-agent checkpoints: ``RUN_DIR/agents/<k>/`` is a run directory of its
-    own (``config.json`` with the agent's seed and hyperparameters, and
-    ``checkpoints/latest``), loadable with :func:`jaxatari.checkpoint.load_policy`."""
-    from jaxatari.checkpoint import Checkpointer
-
-    for k, ck in enumerate(agents):
-        d = run_dir / "agents" / str(k)
-        one = jax.tree.map(lambda x: np.asarray(x)[k], state)
-        runner.write_config(d, dict(
-            runner.config_to_json(dataclasses.replace(ck, num_agents=1, sweep=None, run_dir=str(d))),
-            algo=algo, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
-            schedule=dataclasses.asdict(sched), agent=k, population=str(run_dir), versions=runner.versions(),
-        ))
-        with Checkpointer(d, keep=1, async_save=False) as ckpt:
-            if ckpt.latest_step() != step:
-                ckpt.save(step, one, policy=one.params, meta=dict(agent=k, env_steps=step))

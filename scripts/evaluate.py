@@ -58,8 +58,9 @@ class Config:
 
 def main(cfg: Config) -> int:
     from jaxatari import envs, runner
-    from jaxatari.checkpoint import CheckpointError, find_run_dir
-    from jaxatari.evaluate import EvalError, check_arguments, default_mode, evaluate, load_checkpoint
+    from jaxatari.checkpoint import CheckpointError
+    from jaxatari.evaluate import EvalError, check_arguments, default_mode, evaluate
+    from jaxatari.policy import find_run_dir, load_checkpoint
 
     try:
         if cfg.checkpoint not in ("best", "latest"):

@@ -79,7 +79,7 @@ NON_LEARNING_EXTRA = ("chunk_steps", "resume")
 """Config fields that do not change the learning problem but are not in the agents'
 `RESUMABLE` tuples: `chunk_steps` (how many env steps one compiled call covers; at
 most it rounds the end of training up to a whole chunk, as total_timesteps moves
-it) and `resume` (which jaxatari.runner.cli always lets change)."""
+it) and `resume` (which jaxatari.configs.cli always lets change)."""
 
 DERIVED_NON_LEARNING_KEYS = frozenset(
     {

@@ -85,10 +85,10 @@ def launch(tmp, name, algo, *args, processes=2, timeout=600):
 
 
 def train(algo, out, argv):
-    from jaxatari import driver, parallel, runner
+    from jaxatari import configs, driver, parallel
 
     mod = importlib.import_module(f"jaxatari.agents.{algo}")
-    config = runner.cli(mod.Config, resumable=mod.RESUMABLE, argv=argv)
+    config = configs.cli(mod.Config, resumable=mod.RESUMABLE, argv=argv)
     result = driver.train(mod.ALGORITHM, config)
     params = [parallel.fetch(x) for x in jax.tree.leaves(result.state.params)]
     np.savez(out.replace(".npz", f".{jax.process_index()}.npz"), *params)

@@ -9,9 +9,9 @@ import signal
 import pytest
 from test_resume import params_equal, rows
 
-from jaxatari import driver, runner
+from jaxatari import configs, driver, runner
 from jaxatari.agents import ppo
-from jaxatari.checkpoint import load_policy
+from jaxatari.policy import load_policy
 
 # Two chunks of 4 updates x 2 envs x 16 steps (64 steps per env each), a
 # checkpoint after each. The 50-step time limit ends each env's first game in
@@ -35,7 +35,7 @@ class SigintOnEntry(runner.Signals):
 
 
 def train(*argv):
-    return driver.train(ppo.ALGORITHM, runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv)))
+    return driver.train(ppo.ALGORITHM, configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv)))
 
 
 @pytest.mark.parametrize("preset", ["nature", "machado"])

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari import data, envs, runner
-from jaxatari.checkpoint import Checkpointer, load_policy
+from jaxatari import data, envs, errors, rundir
+from jaxatari.checkpoint import Checkpointer
+from jaxatari.policy import load_policy
 from jaxatari.data import DataError
 from jaxatari.networks import init_actor_critic, resolve_network_spec
 
@@ -28,7 +29,7 @@ def make_expert(run_dir, *, network="cfc", seed=0, env_option=()):
     # Perturbed, so that the actions depend on the state (a fresh policy plays one action).
     k = jax.random.PRNGKey(seed + 1)
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(k, x.shape), params)
-    runner.write_config(run_dir, dict(env="Breakout-v5", preset="nature", env_option=list(env_option), algo="ppo",
+    rundir.write_config(run_dir, dict(env="Breakout-v5", preset="nature", env_option=list(env_option), algo="ppo",
                                       seed=seed, env_spec=spec.to_json(), network_spec=ns.to_json()))
     with Checkpointer(run_dir) as ckpt:
         ckpt.save(1, {"params": params}, policy=params)
@@ -185,7 +186,7 @@ def test_collect_refuses_to_overwrite_a_dataset(collected):
 ])
 def test_collect_bad_flags(tmp_path, kwargs, message):
     cfg = data.CollectConfig(run_dir=str(tmp_path / "nope"), out=str(tmp_path / "d"), **kwargs)
-    with pytest.raises(runner.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
         data.collect(cfg)
 
 

@@ -582,7 +582,7 @@ def test_mp4_without_a_usable_ffmpeg_is_refused_before_playing(monkeypatch):
 
 
 def test_loaded_policy_sampling_needs_a_key(tmp_path):
-    from jaxatari.checkpoint import load_policy
+    from jaxatari.policy import load_policy
 
     policy = load_policy(fake_run(tmp_path / "run"))
     obs = np.zeros((3, 4), np.float32)
@@ -597,7 +597,7 @@ def test_script_records_the_checkpoint_it_loaded_and_caps_episodes(tmp_path, cap
     script = evaluate_script(monkeypatch)
     run = fake_run(tmp_path / "run")
 
-    from jaxatari.evaluate import load_checkpoint
+    from jaxatari.policy import load_checkpoint
 
     assert load_checkpoint(run)[1] == {"checkpoint": "best", "checkpoint_step": 100}
     assert load_checkpoint(run, "latest")[1] == {"checkpoint": "latest", "checkpoint_step": 200}

@@ -22,7 +22,8 @@ import pytest
 from _scale_worker import ROOT, copy, job, launch, run_jobs, trained
 from jaxatari import parallel
 from jaxatari.agents import a2c, ppo
-from jaxatari.checkpoint import CheckpointError, load_policy
+from jaxatari.checkpoint import CheckpointError
+from jaxatari.policy import load_policy
 
 # Chunked at the half (the resumed runs stop there) at a constant learning rate (the annealing depends on the
 # total length); the annealed rate is checked on N devices by the recurrent and population tests.

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from _scale_worker import copy, job, launch, run_jobs, trained
-from jaxatari import driver, parallel, runner
+from jaxatari import configs, driver, errors, parallel
 from jaxatari.agents import dqn
-from jaxatari.checkpoint import load_policy
+from jaxatari.policy import load_policy
 
 pytestmark = pytest.mark.slow
 
@@ -240,7 +240,7 @@ def test_bad_process_flags_are_named(tmp_path, monkeypatch):
 
 
 def test_bad_device_flags_are_named(tmp_path):
-    with pytest.raises(runner.ConfigError, match=r"--batch-size 30 is not divisible by --num-envs 4"):
+    with pytest.raises(errors.ConfigError, match=r"--batch-size 30 is not divisible by --num-envs 4"):
         dqn.resolve(dqn.Config(**dict(TINY, batch_size=30)))
     with pytest.raises(parallel.ParallelError, match=r"--devices 2 .* 1 local device"):
         train(tmp_path / "bad", devices=2)
@@ -314,7 +314,7 @@ def test_dqn_population_resume_is_exact(shared, pop, pop_half, tmp_path):
     """Half the run, then --resume (buffers in the checkpoint, env actions replayed): same as one go."""
     d = tmp_path / "resumed"
     shutil.copytree(shared / "pop_half", d)
-    resumed = driver.train(dqn.ALGORITHM, runner.cli(dqn.Config, resumable=dqn.RESUMABLE,
+    resumed = driver.train(dqn.ALGORITHM, configs.cli(dqn.Config, resumable=dqn.RESUMABLE,
                                    argv=["--resume", str(d), "--total-timesteps", "1200"]))
     for x, y in zip(jax.tree.leaves(pop.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -326,7 +326,7 @@ def test_dqn_population_resume_is_exact(shared, pop, pop_half, tmp_path):
 
 
 def test_bad_population_flags_are_named(tmp_path):
-    with pytest.raises(runner.ConfigError, match=r"--num-agents 0 is not accepted"):
+    with pytest.raises(errors.ConfigError, match=r"--num-agents 0 is not accepted"):
         dqn.resolve(dqn.Config(**dict(TINY, num_agents=0)))
     with pytest.raises(parallel.ParallelError, match=r"--sweep 'tau' .* learning_rate, gamma"):
         train(tmp_path / "bad", sweep="tau=0.5,1.0")

@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxatari import driver, runner
+from jaxatari import configs, driver, errors
 from jaxatari.agents import ppo as ppo_agent
-from jaxatari.checkpoint import Checkpointer, load_policy
+from jaxatari.checkpoint import Checkpointer
+from jaxatari.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--env", "CartPole-v1", "--total-timesteps", "51200", "--chunk-steps", "5120",
@@ -35,7 +36,7 @@ def ppo(*args, **kw):
 
 def train(*args):
     """What ``scripts/ppo.py args`` trains, in this process."""
-    return driver.train(ppo_agent.ALGORITHM, runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE, argv=list(args)))
+    return driver.train(ppo_agent.ALGORITHM, configs.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE, argv=list(args)))
 
 
 def rows(run_dir, drop=("wall_time", "sps")):
@@ -93,9 +94,9 @@ def test_sigint_then_resume_matches_uninterrupted(runs, tmp_path, capsys):
 
 
 def test_resume_refuses_flags_that_change_the_problem(runs):
-    with pytest.raises(runner.ConfigError, match=r"--num-envs 8.*would change the learning problem"):
+    with pytest.raises(errors.ConfigError, match=r"--num-envs 8.*would change the learning problem"):
         train("--resume", str(runs["a"]), "--num-envs", "8")
-    with pytest.raises(runner.ConfigError, match=r"--env 'Acrobot-v1'"):
+    with pytest.raises(errors.ConfigError, match=r"--env 'Acrobot-v1'"):
         train("--resume", str(runs["a"]), "--env", "Acrobot-v1")
 
 
@@ -116,14 +117,14 @@ def test_a_finished_run_is_neither_retrained_nor_overwritten(runs, tmp_path):
     d = tmp_path / "done"
     shutil.copytree(runs["a"], d)
     files = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
-    with pytest.raises(runner.AlreadyComplete, match=r"already complete.* 51,200 .*--total-timesteps"):
+    with pytest.raises(errors.AlreadyComplete, match=r"already complete.* 51,200 .*--total-timesteps"):
         train("--resume", str(d))
-    with pytest.raises(runner.ConfigError, match=r"already holds a run \(config.json, metrics.csv, checkpoints"):
-        driver.train(ppo_agent.ALGORITHM, runner.cli(ppo_agent.Config, resumable=(), argv=[*ARGS, "--run-dir", str(d)]))
-    with pytest.raises(runner.ConfigError, match=r"is a ppo run, not dqn; resume it with python scripts/ppo.py"):
-        runner.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=["--resume", str(d)])
-    with pytest.raises(runner.ConfigError, match="--run-dir cannot be combined with --resume"):
-        runner.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE,
+    with pytest.raises(errors.ConfigError, match=r"already holds a run \(config.json, metrics.csv, checkpoints"):
+        driver.train(ppo_agent.ALGORITHM, configs.cli(ppo_agent.Config, resumable=(), argv=[*ARGS, "--run-dir", str(d)]))
+    with pytest.raises(errors.ConfigError, match=r"is a ppo run, not dqn; resume it with python scripts/ppo.py"):
+        configs.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=["--resume", str(d)])
+    with pytest.raises(errors.ConfigError, match="--run-dir cannot be combined with --resume"):
+        configs.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE,
                    argv=["--resume", str(d), "--run-dir", str(tmp_path / "elsewhere")])
     assert files == {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari import runner
+from jaxatari import configs, errors, rundir, runner
 from jaxatari.checkpoint import Checkpointer
 
 U, B = 4, 2  # updates per chunk, envs
@@ -59,7 +59,7 @@ def test_rows_per_update_and_columns(tmp_path):
 
 def test_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path):
     with Checkpointer(tmp_path, keep=5, async_save=False) as ck:
-        with pytest.raises(runner.NonFiniteError, match=r"update 11 .*last good checkpoint"):
+        with pytest.raises(errors.NonFiniteError, match=r"update 11 .*last good checkpoint"):
             drive(tmp_path, fake_chunk(nan_at_update=11), ckpt=ck, checkpoint_every=1)
         # chunks of 4 updates: updates 1-8 saved (steps 16, 32); the chunk holding update 11 is discarded
         assert ck.latest_step() == 8 * 2 * B
@@ -98,12 +98,12 @@ def test_schedule_says_how_the_total_was_rounded():
 
 
 def test_schedule_errors():
-    with pytest.raises(runner.ConfigError, match="--total-timesteps 0"):
+    with pytest.raises(errors.ConfigError, match="--total-timesteps 0"):
         runner.make_schedule(0, 8, 100)
 
 
 def test_action_log_roundtrip(tmp_path):
-    log = runner.ActionLog(tmp_path, 3)
+    log = rundir.ActionLog(tmp_path, 3)
     a = np.arange(12, dtype=np.uint8).reshape(4, 3)
     log.append(a[:2]); log.append(a[2:])
     assert log.rows() == 4
@@ -221,9 +221,9 @@ def test_cli_exit_codes(monkeypatch, capsys, outcome, code):
 
     def train(config):
         if outcome == "complete":
-            raise runner.AlreadyComplete("runs/x is already complete")
+            raise errors.AlreadyComplete("runs/x is already complete")
         if outcome == "bad":
-            raise runner.ConfigError("--seed 1 is not accepted")
+            raise errors.ConfigError("--seed 1 is not accepted")
         if outcome == "corrupt":
             raise CheckpointError("No checkpoint in runs/x is readable")
         if outcome == "save":
@@ -242,7 +242,7 @@ def test_cli_exit_codes(monkeypatch, capsys, outcome, code):
 
 @dataclasses.dataclass(frozen=True)
 class RunDirConfig:
-    """The fields :func:`runner.run_dir_for` reads."""
+    """The fields :func:`rundir.run_dir_for` reads."""
 
     env: str = "CartPole-v1"
     seed: int = 1
@@ -253,14 +253,14 @@ class RunDirConfig:
 @pytest.mark.parametrize("held", ["config.json", "metrics.csv", "checkpoints", "actions.u8"])
 def test_a_fresh_run_refuses_a_directory_holding_a_run(tmp_path, held):
     d = tmp_path / "run"
-    assert runner.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo") == d  # missing: fine
+    assert rundir.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo") == d  # missing: fine
     d.mkdir()
     (d / "notes.txt").write_text("mine")
-    assert runner.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo") == d  # holds no run: fine
+    assert rundir.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo") == d  # holds no run: fine
     (d / held).mkdir() if held == "checkpoints" else (d / held).write_text("")
-    with pytest.raises(runner.ConfigError, match=rf"--run-dir {d} already holds a run \({held}\).*--resume {d}"):
-        runner.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo")
-    assert runner.run_dir_for(RunDirConfig(run_dir=None, resume=str(d)), "ppo") == d
+    with pytest.raises(errors.ConfigError, match=rf"--run-dir {d} already holds a run \({held}\).*--resume {d}"):
+        rundir.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo")
+    assert rundir.run_dir_for(RunDirConfig(run_dir=None, resume=str(d)), "ppo") == d
 
 
 def test_several_processes_share_process_0s_default_run_dir(tmp_path, monkeypatch):
@@ -278,7 +278,7 @@ def test_several_processes_share_process_0s_default_run_dir(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
-    d = runner.run_dir_for(RunDirConfig(), "ppo")
+    d = rundir.run_dir_for(RunDirConfig(), "ppo")
     assert str(d) == "runs/CartPole-v1__ppo__1__20260102-030405"
     assert len(sent) == 2 and sent[0].shape == (15,)  # this process's own stamp was offered, then replaced
 
@@ -294,11 +294,11 @@ def test_check_ranges_rules(value, rule, ok):
         some_flag: object
 
     if ok:
-        runner.check_ranges(Config(value), {"some_flag": rule})
+        configs.check_ranges(Config(value), {"some_flag": rule})
     else:
-        with pytest.raises(runner.ConfigError, match=re.escape(f"--some-flag {value!r} is not accepted: "
+        with pytest.raises(errors.ConfigError, match=re.escape(f"--some-flag {value!r} is not accepted: "
                                                                f"it must be {rule}.")):
-            runner.check_ranges(Config(value), {"some_flag": rule})
+            configs.check_ranges(Config(value), {"some_flag": rule})
 
 
 def test_check_ranges_refuses_an_unknown_rule():
@@ -307,7 +307,7 @@ def test_check_ranges_refuses_an_unknown_rule():
         x: int = 3
 
     with pytest.raises(ValueError, match=r"Unknown range rule '>= 2'"):
-        runner.check_ranges(Config(), {"x": ">= 2"})
+        configs.check_ranges(Config(), {"x": ">= 2"})
 
 
 def test_restart_episodes_after_an_inexact_resume():
@@ -319,7 +319,7 @@ def test_restart_episodes_after_an_inexact_resume():
     e = e.replace(done=jnp.array([True, False, True]), first=jnp.zeros(3, bool),
                   stats=e.stats.replace(returns=jnp.array([7.0, 8.0, 9.0]), lengths=jnp.array([3, 4, 5]),
                                         window=e.stats.window.at[0].set(21.0), count=jnp.array(1)))
-    r = runner.restart_episodes(e)
+    r = rundir.restart_episodes(e)
     np.testing.assert_array_equal(r.stats.returns, 0)
     np.testing.assert_array_equal(r.stats.lengths, 0)
     assert not r.done.any() and r.first.all()
@@ -349,7 +349,7 @@ class _Env:
 
 @pytest.mark.parametrize("case", ["exact", "short", "mismatch"])
 def test_restore_env_replays_or_restarts_the_envs_and_the_log(tmp_path, case):
-    log = runner.ActionLog(tmp_path, 2)
+    log = rundir.ActionLog(tmp_path, 2)
     log.append(np.ones((5, 2), np.uint8))
     if case == "short":
         with open(log.path, "r+b") as f:
@@ -357,17 +357,17 @@ def test_restore_env_replays_or_restarts_the_envs_and_the_log(tmp_path, case):
     env = _Env(2)
     env.reset()
     expected = np.full((2, 1), 4.0 if case != "mismatch" else 99.0)
-    exact = runner.restore_env(env, tmp_path, 4, expected, 2)
+    exact = rundir.restore_env(env, tmp_path, 4, expected, 2)
     assert exact == (case == "exact")
     assert log.rows() == (0 if case == "short" else 4) and log.path.stat().st_size % 2 == 0
     assert env.resets == (2 if case == "mismatch" else 1)  # replayed into other states: reset afresh
-    assert [seg[:3] for seg in runner.read_segments(tmp_path)] == {  # where the log restarts, for later resumes
+    assert [seg[:3] for seg in rundir.read_segments(tmp_path)] == {  # where the log restarts, for later resumes
         "exact": [(0, 0, False)],
         "short": [(0, 4, False)],  # the log starts afresh with the unstepped envs
         "mismatch": [(0, 0, False), (4, 4, True)],  # its 4 rows, then a reset
     }[case]
     if case == "mismatch":  # and where the 4 rows ended, per env
-        assert runner.read_segments(tmp_path)[1].digests == runner.obs_digests(np.full((2, 1), 4.0))
+        assert rundir.read_segments(tmp_path)[1].digests == rundir.obs_digests(np.full((2, 1), 4.0))
 
 
 def _train(env, log, obs, start, steps, rng):
@@ -387,7 +387,7 @@ def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path,
     replays the original log where it is intact."""
     rng = np.random.default_rng(0)
     d = tmp_path / "run"
-    log, env, obs = runner.ActionLog(d, 2), _Env(2), {}
+    log, env, obs = rundir.ActionLog(d, 2), _Env(2), {}
     d.mkdir()
     env.reset()
     _train(env, log, obs, 0, 6, rng)
@@ -395,7 +395,7 @@ def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path,
 
     env = _Env(2)
     env.reset()
-    assert not runner.restore_env(env, d, 6, obs[6], 2)
+    assert not rundir.restore_env(env, d, 6, obs[6], 2)
     restarted = env.obs.copy()
     _train(env, log, obs, 6, 4, rng)  # the run goes on from the restart to step 10
 
@@ -405,7 +405,7 @@ def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path,
         shutil.copytree(d, run)
         env = _Env(2)
         env.reset()
-        return env, runner.restore_env(env, run, step, obs[step], 2), runner.ActionLog(run, 2).rows()
+        return env, rundir.restore_env(env, run, step, obs[step], 2), rundir.ActionLog(run, 2).rows()
 
     first_rows = 0 if damage == "short" else 6
     for step in (10, 8, 7):
@@ -419,14 +419,14 @@ def test_resumes_after_an_inexact_one_replay_its_restart_and_are_exact(tmp_path,
     assert exact == (damage == "mismatch") and rows == (3 if damage == "mismatch" else 0)
     if exact:
         np.testing.assert_array_equal(env.obs, obs[3])
-        assert not (tmp_path / "resume3" / runner.SEGMENTS_FILE).exists()  # back to one segment
+        assert not (tmp_path / "resume3" / rundir.SEGMENTS_FILE).exists()  # back to one segment
     if damage == "mismatch":  # the log before the restart changed since: the rebuilt envs are checked
-        changed = runner.ActionLog(d, 2)
+        changed = rundir.ActionLog(d, 2)
         changed.rewrite(np.vstack([changed.read(2), [[5, 5]], changed.read(10)[3:]]))
         env, exact, rows = resume(6)
         assert not exact and "where an earlier resume" not in capsys.readouterr().out
         assert "no longer ends where the restart" in caplog.text
-        segs = runner.read_segments(tmp_path / "resume6")
+        segs = rundir.read_segments(tmp_path / "resume6")
         assert [s[:3] for s in segs] == [(0, 0, False), (6, 6, True)]  # the restart, recorded anew
 
 
@@ -473,27 +473,27 @@ def test_two_processes_restart_together_and_later_resume_on_any_topology(tmp_pat
     for t in range(1, 6):  # a 2-process run: each logs its own 2 columns
         a = rng.integers(0, 3, size=4).astype(np.uint8)
         for p in range(2):
-            runner.ActionLog(d, 2, runner.action_log_name(p, 2)).append(a[None, 2 * p:2 * p + 2])
+            rundir.ActionLog(d, 2, rundir.action_log_name(p, 2)).append(a[None, 2 * p:2 * p + 2])
         obs[t] = env.step(a)[0].copy()
-    p1 = runner.ActionLog(d, 2, runner.action_log_name(1, 2))
+    p1 = rundir.ActionLog(d, 2, rundir.action_log_name(1, 2))
     p1.rewrite(np.vstack([p1.read(2), [[9, 9]], p1.read(5)[3:]]))
 
     envs_ = [_Env(2), _Env(2)]
 
     def restart(i):
         envs_[i].reset()
-        return runner.restore_env(envs_[i], d, 5, obs[5][2 * i:2 * i + 2], 4, logged_processes=2,
+        return rundir.restore_env(envs_[i], d, 5, obs[5][2 * i:2 * i + 2], 4, logged_processes=2,
                                   process_index=i, process_count=2)
 
     assert _as_processes(monkeypatch, restart, 2) == [False, False]
     assert [e.resets for e in envs_] == [2, 2]  # both reset after replaying
-    seg = runner.read_segments(d)[-1]
+    seg = rundir.read_segments(d)[-1]
     assert seg[:3] == (5, 5, True) and len(seg.digests) == 4
-    assert seg.digests[:2] == runner.obs_digests(obs[5][:2])  # process 0's envs had matched
+    assert seg.digests[:2] == rundir.obs_digests(obs[5][:2])  # process 0's envs had matched
     for t in range(6, 8):  # the run goes on, each process logging its columns
         a = rng.integers(0, 3, size=4).astype(np.uint8)
         for i in range(2):
-            runner.ActionLog(d, 2, runner.action_log_name(i, 2)).append(a[None, 2 * i:2 * i + 2])
+            rundir.ActionLog(d, 2, rundir.action_log_name(i, 2)).append(a[None, 2 * i:2 * i + 2])
             obs[t] = np.concatenate([obs.get(t, np.zeros((0, 1))), envs_[i].step(a[2 * i:2 * i + 2])[0]])
 
     single = tmp_path / "single"
@@ -502,7 +502,7 @@ def test_two_processes_restart_together_and_later_resume_on_any_topology(tmp_pat
     def resume(i):
         e = _Env(2)
         e.reset()
-        exact = runner.restore_env(e, d, 7, obs[7][2 * i:2 * i + 2], 4, logged_processes=2, process_index=i,
+        exact = rundir.restore_env(e, d, 7, obs[7][2 * i:2 * i + 2], 4, logged_processes=2, process_index=i,
                                    process_count=2)
         return exact, e.obs.copy()
 
@@ -511,22 +511,22 @@ def test_two_processes_restart_together_and_later_resume_on_any_topology(tmp_pat
     np.testing.assert_array_equal(np.concatenate([o for _, o in got]), obs[7])
     e = _Env(4)
     e.reset()
-    assert runner.restore_env(e, single, 6, obs[6], 4, logged_processes=2)  # one process, from step 6
+    assert rundir.restore_env(e, single, 6, obs[6], 4, logged_processes=2)  # one process, from step 6
     np.testing.assert_array_equal(e.obs, obs[6])
-    assert runner.ActionLog(single, 4).rows() == 6
+    assert rundir.ActionLog(single, 4).rows() == 6
 
 
 def test_an_unreadable_segments_file_restarts_the_log(tmp_path, caplog):
-    runner.ActionLog(tmp_path, 2).append(np.ones((4, 2), np.uint8))
+    rundir.ActionLog(tmp_path, 2).append(np.ones((4, 2), np.uint8))
     for text in ("{not json", '[{"row": 0, "step": 0}]', '[{"row": 3, "step": 0, "reset": false}]', "[]"):
-        (tmp_path / runner.SEGMENTS_FILE).write_text(text)
-        assert runner.read_segments(tmp_path) is None
+        (tmp_path / rundir.SEGMENTS_FILE).write_text(text)
+        assert rundir.read_segments(tmp_path) is None
     env = _Env(2)
     env.reset()
-    assert not runner.restore_env(env, tmp_path, 4, np.full((2, 1), 4.0), 2)
-    assert "is unreadable" in caplog.text and env.steps == 0 and runner.ActionLog(tmp_path, 2).rows() == 0
-    assert runner.read_segments(tmp_path) == [runner.Segment(0, 4, False)]  # replaced: later resumes start here
-    shutil.rmtree(tmp_path / runner.SEGMENTS_FILE, ignore_errors=True)
+    assert not rundir.restore_env(env, tmp_path, 4, np.full((2, 1), 4.0), 2)
+    assert "is unreadable" in caplog.text and env.steps == 0 and rundir.ActionLog(tmp_path, 2).rows() == 0
+    assert rundir.read_segments(tmp_path) == [rundir.Segment(0, 4, False)]  # replaced: later resumes start here
+    shutil.rmtree(tmp_path / rundir.SEGMENTS_FILE, ignore_errors=True)
 
 
 def test_cpu_only_is_decided_without_starting_a_backend(monkeypatch):
@@ -534,9 +534,9 @@ def test_cpu_only_is_decided_without_starting_a_backend(monkeypatch):
         pytest.skip("jax_platforms is set for this process; it would take precedence over JAX_PLATFORMS")
     for platforms, cpu in (("cpu", True), ("cuda,cpu", False), ("tpu", False)):
         monkeypatch.setenv("JAX_PLATFORMS", platforms)
-        assert runner.cpu_only() is cpu
+        assert configs.cpu_only() is cpu
     monkeypatch.setenv("JAX_PLATFORMS", "")
-    assert runner.cpu_only() is (jax.default_backend() == "cpu")  # from the installed plugins: none here
+    assert configs.cpu_only() is (jax.default_backend() == "cpu")  # from the installed plugins: none here
 
 
 def test_resume_accepts_its_own_run_dir(tmp_path):
@@ -544,11 +544,11 @@ def test_resume_accepts_its_own_run_dir(tmp_path):
 
     d = tmp_path / "run"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")), "algo": "ppo"}))
-    c = runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--run-dir", f"{tmp_path}/./run"])
+    (d / "config.json").write_text(json.dumps({**configs.config_to_json(ppo.Config(env="CartPole-v1")), "algo": "ppo"}))
+    c = configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--run-dir", f"{tmp_path}/./run"])
     assert c.resume == str(d)
-    with pytest.raises(runner.ConfigError, match="On resume you may change: --total-timesteps") as e:
-        runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--seed", "7"])
+    with pytest.raises(errors.ConfigError, match="On resume you may change: --total-timesteps") as e:
+        configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--seed", "7"])
     assert "--run-dir" not in str(e.value)
 
 
@@ -558,15 +558,15 @@ def test_resume_accepts_the_same_env_options_in_another_order(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     stored = ppo.Config(env="Breakout-v5", env_option=("noop_max=10", "frame_skip=2"))
-    (d / "config.json").write_text(json.dumps({**runner.config_to_json(stored), "algo": "ppo"}))
+    (d / "config.json").write_text(json.dumps({**configs.config_to_json(stored), "algo": "ppo"}))
 
     def resume(*options):
-        return runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--env-option", *options])
+        return configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d), "--env-option", *options])
 
     assert resume("frame_skip=2", "noop_max=10").env_option == ("noop_max=10", "frame_skip=2")  # the run's own
     assert resume("noop_max = 10", "frame_skip=2").env_option == ("noop_max=10", "frame_skip=2")
     for options in (("frame_skip=2",), ("noop_max=10", "frame_skip=3"), ("noop_max=10", "frame_skip=2", "stack_num=2")):
-        with pytest.raises(runner.ConfigError, match=r"--env-option .* differs from the run being resumed"):
+        with pytest.raises(errors.ConfigError, match=r"--env-option .* differs from the run being resumed"):
             resume(*options)
 
 
@@ -577,11 +577,11 @@ def test_flags_given_twice_and_odd_resume_targets_are_refused(tmp_path):
     from jaxatari.agents import ppo
 
     def cli(*argv):
-        return runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv))
+        return configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv))
 
     for argv in (["--env-option", "noop_max=10", "--env-option", "frame_skip=2"],
                  ["--tensorboard", "--no-tensorboard"], ["--num_envs", "4", "--num-envs", "8"]):
-        with pytest.raises(runner.ConfigError, match=r"is given more than once; give it once"):
+        with pytest.raises(errors.ConfigError, match=r"is given more than once; give it once"):
             cli("--env", "CartPole-v1", *argv)
     assert cli("--env", "Breakout-v5", "--env-option", "noop_max=10", "frame_skip=2").env_option == (
         "noop_max=10", "frame_skip=2")
@@ -591,20 +591,20 @@ def test_flags_given_twice_and_odd_resume_targets_are_refused(tmp_path):
     d, other = tmp_path / "run", tmp_path / "other"
     for run in (d, other):
         run.mkdir()
-        (run / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")),
+        (run / "config.json").write_text(json.dumps({**configs.config_to_json(ppo.Config(env="CartPole-v1")),
                                                      "algo": "ppo"}))
-    with pytest.raises(runner.ConfigError, match=r"--resume is given more than once"):
+    with pytest.raises(errors.ConfigError, match=r"--resume is given more than once"):
         cli("--resume", str(d), "--resume", str(other))  # tyro would resume `other` with `d`'s config
-    with pytest.raises(runner.ConfigError, match=r"--run-dir cannot be combined with --resume"):
+    with pytest.raises(errors.ConfigError, match=r"--run-dir cannot be combined with --resume"):
         cli("--resume", str(d), "--run_dir", str(other))  # either spelling
     agent = tmp_path / "pop" / "agents" / "0"
     agent.mkdir(parents=True)
-    (agent / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")),
+    (agent / "config.json").write_text(json.dumps({**configs.config_to_json(ppo.Config(env="CartPole-v1")),
                                                    "algo": "ppo", "agent": 0, "population": str(tmp_path / "pop")}))
-    with pytest.raises(runner.ConfigError, match=rf"is agent 0 of the population {re.escape(str(tmp_path / 'pop'))}: "):
+    with pytest.raises(errors.ConfigError, match=rf"is agent 0 of the population {re.escape(str(tmp_path / 'pop'))}: "):
         cli("--resume", str(agent))
     (other / "config.json").write_text("[1, 2]")
-    with pytest.raises(runner.ConfigError, match=r"holds a JSON list, not a jaxatari run config"):
+    with pytest.raises(errors.ConfigError, match=r"holds a JSON list, not a jaxatari run config"):
         cli("--resume", str(other))
 
 
@@ -644,16 +644,16 @@ def test_resuming_a_run_of_a_removed_flag(tmp_path, stored, refused):
 
     d = tmp_path / "run"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({**runner.config_to_json(ppo.Config(env="CartPole-v1")), "algo": "ppo",
+    (d / "config.json").write_text(json.dumps({**configs.config_to_json(ppo.Config(env="CartPole-v1")), "algo": "ppo",
                                                **stored}))
 
     def resume():
-        return runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d)])
+        return configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=["--resume", str(d)])
 
     if refused is None:
         assert resume().resume == str(d)
         return
-    with pytest.raises(runner.ConfigError) as e:
+    with pytest.raises(errors.ConfigError) as e:
         resume()
     assert str(e.value) == (f"{d} was trained with {refused} removed (README.md, Performance: Removed speed "
                             f"features); it cannot continue exactly without {'them' if 'and' in refused else 'it'}.")

@@ -7,7 +7,7 @@ process) are in ``tests/test_parallel.py`` and ``tests/test_parallel_dqn.py``.
 import numpy as np
 import pytest
 
-from jaxatari import envs, parallel, runner
+from jaxatari import envs, parallel, rundir
 
 
 def ring(values, W):
@@ -56,10 +56,10 @@ def test_action_logs_convert_between_process_counts(tmp_path):
     rng = np.random.default_rng(0)
     full = rng.integers(0, 6, size=(7, 4)).astype(np.uint8)
     for p in range(2):
-        runner.ActionLog(tmp_path, 2, runner.action_log_name(p, 2)).append(full[:, 2 * p:2 * p + 2])
-    np.testing.assert_array_equal(runner.read_global_actions(tmp_path, 7, 4, processes=2), full)
-    np.testing.assert_array_equal(runner.read_global_actions(tmp_path, 5, 4, processes=2), full[:5])
-    assert runner.read_global_actions(tmp_path, 8, 4, processes=2) is None  # short: not exact
+        rundir.ActionLog(tmp_path, 2, rundir.action_log_name(p, 2)).append(full[:, 2 * p:2 * p + 2])
+    np.testing.assert_array_equal(rundir.read_global_actions(tmp_path, 7, 4, processes=2), full)
+    np.testing.assert_array_equal(rundir.read_global_actions(tmp_path, 5, 4, processes=2), full[:5])
+    assert rundir.read_global_actions(tmp_path, 8, 4, processes=2) is None  # short: not exact
 
     class Recorder:
         def __init__(self):
@@ -70,20 +70,20 @@ def test_action_logs_convert_between_process_counts(tmp_path):
             return np.full((len(a), 1), len(self.seen)), None, None, None, None
 
     env = Recorder()
-    assert runner.restore_env(env, tmp_path, 5, np.full((4, 1), 5), 4, logged_processes=2)
+    assert rundir.restore_env(env, tmp_path, 5, np.full((4, 1), 5), 4, logged_processes=2)
     np.testing.assert_array_equal(np.stack(env.seen), full[:5])
-    np.testing.assert_array_equal(runner.ActionLog(tmp_path, 4).read(5), full[:5])  # rewritten: one process
-    assert runner.ActionLog(tmp_path, 4).rows() == 5
+    np.testing.assert_array_equal(rundir.ActionLog(tmp_path, 4).read(5), full[:5])  # rewritten: one process
+    assert rundir.ActionLog(tmp_path, 4).rows() == 5
 
     env = Recorder()  # and back to two processes: process 1 replays its own columns
-    assert runner.restore_env(env, tmp_path, 3, np.full((2, 1), 3), 4, logged_processes=1,
+    assert rundir.restore_env(env, tmp_path, 3, np.full((2, 1), 3), 4, logged_processes=1,
                               process_index=1, process_count=2)
     np.testing.assert_array_equal(np.stack(env.seen), full[:3, 2:])
-    assert runner.ActionLog(tmp_path, 2, "actions.p1of2.u8").rows() == 3
+    assert rundir.ActionLog(tmp_path, 2, "actions.p1of2.u8").rows() == 3
 
 
 def test_replay_mismatch_is_reported_not_exact(tmp_path):
-    runner.ActionLog(tmp_path, 2).append(np.zeros((3, 2), np.uint8))
+    rundir.ActionLog(tmp_path, 2).append(np.zeros((3, 2), np.uint8))
 
     class Env:
         resets = 0
@@ -95,9 +95,9 @@ def test_replay_mismatch_is_reported_not_exact(tmp_path):
             self.resets += 1
 
     env = Env()
-    assert not runner.restore_env(env, tmp_path, 3, np.ones((2, 1)), 2)
-    assert env.resets == 1 and runner.ActionLog(tmp_path, 2).rows() == 3  # the envs reset after the 3 rows
-    assert runner.read_segments(tmp_path)[-1][:3] == (3, 3, True)
+    assert not rundir.restore_env(env, tmp_path, 3, np.ones((2, 1)), 2)
+    assert env.resets == 1 and rundir.ActionLog(tmp_path, 2).rows() == 3  # the envs reset after the 3 rows
+    assert rundir.read_segments(tmp_path)[-1][:3] == (3, 3, True)
 
 
 @pytest.mark.parametrize("agents", [1, 2])

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxatari import envs, parallel, runner
-from jaxatari.driver import Algorithm, Context
+from jaxatari import configs, envs, parallel
+from jaxatari.algorithm import Algorithm, Context
 from jaxatari.errors import ConfigError
 from jaxatari.networks import ActorCritic, NetworkSpec, resolve_network_spec
 from jaxatari.ops import A2CBatch, a2c_loss, all_finite, gae, n_step_returns, weighted_loss
@@ -137,9 +137,9 @@ RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_
 #: Float fields ``--sweep`` may vary across the agents of a population.
 SWEEPABLE = ("learning_rate", "ent_coef", "vf_coef", "gamma", "gae_lambda", "max_grad_norm", "rms_eps", "rms_alpha")
 
-#: Accepted values of the numeric fields (``runner.check_ranges`` rules); ``--sweep`` values too.
+#: Accepted values of the numeric fields (``configs.check_ranges`` rules); ``--sweep`` values too.
 RANGES = dict(
-    runner.RUN_OPTION_RANGES, num_steps="an integer >= 1", ent_coef=">= 0", vf_coef=">= 0",
+    configs.RUN_OPTION_RANGES, num_steps="an integer >= 1", ent_coef=">= 0", vf_coef=">= 0",
     gae_lambda="in [0, 1]", gamma="in (0, 1]", rms_alpha="in [0, 1)", learning_rate="> 0", rms_eps="> 0",
     max_grad_norm="> 0")
 
@@ -158,8 +158,8 @@ def resolve(config: Config) -> Config:
     c = dataclasses.replace(config, **fill)
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
     if c.chunk_steps is None:
-        c = dataclasses.replace(c, chunk_steps=runner.default_chunk_steps(envs.is_atari(c.env)))
-    runner.check_ranges(c, RANGES)
+        c = dataclasses.replace(c, chunk_steps=configs.default_chunk_steps(envs.is_atari(c.env)))
+    configs.check_ranges(c, RANGES)
     if c.target not in TARGETS:
         raise ConfigError(f"--target {c.target!r} is not accepted; use nstep or gae.")
     if c.cfc_mode not in ("default", "no_gate", "pure"):

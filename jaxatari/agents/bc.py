@@ -43,8 +43,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxatari import data, envs, runner
+from jaxatari import configs, data, envs, rundir, runner
+from jaxatari.checkpoint import Checkpointer
 from jaxatari.errors import ConfigError, NonFiniteError
+from jaxatari.evaluate import evaluate
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry
 
 ALGO = "bc"
@@ -345,9 +347,6 @@ class Result:
 
 def train(config: Config) -> Result:
     """Clone the expert as configured; returns a :class:`Result`."""
-    from jaxatari.checkpoint import Checkpointer
-    from jaxatari.evaluate import evaluate
-
     c, manifest = resolve(config)
     env_options = envs.parse_env_options(c.env_option)
     env, spec = envs.make(c.env, 1, seed=c.seed, preset=c.preset, options=env_options)
@@ -357,7 +356,7 @@ def train(config: Config) -> Result:
                              f"{spec.num_actions}; was it recorded with full_action_space?")
     train_ds, val_ds = data.load_splits(c.data, num_actions=spec.num_actions)
     if c.resume:  # --data may move (a copy elsewhere), not change: the epochs and batches index this dataset
-        was = runner.load_run_config(c.resume).get("dataset") or {}
+        was = rundir.load_run_config(c.resume).get("dataset") or {}
         now = dict(train_sequences=len(train_ds), seq_len=train_ds.seq_len)  # what epochs and batches index
         if any(k in was and was[k] != v for k, v in now.items()):
             raise data.DataError(
@@ -374,7 +373,7 @@ def train(config: Config) -> Result:
     net_spec = network_spec(c, spec.num_actions)
     net = ActorCritic(net_spec)
     optimizer = make_optimizer(c)
-    run_dir = runner.run_dir_for(c, ALGO)
+    run_dir = rundir.run_dir_for(c, ALGO)
     c = dataclasses.replace(c, run_dir=str(run_dir))
     state = init(net_spec, optimizer, spec.obs_shape, jax.random.PRNGKey(c.seed))
     S = train_ds.seq_len
@@ -389,15 +388,15 @@ def train(config: Config) -> Result:
         if c.resume:
             restored = ckpt.restore_latest(runner.abstract(state))
             state, meta = restored.state, dict(restored.meta or {})
-            runner.check_unfinished(run_dir, int(state.epoch), c.epochs, unit="epoch", flag="--epochs")
+            rundir.check_unfinished(run_dir, int(state.epoch), c.epochs, unit="epoch", flag="--epochs")
             print(f"Resumed {run_dir} at epoch {int(state.epoch)} + {int(state.batch)} batches "
                   f"(update {int(state.update):,}).", flush=True)
-        runner.write_config(run_dir, dict(
-            runner.config_to_json(c), algo=ALGO, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
+        rundir.write_config(run_dir, dict(
+            configs.config_to_json(c), algo=ALGO, env_spec=spec.to_json(), network_spec=net_spec.to_json(),
             dataset=dict(train_sequences=len(train_ds), val_sequences=len(val_ds), seq_len=S,
                          manifest=None if manifest is None else {k: v for k, v in manifest.items()
                                                                  if k not in ("episode_log", "options")}),
-            versions=runner.versions(),
+            versions=rundir.versions(),
         ))
         expert = "" if manifest is None else (
             f" (expert return {_fmt((manifest.get('expert_return') or {}).get('mean'))})")
@@ -496,7 +495,7 @@ def train(config: Config) -> Result:
 
     if status == "interrupted":
         print(f"\nInterrupted at epoch {int(state.epoch)} + {int(state.batch)} batches. Checkpoint saved in "
-              f"{run_dir / 'checkpoints'}.\nResume with:  {runner.resume_command(ALGO, run_dir)}", flush=True)
+              f"{run_dir / 'checkpoints'}.\nResume with:  {rundir.resume_command(ALGO, run_dir)}", flush=True)
     else:
         print(f"Best validation accuracy {100 * best:.2f}% (checkpoint in {run_dir / 'checkpoints' / 'best'}).",
               flush=True)

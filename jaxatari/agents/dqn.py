@@ -69,8 +69,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxatari import envs, parallel, replay, runner
-from jaxatari.driver import Algorithm, Context
+from jaxatari import configs, envs, parallel, replay
+from jaxatari.algorithm import Algorithm, Context
 from jaxatari.errors import ConfigError
 from jaxatari.evaluate import evaluate, q_policy
 from jaxatari.networks import NetworkSpec, QNetwork, resolve_network_spec
@@ -275,9 +275,9 @@ DQN_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-#: Accepted values of the numeric fields (``runner.check_ranges`` rules); ``--sweep`` values too.
+#: Accepted values of the numeric fields (``configs.check_ranges`` rules); ``--sweep`` values too.
 RANGES = dict(
-    runner.RUN_OPTION_RANGES, **{name: "an integer >= 1" for name in (
+    configs.RUN_OPTION_RANGES, **{name: "an integer >= 1" for name in (
         "buffer_size", "batch_size", "train_frequency", "gradient_steps", "n_step", "target_network_frequency",
         "log_every")},
     learning_starts="an integer >= 0", start_e="in [0, 1]", end_e="in [0, 1]", eval_epsilon="in [0, 1]",
@@ -305,7 +305,7 @@ def resolve(config: Config) -> Config:
     c = dataclasses.replace(config, dqn_preset=preset, **fill)
     c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
 
-    runner.check_ranges(c, RANGES)
+    configs.check_ranges(c, RANGES)
     if not c.mlp_hidden or min(c.mlp_hidden) < 1:
         raise ConfigError(f"--mlp-hidden {' '.join(map(str, c.mlp_hidden)) or '(empty)'} is not accepted: "
                           "it needs one or more layer widths, each >= 1.")

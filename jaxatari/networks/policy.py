@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxatari.networks.cfc import CfC
 from jaxatari.networks.torsos import TORSOS, ortho
 
 NETWORKS = ("auto", "nature", "impala", "mlp", "cfc")
@@ -113,12 +114,8 @@ class ActorCritic(nn.Module):
         if not self.spec.shared:
             self.critic_torso = TORSOS[self.spec.torso](**self.spec.torso_kwargs)
             if self.spec.core == "cfc":
-                from jaxatari.networks.cfc import CfC
-
                 self.critic_core = CfC(**self.spec.cfc)
         if self.spec.core == "cfc":
-            from jaxatari.networks.cfc import CfC
-
             self.core = CfC(**self.spec.cfc)
         self.pi = nn.Dense(self.spec.num_actions, kernel_init=ortho(0.01), bias_init=nn.initializers.zeros)
         self.v = nn.Dense(1, kernel_init=ortho(1.0), bias_init=nn.initializers.zeros)
@@ -143,8 +140,6 @@ def initial_carry(spec: NetworkSpec, batch_size: int):
     """The zero recurrent state for ``batch_size`` envs (``()`` if feed-forward)."""
     if spec.core == "none":
         return ()
-    from jaxatari.networks.cfc import CfC
-
     core = CfC(**spec.cfc)
     if spec.shared:
         return core.initialize_carry(batch_size)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari import driver, envs, runner
+from jaxatari import driver, envs, errors, runner
 from jaxatari.agents import a2c
 from jaxatari.driver import train
 from jaxatari.ops import A2CBatch, a2c_loss, gae, n_step_returns
@@ -175,7 +175,7 @@ def test_atari_and_classic_defaults():
     (dict(network="lstm"), r"--network 'lstm'"),
 ])
 def test_bad_config_named(kw, match):
-    with pytest.raises(runner.ConfigError, match=match):
+    with pytest.raises(errors.ConfigError, match=match):
         c = a2c.resolve(a2c.Config(env="CartPole-v1", **kw))
         a2c.network_spec(c, envs.make(c.env, 1, seed=0)[1])
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from jax.experimental import io_callback
 
-from jaxatari import data, envs, runner
+from jaxatari import data, envs, errors
 from jaxatari.agents import bc
-from jaxatari.checkpoint import load_policy
+from jaxatari.policy import load_policy
 from jaxatari.evaluate import evaluate
 from jaxatari.networks import ActorCritic, initial_carry
 
@@ -306,21 +306,21 @@ def test_bad_input(tmp_path):
     with pytest.raises(data.DataError, match=r"--data '.*nowhere' is not a directory"):
         bc.resolve(bc.Config(data=str(tmp_path / "nowhere")))
     write_memory_task(tmp_path / "d", n_train=2, n_val=1, S=2, size=16)
-    with pytest.raises(runner.ConfigError, match=r"--env is needed: .* no manifest.json"):
+    with pytest.raises(errors.ConfigError, match=r"--env is needed: .* no manifest.json"):
         bc.resolve(bc.Config(data=str(tmp_path / "d")))
-    with pytest.raises(runner.ConfigError, match=r"--network 'lstm' .* cfc, convblock, nature, impala"):
+    with pytest.raises(errors.ConfigError, match=r"--network 'lstm' .* cfc, convblock, nature, impala"):
         bc.resolve(bc.Config(data=str(tmp_path / "d"), env="Breakout-v5", network="lstm"))
-    with pytest.raises(runner.ConfigError, match=r"--seed -1 is not accepted: it must be an integer >= 0"):
+    with pytest.raises(errors.ConfigError, match=r"--seed -1 is not accepted: it must be an integer >= 0"):
         bc.resolve(bc.Config(data=str(tmp_path / "d"), env="Breakout-v5", seed=-1))
     (tmp_path / "d" / "manifest.json").write_text(json.dumps({"env": "Pong-v5", "preset": "machado"}))
     c, _ = bc.resolve(bc.Config(data=str(tmp_path / "d")))
     assert (c.env, c.preset) == ("Pong-v5", "machado")
-    with pytest.raises(runner.ConfigError, match=r"--env Breakout-v5 differs .* \(Pong-v5\)"):
+    with pytest.raises(errors.ConfigError, match=r"--env Breakout-v5 differs .* \(Pong-v5\)"):
         bc.resolve(bc.Config(data=str(tmp_path / "d"), env="Breakout-v5"))
     # 16x16 frames are not what Pong-v5 shows under its preset, and 2 sequences are not a batch of 32.
     with pytest.raises(data.DataError, match=r"frames are \[4, 16, 16\] .* Pong-v5 .* \[4, 84, 84\]"):
         bc.train(bc.Config(data=str(tmp_path / "d"), run_dir=str(tmp_path / "r")))
-    with pytest.raises(runner.ConfigError, match=r"has 2 sequences, fewer than --batch-size 32"):
+    with pytest.raises(errors.ConfigError, match=r"has 2 sequences, fewer than --batch-size 32"):
         bc.train(bc.Config(data=str(tmp_path / "d"), env_option=("img_height=16", "img_width=16"),
                            run_dir=str(tmp_path / "r")))
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari import driver, envs, runner
+from jaxatari import configs, driver, envs, errors, runner
 from jaxatari.agents import dqn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def run_script(*args, timeout=600):
 
 def _train(argv):
     """What ``scripts/dqn.py argv`` trains, in this process."""
-    return driver.train(dqn.ALGORITHM, runner.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=argv))
+    return driver.train(dqn.ALGORITHM, configs.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=argv))
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_replay_ratio_is_kept_for_any_env_count(num_envs, freq, grad_steps, peri
     (dict(num_envs=3), r"--batch-size 128 is not divisible by --num-envs 3: every env gives"),
 ])
 def test_bad_config_names_the_value(kw, match):
-    with pytest.raises(runner.ConfigError, match=match):
+    with pytest.raises(errors.ConfigError, match=match):
         dqn.resolve(dqn.Config(env="CartPole-v1", **kw))
 
 
@@ -309,7 +309,7 @@ def test_pong_script_writes_run_dir(tmp_path):
     assert (d / "checkpoints" / "latest" / "256").is_dir()
     assert (d / "actions.u8").stat().st_size == 256  # one uint8 per env step
 
-    from jaxatari.checkpoint import load_policy
+    from jaxatari.policy import load_policy
 
     policy = load_policy(d)
     obs = np.zeros((2, 4, 84, 84), np.uint8)
@@ -366,14 +366,14 @@ def test_sampling_a_q_network_is_refused(tmp_path, full_run):
     """Q-values are not a distribution: ``--mode sample`` (evaluate, collect) and
     ``LoadedPolicy.act(mode="sample")`` refuse a DQN run instead of playing softmax(Q)."""
     from jaxatari import data
-    from jaxatari.checkpoint import load_policy
+    from jaxatari.policy import load_policy
 
     policy = load_policy(full_run)
     obs = np.zeros((2, 4), np.float32)
     assert np.asarray(policy.act(obs)[0]).shape == (2,)
     with pytest.raises(ValueError, match=r"mode='sample' is not accepted for a DQN policy"):
         policy.act(obs, mode="sample", key=jax.random.key(0))
-    with pytest.raises(runner.ConfigError, match=r"--mode sample is not accepted for a DQN run"):
+    with pytest.raises(errors.ConfigError, match=r"--mode sample is not accepted for a DQN run"):
         data.collect(data.CollectConfig(run_dir=str(full_run), out=str(tmp_path / "data"), mode="sample"))
     assert not (tmp_path / "data").exists()
     r = run_script("scripts/evaluate.py", "--run-dir", str(full_run), "--mode", "sample", "--episodes", "1", timeout=300)

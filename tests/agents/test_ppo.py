@@ -11,7 +11,7 @@ import chex
 import jax
 import pytest
 
-from jaxatari import driver, runner
+from jaxatari import configs, driver, errors
 from jaxatari.agents import ppo
 from jaxatari.driver import train
 
@@ -35,12 +35,12 @@ def run_script(*args, timeout=600, cwd=ROOT, **kw):
 
 
 def test_steps_not_divisible_names_both_numbers():
-    with pytest.raises(runner.ConfigError, match=r"--num-steps 30 is not divisible by --num-minibatches 7"):
+    with pytest.raises(errors.ConfigError, match=r"--num-steps 30 is not divisible by --num-minibatches 7"):
         ppo.resolve(ppo.Config(env="Breakout-v5", num_envs=8, num_steps=30, num_minibatches=7))
 
 
 def test_zero_envs_rejected():
-    with pytest.raises(runner.ConfigError, match=r"--num-envs 0"):
+    with pytest.raises(errors.ConfigError, match=r"--num-envs 0"):
         ppo.resolve(ppo.Config(env="CartPole-v1", num_envs=0))
 
 
@@ -55,7 +55,7 @@ def test_out_of_range_values_name_the_flag_and_the_range(field, value, accepted)
     import re
 
     flag = "--" + field.replace("_", "-")
-    with pytest.raises(runner.ConfigError, match=re.escape(f"{flag} {value!r} is not accepted: it must be {accepted}.")):
+    with pytest.raises(errors.ConfigError, match=re.escape(f"{flag} {value!r} is not accepted: it must be {accepted}.")):
         ppo.resolve(ppo.Config(env="CartPole-v1", **{field: value}))
 
 
@@ -138,7 +138,7 @@ def test_default_relative_run_dir_checkpoints_resumes_and_loads(tmp_path, monkey
     r = run_script(script, "--resume", relative, "--total-timesteps", "512", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resumed" in r.stdout and (run_dir / "checkpoints" / "latest" / "512").is_dir()
-    from jaxatari.checkpoint import load_policy
+    from jaxatari.policy import load_policy
 
     monkeypatch.chdir(tmp_path)
     assert load_policy(f"{relative}/checkpoints/latest").meta["step"] == 512
@@ -148,10 +148,10 @@ def test_default_relative_run_dir_checkpoints_resumes_and_loads(tmp_path, monkey
 def test_a_run_from_before_the_speed_features_were_removed(tmp_path):
     """A config.json that still holds the removed flags, off, resumes (the keys are ignored); with one on, the
     resume is refused (it cannot continue exactly) and load_policy still loads the policy."""
-    from jaxatari.checkpoint import load_policy
+    from jaxatari.policy import load_policy
 
     def cli(*argv):
-        return runner.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv))
+        return configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv))
 
     d, path = tmp_path / "run", tmp_path / "run" / "config.json"
     train(ppo.ALGORITHM, cli("--env", "CartPole-v1", "--num-envs", "2", "--num-steps", "8", "--chunk-steps", "16",
@@ -160,7 +160,7 @@ def test_a_run_from_before_the_speed_features_were_removed(tmp_path):
                                 "env_groups": 1}))
     assert train(ppo.ALGORITHM, cli("--resume", str(d), "--total-timesteps", "32")).global_step == 32
     path.write_text(json.dumps({**json.loads(path.read_text()), "env_groups": 2}))
-    with pytest.raises(runner.ConfigError, match=r"was trained with --env-groups 2, which was removed"):
+    with pytest.raises(errors.ConfigError, match=r"was trained with --env-groups 2, which was removed"):
         cli("--resume", str(d), "--total-timesteps", "48")
     assert load_policy(d).meta["step"] == 32
 

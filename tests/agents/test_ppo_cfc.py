@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari import driver, envs, parallel, runner
+from jaxatari import driver, envs, errors, parallel, runner
 from jaxatari.agents import ppo
 from jaxatari.networks import ActorCritic
 from jaxatari.ops import categorical_log_prob
@@ -89,7 +89,7 @@ def test_rollout_and_update_see_the_same_hidden_states():
 
 
 def test_recurrent_minibatches_need_divisible_envs():
-    with pytest.raises(runner.ConfigError, match=r"--num-envs 6 is not divisible by --num-minibatches 4"):
+    with pytest.raises(errors.ConfigError, match=r"--num-envs 6 is not divisible by --num-minibatches 4"):
         ppo.resolve(ppo.Config(env="CartPole-v1", network="cfc", num_envs=6))
 
 
@@ -129,7 +129,7 @@ def test_breakout_cfc_script(tmp_path):
     assert cfg["network_spec"]["core"] == "cfc" and cfg["network_spec"]["torso"] == "convblock"
     assert cfg["network_spec"]["cfc"]["hidden_size"] == 64
     assert (d / "metrics.csv").exists() and list((d / "tb").glob("events.*"))
-    from jaxatari.checkpoint import load_policy
+    from jaxatari.policy import load_policy
 
     pol = load_policy(d)
     assert pol.recurrent
