@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from jaxatari.networks import cfc
+from jaxatari.networks import cfc, ncps_weights
+from jaxatari.networks import wirings as nw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,7 @@ def _models(variant: str, cfg: Config):
             cfg.units, backbone_units=cfg.backbone_units, mixed_memory=True
         )
     if variant == "autoncp":
-        return dict(units=wirings.AutoNCP(cfg.units, 8)), cfc.CfC(wiring=cfc.AutoNCP(cfg.units, 8))
+        return dict(units=wirings.AutoNCP(cfg.units, 8)), cfc.CfC(wiring=nw.AutoNCP(cfg.units, 8))
     raise ValueError(f"Unknown variant {variant!r}; expected one of ['plain', 'mixed_memory', 'autoncp'].")
 
 
@@ -137,7 +138,7 @@ def bench_one(variant: str, batch: int, cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     theirs_kwargs, ours = _models(variant, cfg)
     theirs = TorchCfC(cfg.input_size, **theirs_kwargs).eval()
-    params = {"params": cfc.params_from_ncps({k: v.numpy() for k, v in theirs.state_dict().items()})}
+    params = {"params": ncps_weights.params_from_ncps({k: v.numpy() for k, v in theirs.state_dict().items()})}
 
     rng = np.random.default_rng(cfg.seed)
     x_tbf = rng.normal(size=(cfg.seq_len, batch, cfg.input_size)).astype(np.float32)

@@ -23,7 +23,9 @@ from jaxatari.envs import (
 )
 from jaxatari.evaluate import EvalResult, evaluate
 from jaxatari.networks import ActorCritic, ConvBlock, ImpalaCNN, MLP, NatureCNN, QNetwork
-from jaxatari.networks.cfc import AutoNCP, CfC, CfCCell, params_from_ncps
+from jaxatari.networks.cfc import CfC, CfCCell
+from jaxatari.networks.ncps_weights import params_from_ncps
+from jaxatari.networks.wirings import AutoNCP
 from jaxatari.ops import a2c_loss, gae, n_step_returns, ppo_loss
 from jaxatari.policy import LoadedPolicy, load_policy
 

@@ -10,8 +10,9 @@ ODE, so one step costs a few dense layers instead of an ODE solve:
 This module reproduces the PyTorch implementation of the ``ncps`` package
 (version 1.0.1, ``ncps.torch.CfC``) output for output: given the same weights,
 inputs and elapsed times, every output and the final state agree to float32
-rounding (see ``tests/networks/test_cfc.py``).  ``params_from_ncps`` converts
-the ``state_dict()`` of an ``ncps.torch.CfC`` into params for :class:`CfC`.
+rounding (see ``tests/networks/test_cfc.py``).
+:func:`jaxatari.networks.ncps_weights.params_from_ncps` converts the
+``state_dict()`` of an ``ncps.torch.CfC`` into params for :class:`CfC`.
 
 Contents
 --------
@@ -22,14 +23,13 @@ Contents
   irregularly-sampled time series", NeurIPS 2020, arXiv:2006.04418).
 * :class:`CfC` -- the sequence module: a ``nn.scan`` over time-major
   ``[T, B, F]`` inputs with per-step resets and elapsed times.
-* :class:`NCP`, :class:`AutoNCP`, :class:`LayeredWiring` -- neural circuit
-  policy wirings (Lechner et al., "Neural circuit policies enabling auditable
-  autonomy", Nature Machine Intelligence 2020); ``NCP``/``AutoNCP`` draw the
-  same random synapses as ``ncps.wirings.NCP``/``AutoNCP`` for the same seed.
 * Pure functions: :func:`lecun_tanh`, :func:`cfc_update`,
   :func:`cfc_pure_update`, :func:`lstm_update`, :func:`reset_state`,
-  :func:`zero_state`, :func:`ncp_adjacency`, :func:`params_from_ncps`,
-  :func:`wiring_from_ncps`.
+  :func:`zero_state`.
+
+The wirings (:class:`~jaxatari.networks.wirings.NCP`, ``AutoNCP``,
+``LayeredWiring``, ``ncp_adjacency``) are in :mod:`jaxatari.networks.wirings`;
+the ncps weight import in :mod:`jaxatari.networks.ncps_weights`.
 
 Conventions
 -----------
@@ -48,11 +48,8 @@ order (for an NCP: inter, command, motor neurons).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -60,15 +57,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxatari.networks.wirings import LayeredWiring, _check_choice, _check_int, _FrozenArray, _wiring_sizes
+
+
 Array = jax.Array
 
+
 MODES = ("default", "no_gate", "pure")
+
+
 ACTIVATIONS = ("lecun_tanh", "silu", "relu", "tanh", "gelu")
-
-
-# ---------------------------------------------------------------------------
-# Pure maths
-# ---------------------------------------------------------------------------
 
 
 def lecun_tanh(x: Array) -> Array:
@@ -223,362 +221,6 @@ def zero_state(
     return h
 
 
-# ---------------------------------------------------------------------------
-# Validation helpers
-# ---------------------------------------------------------------------------
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Unknown {name} {value!r}; expected one of {list(allowed)}.")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-# ---------------------------------------------------------------------------
-# Wirings
-# ---------------------------------------------------------------------------
-
-
-class _FrozenArray:
-    """A read-only float32 array that is hashable and compares by value.
-
-    Flax modules are dataclasses that may be hashed and compared; a raw
-    ``np.ndarray`` field would break both.
-    """
-
-    __slots__ = ("array", "_key")
-
-    def __init__(self, array: Any):
-        arr = np.array(array, dtype=np.float32)
-        arr.setflags(write=False)
-        self.array = arr
-        self._key = (arr.shape, arr.tobytes())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _FrozenArray) and self._key == other._key
-
-    def __hash__(self) -> int:
-        return hash(self._key)
-
-    def __repr__(self) -> str:
-        return f"_FrozenArray(shape={self.array.shape})"
-
-
-class LayeredWiring:
-    """An explicit layered wiring: the input connectivity of each CfC layer.
-
-    Layer ``l`` has ``n_l`` neurons; it reads the network input (``l == 0``)
-    or layer ``l - 1``'s state through ``masks[l]``, a 0/1 array of shape
-    ``[in_l, n_l]`` (``in_0`` is the input size, ``in_l = n_{l-1}``), and its
-    own state densely.  The last layer's state is the wiring's output (for an
-    NCP: the motor neurons).  Obtained from :meth:`NCP.build`,
-    :meth:`AutoNCP.build` or :func:`wiring_from_ncps`.
-
-    Args:
-      masks: per-layer ``[in_l, n_l]`` masks; nonzero entries are synapses
-        (ncps' polarities are folded to 1 as ncps' ``WiredCfCCell`` does).
-    """
-
-    def __init__(self, masks: Sequence[Any]):
-        if len(masks) == 0:
-            raise ValueError("LayeredWiring needs at least one layer mask, got none.")
-        frozen = []
-        for l, m in enumerate(masks):
-            arr = np.abs(np.asarray(m, dtype=np.float32))
-            if arr.ndim != 2 or arr.shape[1] == 0:
-                raise ValueError(
-                    f"LayeredWiring mask {l} must be a [in, neurons] matrix, got shape {arr.shape}."
-                )
-            if l > 0 and arr.shape[0] != frozen[-1].array.shape[1]:
-                raise ValueError(
-                    f"LayeredWiring mask {l} has {arr.shape[0]} input rows but layer {l - 1} "
-                    f"has {frozen[-1].array.shape[1]} neurons."
-                )
-            frozen.append(_FrozenArray((arr != 0).astype(np.float32)))
-        self._masks = tuple(frozen)
-
-    @property
-    def masks(self) -> tuple[np.ndarray, ...]:
-        """Per-layer read-only ``[in_l, n_l]`` float32 0/1 masks."""
-        return tuple(m.array for m in self._masks)
-
-    @property
-    def input_size(self) -> int:
-        return int(self._masks[0].array.shape[0])
-
-    @property
-    def layer_sizes(self) -> tuple[int, ...]:
-        return tuple(int(m.array.shape[1]) for m in self._masks)
-
-    @property
-    def units(self) -> int:
-        """Total number of neurons (the CfC state size)."""
-        return sum(self.layer_sizes)
-
-    @property
-    def output_size(self) -> int:
-        """Neurons of the last layer (the wired cell's output size)."""
-        return self.layer_sizes[-1]
-
-    def build(self, input_size: int) -> LayeredWiring:
-        """Return ``self`` after checking that ``input_size`` is the one it was made for."""
-        if input_size != self.input_size:
-            raise ValueError(
-                f"This LayeredWiring was built for {self.input_size} input features, "
-                f"got inputs with {input_size}."
-            )
-        return self
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LayeredWiring) and self._masks == other._masks
-
-    def __hash__(self) -> int:
-        return hash(self._masks)
-
-    def __repr__(self) -> str:
-        return f"LayeredWiring(input_size={self.input_size}, layer_sizes={self.layer_sizes})"
-
-
-@dataclasses.dataclass(frozen=True)
-class NCP:
-    """A neural circuit policy wiring: sensory -> inter -> command -> motor.
-
-    Lechner, Hasani, Amini, Henzinger, Rus, Grosu, "Neural circuit policies
-    enabling auditable autonomy", Nature Machine Intelligence 2, 642-652 (2020).
-
-    Reproduces ``ncps.wirings.NCP``: neuron ids are ``[motor | command |
-    inter]``, and :meth:`build` draws the synapses (and their polarities) with
-    ``numpy.random.RandomState(seed)`` in ncps' order, so the masks are
-    identical to ncps' for the same arguments and input size.
-    """
-
-    inter_neurons: int
-    """Number of inter neurons (layer 0, fed by the inputs)."""
-    command_neurons: int
-    """Number of command neurons (layer 1)."""
-    motor_neurons: int
-    """Number of motor neurons (layer 2 = the outputs)."""
-    sensory_fanout: int
-    """Synapses from each input feature to the inter neurons."""
-    inter_fanout: int
-    """Synapses from each inter neuron to the command neurons."""
-    recurrent_command_synapses: int
-    """Command -> command synapses (drawn for ncps' RNG stream; a CfC layer's own state is read densely)."""
-    motor_fanin: int
-    """Synapses from the command neurons into each motor neuron."""
-    seed: int = 22222
-    """Seed of the ``numpy.random.RandomState`` that draws the synapses."""
-
-    def __post_init__(self):
-        for name in ("inter_neurons", "command_neurons", "motor_neurons"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("sensory_fanout", "inter_fanout", "motor_fanin"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("recurrent_command_synapses", self.recurrent_command_synapses, 0)
-        if self.motor_fanin > self.command_neurons:
-            raise ValueError(
-                f"motor_fanin={self.motor_fanin} exceeds command_neurons={self.command_neurons}."
-            )
-        if self.sensory_fanout > self.inter_neurons:
-            raise ValueError(
-                f"sensory_fanout={self.sensory_fanout} exceeds inter_neurons={self.inter_neurons}."
-            )
-        if self.inter_fanout > self.command_neurons:
-            raise ValueError(
-                f"inter_fanout={self.inter_fanout} exceeds command_neurons={self.command_neurons}."
-            )
-
-    @property
-    def units(self) -> int:
-        """Total number of neurons (the CfC state size)."""
-        return self.inter_neurons + self.command_neurons + self.motor_neurons
-
-    @property
-    def output_size(self) -> int:
-        return self.motor_neurons
-
-    @property
-    def layer_sizes(self) -> tuple[int, int, int]:
-        """``(inter, command, motor)``: the layer order of the state vector."""
-        return (self.inter_neurons, self.command_neurons, self.motor_neurons)
-
-    def build(self, input_size: int) -> LayeredWiring:
-        """Per-layer input masks for ``input_size`` input features (cached)."""
-        _check_int("input_size", input_size, 1)
-        return _ncp_layers(self, int(input_size))
-
-
-@dataclasses.dataclass(frozen=True)
-class AutoNCP:
-    """An :class:`NCP` sized from a neuron budget, as ``ncps.wirings.AutoNCP``.
-
-    With ``d = 1 - sparsity_level`` and ``n = units - output_size``:
-    ``command = max(int(0.4 n), 1)``, ``inter = n - command``,
-    ``sensory_fanout = max(int(inter d), 1)``,
-    ``inter_fanout = motor_fanin = max(int(command d), 1)``,
-    ``recurrent_command_synapses = max(int(2 command d), 1)``.
-    """
-
-    units: int
-    """Total number of neurons (the CfC state size)."""
-    output_size: int
-    """Motor neurons (outputs); must be < units - 2."""
-    sparsity_level: float = 0.5
-    """In [0.1, 1.0]; higher is sparser."""
-    seed: int = 22222
-    """Seed of the ``numpy.random.RandomState`` that draws the synapses."""
-
-    def __post_init__(self):
-        _check_int("units", self.units, 4)
-        _check_int("output_size", self.output_size, 1)
-        if self.output_size >= self.units - 2:
-            raise ValueError(
-                f"AutoNCP output_size must be < units - 2, got output_size={self.output_size} "
-                f"with units={self.units}."
-            )
-        if not 0.1 <= self.sparsity_level <= 1.0:
-            raise ValueError(
-                f"AutoNCP sparsity_level must be in [0.1, 1.0], got {self.sparsity_level!r}."
-            )
-
-    @property
-    def ncp(self) -> NCP:
-        """The equivalent explicit :class:`NCP`."""
-        density = 1.0 - self.sparsity_level
-        inter_and_command = self.units - self.output_size
-        command = max(int(0.4 * inter_and_command), 1)
-        inter = inter_and_command - command
-        return NCP(
-            inter_neurons=inter,
-            command_neurons=command,
-            motor_neurons=self.output_size,
-            sensory_fanout=max(int(inter * density), 1),
-            inter_fanout=max(int(command * density), 1),
-            recurrent_command_synapses=max(int(command * density * 2), 1),
-            motor_fanin=max(int(command * density), 1),
-            seed=self.seed,
-        )
-
-    @property
-    def layer_sizes(self) -> tuple[int, int, int]:
-        """``(inter, command, motor)``: the layer order of the state vector."""
-        return self.ncp.layer_sizes
-
-    def build(self, input_size: int) -> LayeredWiring:
-        """Per-layer input masks for ``input_size`` input features (cached)."""
-        return self.ncp.build(input_size)
-
-
-Wiring = NCP | AutoNCP | LayeredWiring
-
-
-def ncp_adjacency(wiring: NCP | AutoNCP, input_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The signed adjacency matrices of an NCP, identical to ncps' after ``build``.
-
-    Args:
-      wiring: an :class:`NCP` or :class:`AutoNCP`.
-      input_size: number of input (sensory) features.
-
-    Returns:
-      ``(sensory_adjacency [input_size, units], adjacency [units, units])``,
-      int32 with entries in {-1, 0, 1}; ``[src, dest]`` is the synapse
-      polarity.  Equal to ncps' ``sensory_adjacency_matrix`` and
-      ``adjacency_matrix``.
-    """
-    ncp = wiring.ncp if isinstance(wiring, AutoNCP) else wiring
-    if not isinstance(ncp, NCP):
-        raise ValueError(f"ncp_adjacency needs an NCP or AutoNCP wiring, got {wiring!r}.")
-    _check_int("input_size", input_size, 1)
-    sens, adj = _ncp_adjacency_cached(ncp, int(input_size))
-    return sens.copy(), adj.copy()
-
-
-@functools.lru_cache(maxsize=64)
-def _ncp_adjacency_cached(ncp: NCP, input_size: int) -> tuple[np.ndarray, np.ndarray]:
-    # Every RandomState call below (including the polarity draws, which the CfC
-    # masks ignore) mirrors ncps' NCP.build so that the random stream, and so
-    # the synapses, stay identical.
-    rng = np.random.RandomState(ncp.seed)
-    n_motor, n_command, n_inter = ncp.motor_neurons, ncp.command_neurons, ncp.inter_neurons
-    motor = list(range(0, n_motor))
-    command = list(range(n_motor, n_motor + n_command))
-    inter = list(range(n_motor + n_command, n_motor + n_command + n_inter))
-    sensory = list(range(input_size))
-    sens = np.zeros((input_size, ncp.units), np.int32)
-    adj = np.zeros((ncp.units, ncp.units), np.int32)
-
-    def fan_out(matrix, sources, targets, fanout, fill_limit):
-        # Each source connects to `fanout` distinct targets; targets left
-        # without input then get int(len(sources) * fanout / len(targets))
-        # sources (clipped to [1, fill_limit]).
-        unreached = list(targets)
-        for src in sources:
-            for dest in rng.choice(targets, size=fanout, replace=False):
-                if dest in unreached:
-                    unreached.remove(dest)
-                matrix[src, dest] = rng.choice([-1, 1])
-        fanin = int(np.clip(int(len(sources) * fanout / len(targets)), 1, fill_limit))
-        for dest in unreached:
-            for src in rng.choice(sources, size=fanin, replace=False):
-                matrix[src, dest] = rng.choice([-1, 1])
-
-    # sensory -> inter, inter -> command (ncps clips the refill of command
-    # neurons by the number of command neurons, not inter neurons).
-    fan_out(sens, sensory, inter, ncp.sensory_fanout, input_size)
-    fan_out(adj, inter, command, ncp.inter_fanout, n_command)
-    # recurrent command synapses
-    for _ in range(ncp.recurrent_command_synapses):
-        src = rng.choice(command)
-        dest = rng.choice(command)
-        adj[src, dest] = rng.choice([-1, 1])
-    # command -> motor: each motor neuron draws `motor_fanin` command neurons,
-    # then command neurons without an outgoing synapse get some motor targets.
-    unreached = list(command)
-    for dest in motor:
-        for src in rng.choice(command, size=ncp.motor_fanin, replace=False):
-            if src in unreached:
-                unreached.remove(src)
-            adj[src, dest] = rng.choice([-1, 1])
-    fanout = int(np.clip(int(n_motor * ncp.motor_fanin / n_command), 1, n_motor))
-    for src in unreached:
-        for dest in rng.choice(motor, size=fanout, replace=False):
-            adj[src, dest] = rng.choice([-1, 1])
-    sens.setflags(write=False)
-    adj.setflags(write=False)
-    return sens, adj
-
-
-@functools.lru_cache(maxsize=64)
-def _ncp_layers(ncp: NCP, input_size: int) -> LayeredWiring:
-    sens, adj = _ncp_adjacency_cached(ncp, input_size)
-    m, c = ncp.motor_neurons, ncp.command_neurons
-    motor, command, inter = slice(0, m), slice(m, m + c), slice(m + c, ncp.units)
-    return LayeredWiring(
-        [
-            np.abs(sens[:, inter]),
-            np.abs(adj[inter, command]),
-            np.abs(adj[command, motor]),
-        ]
-    )
-
-
-def _wiring_sizes(wiring: Any) -> tuple[int, ...]:
-    if not isinstance(wiring, (NCP, AutoNCP, LayeredWiring)):
-        raise ValueError(
-            f"wiring must be an AutoNCP, NCP or LayeredWiring, got {type(wiring).__name__}: {wiring!r}."
-        )
-    return wiring.layer_sizes
-
-
-# ---------------------------------------------------------------------------
-# Cells
-# ---------------------------------------------------------------------------
-
-
 def _torch_bias_init(fan_in: int) -> Callable:
     """``torch.nn.Linear``'s default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -589,7 +231,6 @@ def _uniform_init(bound: float) -> Callable:
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-# torch.nn.Linear's default weight init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 _torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -799,11 +440,6 @@ class MixedMemoryLSTMCell(nn.Module):
         )(h)
         new_h, new_c = lstm_update(z, c)
         return (new_h, new_c), new_h
-
-
-# ---------------------------------------------------------------------------
-# Sequence module
-# ---------------------------------------------------------------------------
 
 
 class CfC(nn.Module):
@@ -1038,175 +674,3 @@ class CfC(nn.Module):
         if state.shape != shape:
             raise ValueError(f"initial_state must have shape {shape}, got {tuple(state.shape)}.")
         return state
-
-
-# ---------------------------------------------------------------------------
-# ncps weights
-# ---------------------------------------------------------------------------
-
-_CELL_LINEARS = ("ff1", "ff2", "time_a", "time_b")
-
-
-def _convert_cell(sd: dict[str, np.ndarray], prefix: str, used: set[str], *, allow_backbone: bool) -> dict:
-    """Params of one ncps ``CfCCell`` whose keys start with ``prefix``."""
-
-    def take(key: str) -> np.ndarray:
-        used.add(key)
-        return sd[key]
-
-    def linear(name: str) -> dict:
-        w, b = f"{prefix}{name}.weight", f"{prefix}{name}.bias"
-        for key in (w, b):
-            if key not in sd:
-                raise ValueError(f"params_from_ncps: missing key {key!r}.")
-        return {"kernel": take(w).T.copy(), "bias": take(b).copy()}
-
-    params: dict[str, Any] = {}
-    if allow_backbone:
-        # nn.Sequential indices: Linear, act, [Dropout], Linear, act, ...; the
-        # Linears in index order are backbone_0, backbone_1, ...
-        pattern = re.compile(re.escape(prefix) + r"backbone\.(\d+)\.weight$")
-        indices = sorted(int(m.group(1)) for k in sd if (m := pattern.match(k)))
-        for i, idx in enumerate(indices):
-            params[f"backbone_{i}"] = linear(f"backbone.{idx}")
-    params["ff1"] = linear("ff1")
-    pure = f"{prefix}w_tau" in sd
-    if pure:
-        for name in ("w_tau", "A"):
-            key = f"{prefix}{name}"
-            if key not in sd:
-                raise ValueError(f"params_from_ncps: missing key {key!r} (mode 'pure').")
-            params[name] = take(key).reshape(-1).copy()
-    else:
-        for name in _CELL_LINEARS[1:]:
-            params[name] = linear(name)
-    return params
-
-
-def _load_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"params_from_ncps expects a mapping of names to arrays, got {type(state_dict).__name__}.")
-    out = {}
-    for k, v in state_dict.items():
-        if hasattr(v, "detach"):  # a torch tensor, if torch happens to be around
-            v = v.detach().cpu().numpy()
-        out[str(k)] = np.asarray(v, dtype=np.float32)
-    return out
-
-
-def _ncps_masks(sd: dict[str, np.ndarray]) -> list[np.ndarray]:
-    pattern = re.compile(r"rnn_cell\.layer_(\d+)\.sparsity_mask$")
-    found = {int(m.group(1)): sd[k] for k in sd if (m := pattern.match(k))}
-    if sorted(found) != list(range(len(found))):
-        raise ValueError(f"params_from_ncps: non-contiguous wired layers {sorted(found)}.")
-    return [found[l] for l in range(len(found))]
-
-
-def wiring_from_ncps(state_dict: Mapping[str, Any]) -> LayeredWiring:
-    """The wiring of a wired ``ncps.torch.CfC``, read from its sparsity masks.
-
-    Works for any ncps wiring (``AutoNCP``, ``NCP``, ``FullyConnected``,
-    ``Random``): ncps stores each layer's mask ``[n_l, in_l + n_l]``, whose
-    first ``in_l`` columns (transposed) are our ``[in_l, n_l]`` layer mask.
-
-    Args:
-      state_dict: ``ncps.torch.CfC(...).state_dict()``, values as arrays.
-
-    Returns:
-      A :class:`LayeredWiring` to pass as ``CfC(wiring=...)``.
-    """
-    sd = _load_state_dict(state_dict)
-    masks = _ncps_masks(sd)
-    if not masks:
-        raise ValueError("wiring_from_ncps: no 'rnn_cell.layer_<l>.sparsity_mask' keys; the CfC is not wired.")
-    layers = []
-    for l, m in enumerate(masks):
-        n = m.shape[0]
-        if m.ndim != 2 or m.shape[1] <= n:
-            raise ValueError(f"wiring_from_ncps: layer {l} mask has unexpected shape {m.shape}.")
-        layers.append(m[:, : m.shape[1] - n].T)
-    return LayeredWiring(layers)
-
-
-def params_from_ncps(state_dict: Mapping[str, Any], *, wiring: Wiring | None = None) -> dict:
-    """Convert an ``ncps.torch.CfC``'s weights into params for :class:`CfC`.
-
-    Handles every configuration of ``ncps.torch.CfC``: modes, any number of
-    backbone layers (with or without dropout), ``proj_size``,
-    ``mixed_memory`` and wirings.  Torch ``Linear`` weights ``[out, in]``
-    become Flax kernels ``[in, out]``; ``w_tau``/``A`` ``[1, H]`` become
-    ``[H]``.  The wired cells' ``sparsity_mask`` buffers are not params (our
-    masks come from ``CfC(wiring=...)``); pass ``wiring=`` to check that they
-    match, or build the module with ``wiring=wiring_from_ncps(state_dict)``.
-
-    Only the weights are converted: ncps' CfC is batch-first by default,
-    ours is time-major, so transpose the inputs ``[B, T, F] -> [T, B, F]``.
-
-    Args:
-      state_dict: ``model.state_dict()`` with values as NumPy arrays (torch
-        tensors are accepted too); torch itself is not needed.
-      wiring: optional wiring the Flax module will use; checked against the
-        sparsity masks in ``state_dict``.
-
-    Returns:
-      The ``"params"`` collection: use ``model.apply({"params": params}, x)``
-      with a :class:`CfC` of the same configuration.
-
-    Raises:
-      ValueError: on keys this conversion does not know (all named), missing
-        keys, or masks that differ from ``wiring``.
-    """
-    sd = _load_state_dict(state_dict)
-    used: set[str] = set()
-    params: dict[str, Any] = {}
-    masks = _ncps_masks(sd)
-    if masks:
-        cell: dict[str, Any] = {}
-        for l in range(len(masks)):
-            used.add(f"rnn_cell.layer_{l}.sparsity_mask")
-            cell[f"layer_{l}"] = _convert_cell(sd, f"rnn_cell.layer_{l}.", used, allow_backbone=False)
-        params["rnn_cell"] = cell
-        if wiring is not None:
-            theirs = wiring_from_ncps(sd)
-            _wiring_sizes(wiring)
-            try:
-                ours = wiring.build(theirs.input_size)
-            except ValueError as e:
-                raise ValueError(f"params_from_ncps: the given wiring does not fit the state_dict: {e}") from e
-            if ours != theirs:
-                raise ValueError(
-                    f"params_from_ncps: the sparsity masks in state_dict ({theirs!r}) differ from "
-                    f"wiring={wiring!r}; build the CfC with wiring=wiring_from_ncps(state_dict)."
-                )
-    else:
-        if wiring is not None:
-            raise ValueError("params_from_ncps: wiring was given but the state_dict has no wired layers.")
-        if not any(k.startswith("rnn_cell.") for k in sd):
-            raise ValueError(
-                f"params_from_ncps: no 'rnn_cell.*' keys; is this an ncps.torch.CfC state_dict? Keys: {sorted(sd)}."
-            )
-        params["rnn_cell"] = _convert_cell(sd, "rnn_cell.", used, allow_backbone=True)
-    if "lstm.input_map.weight" in sd:
-        for key in ("lstm.input_map.weight", "lstm.input_map.bias", "lstm.recurrent_map.weight"):
-            if key not in sd:
-                raise ValueError(f"params_from_ncps: missing key {key!r} (mixed memory).")
-            used.add(key)
-        params["lstm"] = {
-            "input_map": {
-                "kernel": sd["lstm.input_map.weight"].T.copy(),
-                "bias": sd["lstm.input_map.bias"].copy(),
-            },
-            "recurrent_map": {"kernel": sd["lstm.recurrent_map.weight"].T.copy()},
-        }
-    if "fc.weight" in sd:
-        if "fc.bias" not in sd:
-            raise ValueError("params_from_ncps: missing key 'fc.bias'.")
-        used.update(("fc.weight", "fc.bias"))
-        params["fc"] = {"kernel": sd["fc.weight"].T.copy(), "bias": sd["fc.bias"].copy()}
-    unknown = sorted(set(sd) - used)
-    if unknown:
-        raise ValueError(
-            f"params_from_ncps: unsupported keys {unknown}; expected ncps.torch.CfC keys "
-            "(rnn_cell.*, lstm.*, fc.*)."
-        )
-    return params

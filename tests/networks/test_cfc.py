@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxatari.networks import cfc
+from jaxatari.networks import cfc, ncps_weights
+from jaxatari.networks import wirings as nw
 
 ATOL = 1e-5
 
@@ -157,7 +158,7 @@ def test_wired_cell_matches_numpy():
     """Layer l reads layer l-1 through its mask (ff1/ff2 only) and its own state densely."""
     rng = np.random.default_rng(4)
     masks = [rng.random((5, 4)) < 0.5, rng.random((4, 3)) < 0.5, rng.random((3, 2)) < 0.5]
-    wiring = cfc.LayeredWiring(masks)
+    wiring = nw.LayeredWiring(masks)
     assert wiring.layer_sizes == (4, 3, 2) and wiring.units == 9 and wiring.output_size == 2
     cell = cfc.WiredCfCCell(wiring, mode="no_gate")
     b = 3
@@ -278,7 +279,7 @@ def _ncps_pair(case, f):
     if theirs == "auto":
         theirs = dict(units=wirings.AutoNCP(**_WIRING), mode=ours["mode"])
         theirs.update({k: v for k, v in ours.items() if k in ("mixed_memory", "proj_size")})
-        ours = dict(ours, wiring=cfc.AutoNCP(**_WIRING))
+        ours = dict(ours, wiring=nw.AutoNCP(**_WIRING))
     from ncps.torch import CfC as TorchCfC
 
     torch.manual_seed(list(_NCPS_CASES).index(case))
@@ -298,7 +299,7 @@ def test_matches_ncps(case):
     t, f = 6, 5
     model, ours = _ncps_pair(case, f)
     state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
-    params = cfc.params_from_ncps(state_dict)
+    params = ncps_weights.params_from_ncps(state_dict)
     # Our init and the conversion produce the same tree of shapes.
     init = jax.eval_shape(ours.init, jax.random.key(0), jnp.zeros((t, b, f)))["params"]
     chex.assert_trees_all_equal_shapes(init, params)
@@ -354,8 +355,8 @@ def test_autoncp_masks_identical_to_ncps(units, output_size, sparsity_level, see
 
     theirs = wirings.AutoNCP(units, output_size, sparsity_level=sparsity_level, seed=seed)
     theirs.build(input_size)
-    ours = cfc.AutoNCP(units, output_size, sparsity_level=sparsity_level, seed=seed)
-    sens, adj = cfc.ncp_adjacency(ours, input_size)
+    ours = nw.AutoNCP(units, output_size, sparsity_level=sparsity_level, seed=seed)
+    sens, adj = nw.ncp_adjacency(ours, input_size)
     np.testing.assert_array_equal(sens, theirs.sensory_adjacency_matrix)
     np.testing.assert_array_equal(adj, theirs.adjacency_matrix)
     layers = ours.build(input_size)
@@ -378,13 +379,13 @@ def test_wiring_from_ncps_and_mask_check():
     pytest.importorskip("ncps")
     model, _ = _ncps_pair("autoncp-default", 5)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    wiring = cfc.wiring_from_ncps(sd)
-    assert wiring == cfc.AutoNCP(**_WIRING).build(5)
-    cfc.params_from_ncps(sd, wiring=cfc.AutoNCP(**_WIRING))  # matches: no error
+    wiring = ncps_weights.wiring_from_ncps(sd)
+    assert wiring == nw.AutoNCP(**_WIRING).build(5)
+    ncps_weights.params_from_ncps(sd, wiring=nw.AutoNCP(**_WIRING))  # matches: no error
     with pytest.raises(ValueError, match="differ from"):
-        cfc.params_from_ncps(sd, wiring=cfc.AutoNCP(**dict(_WIRING, seed=8)))
+        ncps_weights.params_from_ncps(sd, wiring=nw.AutoNCP(**dict(_WIRING, seed=8)))
     with pytest.raises(ValueError, match="input features"):
-        cfc.params_from_ncps(sd, wiring=cfc.AutoNCP(**_WIRING).build(6))
+        ncps_weights.params_from_ncps(sd, wiring=nw.AutoNCP(**_WIRING).build(6))
 
 
 def test_any_ncps_wiring_runs_via_wiring_from_ncps():
@@ -397,11 +398,11 @@ def test_any_ncps_wiring_runs_via_wiring_from_ncps():
     torch.manual_seed(0)
     model = TorchCfC(5, wirings.Random(8, 8, sparsity_level=0.5, random_seed=3)).eval()
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    ours = cfc.CfC(wiring=cfc.wiring_from_ncps(sd))
+    ours = cfc.CfC(wiring=ncps_weights.wiring_from_ncps(sd))
     x = np.random.default_rng(0).normal(size=(4, 2, 5)).astype(np.float32)
     with torch.no_grad():
         want, want_h = model(torch.from_numpy(x.transpose(1, 0, 2).copy()))
-    out, h = ours.apply({"params": cfc.params_from_ncps(sd)}, jnp.asarray(x))
+    out, h = ours.apply({"params": ncps_weights.params_from_ncps(sd)}, jnp.asarray(x))
     np.testing.assert_allclose(out, want.numpy().transpose(1, 0, 2), atol=ATOL)
     np.testing.assert_allclose(h, want_h.numpy(), atol=ATOL)
 
@@ -412,14 +413,14 @@ def test_params_from_ncps_errors_name_keys():
     model, _ = _ncps_pair("default-bb1", 5)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"rnn_cell\.extra"):
-        cfc.params_from_ncps({**sd, "rnn_cell.extra": np.zeros(3)})
+        ncps_weights.params_from_ncps({**sd, "rnn_cell.extra": np.zeros(3)})
     missing = {k: v for k, v in sd.items() if k != "rnn_cell.time_a.weight"}
     with pytest.raises(ValueError, match=r"rnn_cell\.time_a\.weight"):
-        cfc.params_from_ncps(missing)
+        ncps_weights.params_from_ncps(missing)
     with pytest.raises(ValueError, match="no 'rnn_cell"):
-        cfc.params_from_ncps({"fc.weight": np.zeros((2, 2)), "fc.bias": np.zeros(2)})
+        ncps_weights.params_from_ncps({"fc.weight": np.zeros((2, 2)), "fc.bias": np.zeros(2)})
     with pytest.raises(ValueError, match="no wired layers"):
-        cfc.params_from_ncps(sd, wiring=cfc.AutoNCP(12, 3))
+        ncps_weights.params_from_ncps(sd, wiring=nw.AutoNCP(12, 3))
 
 
 def test_init_follows_ncps_initialisers():
@@ -475,7 +476,7 @@ def test_module_imports_without_torch():
     "kwargs",
     [
         dict(hidden_size=5, backbone_units=8),
-        dict(wiring=cfc.AutoNCP(10, 2), mixed_memory=True, proj_size=3),
+        dict(wiring=nw.AutoNCP(10, 2), mixed_memory=True, proj_size=3),
     ],
     ids=["plain", "wired-mixed-proj"],
 )
@@ -586,13 +587,13 @@ def test_dropout_only_when_training():
         (lambda: cfc.CfC(4, backbone_layers=-1), "backbone_layers"),
         (lambda: cfc.CfC(4, backbone_dropout=1.5), "backbone_dropout"),
         (lambda: cfc.CfC(4, proj_size=0), "proj_size"),
-        (lambda: cfc.CfC(wiring=cfc.AutoNCP(12, 3), backbone_layers=1), "backbone_layers=1 cannot be used"),
-        (lambda: cfc.CfC(10, wiring=cfc.AutoNCP(12, 3)), "hidden_size=10 does not match the wiring's 12"),
+        (lambda: cfc.CfC(wiring=nw.AutoNCP(12, 3), backbone_layers=1), "backbone_layers=1 cannot be used"),
+        (lambda: cfc.CfC(10, wiring=nw.AutoNCP(12, 3)), "hidden_size=10 does not match the wiring's 12"),
         (lambda: cfc.CfC(wiring="ncp"), "wiring must be an AutoNCP"),
-        (lambda: cfc.AutoNCP(10, 8), "output_size must be < units - 2"),
-        (lambda: cfc.AutoNCP(10, 2, sparsity_level=0.05), r"sparsity_level must be in \[0.1, 1.0\]"),
-        (lambda: cfc.NCP(4, 3, 2, 5, 1, 1, 1), "sensory_fanout=5 exceeds inter_neurons=4"),
-        (lambda: cfc.LayeredWiring([np.ones((3, 4)), np.ones((5, 2))]), "has 5 input rows"),
+        (lambda: nw.AutoNCP(10, 8), "output_size must be < units - 2"),
+        (lambda: nw.AutoNCP(10, 2, sparsity_level=0.05), r"sparsity_level must be in \[0.1, 1.0\]"),
+        (lambda: nw.NCP(4, 3, 2, 5, 1, 1, 1), "sensory_fanout=5 exceeds inter_neurons=4"),
+        (lambda: nw.LayeredWiring([np.ones((3, 4)), np.ones((5, 2))]), "has 5 input rows"),
     ],
 )
 def test_bad_config_raises(make, match):
@@ -621,6 +622,6 @@ def test_bad_shapes_raise():
     cell = cfc.CfCCell(4, backbone_units=8)
     with pytest.raises(ValueError, match=r"ts \(the elapsed time\)"):
         cell.init(jax.random.key(0), jnp.zeros((2, 4)), jnp.zeros((2, 3)), jnp.ones(3))
-    wired = cfc.CfC(wiring=cfc.AutoNCP(12, 3).build(3))
+    wired = cfc.CfC(wiring=nw.AutoNCP(12, 3).build(3))
     with pytest.raises(ValueError, match="built for 3 input features, got inputs with 4"):
         wired.init(jax.random.key(0), jnp.ones((5, 2, 4)))
