@@ -174,13 +174,14 @@ class Prepared(NamedTuple):
 def prepare(algo: Algorithm, config) -> Prepared:
     """Envs, the state before update 0 and a compiled ``update`` for ``config``, without a
     run directory: for a training loop of one's own. ``config.total_timesteps`` sets the
-    number of updates the learning-rate schedules anneal over; ``--devices`` the mesh."""
+    number of updates the learning-rate schedules anneal over, as in :func:`train`; ``--devices`` the mesh."""
     c = algo.resolve(config)
+    parallel.initialize_distributed(c.coordinator, c.num_processes, c.process_id)
     c = dataclasses.replace(c, devices=_scale_out(dataclasses.replace(c, num_agents=1, sweep=None), 1))
     algo.check_devices(c, c.devices * jax.process_count())
     es = make_envs(c, 1, [c.seed])
     ctx = Context(es.spec, algo.network_spec(c, es.spec), es.step_fn, es.local_envs,
-                  max(1, c.total_timesteps // algo.steps_per_update(c)))
+                  runner.make_schedule(c.total_timesteps, algo.steps_per_update(c), c.chunk_steps).num_updates)
     state = initial_state(algo, c, ctx, es, [c], abstract=False)
     update = compile_update(functools.partial(algo.update, c, ctx), es.mesh, state_specs(algo, state, False))
     return Prepared(c, ctx, es, state, es.handle, update)
@@ -269,11 +270,11 @@ def train(algo: Algorithm, config) -> runner.RunResult:
             target = initial_state(algo, c, ctx, es, agents, abstract=True).replace(**dict.fromkeys(unsaved))
             restored = parallel.restore_latest_any_topology(ckpt, target, stored)
             state, meta = restored.state, dict(restored.meta or {})
+            done = updates_done(state)
+            rundir.check_unfinished(run_dir, done * steps, sched.total_steps)  # before a fresh buffer is allocated
             why = ""
             if unsaved:  # taken afresh: the state without them, then a new state for them
                 state, why = algo.restart(c, es.spec, state, initial_state(algo, c, ctx, es, agents, abstract=False))
-            done = updates_done(state)
-            rundir.check_unfinished(run_dir, done * steps, sched.total_steps)
             if done % sched.updates_per_chunk:
                 raise ConfigError(f"Checkpoint at update {done} is not on a chunk boundary of "
                                   f"{sched.updates_per_chunk} updates.")

@@ -284,7 +284,8 @@ def make_sharded_envs(env_id: str, num_envs: int, *, seed: int, devices_per_proc
     mesh = make_mesh(devices_per_process)
     n_global = mesh.devices.size
     if backend == "callback" and n_global > 1:
-        raise ParallelError("--env-backend callback is not supported with several devices; use auto or xla.")
+        raise ParallelError(f"--env-backend callback is not supported on {n_global} devices (--devices, or several "
+                            "processes); use auto or xla.")
     if num_envs % n_global:
         raise ParallelError(f"--num-envs {num_envs} is not divisible by the {n_global} devices of the mesh.")
     per = num_envs // n_global

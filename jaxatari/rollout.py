@@ -147,7 +147,7 @@ def init_state(ctx, env_state: envs.EnvState, key: jax.Array, optimizer, num_env
 
 def device_rollout(ctx, state: State, handle: jax.Array, key: jax.Array, num_steps: int):
     """:func:`rollout` of ``state``'s policy on this device's envs inside ``shard_map``
-    (``ctx`` a :class:`jaxatari.driver.Context`): one sampling key per env
+    (``ctx`` a :class:`jaxatari.algorithm.Context`): one sampling key per env
     (device-invariant). Returns ``(handle, env_state, carry, trajectory,
     episode_metrics, env_index)``, ``env_index [B/N]`` the envs' global indices;
     ``env_state`` keeps its per-device count as a scalar (:func:`jaxatari.parallel.env_state_in`)."""

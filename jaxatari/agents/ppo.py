@@ -244,7 +244,7 @@ def update(c: Config, ctx: Context, state: State, handle):
 
     Args:
       c: a resolved :class:`Config` (:func:`resolve`).
-      ctx: the run's :class:`jaxatari.driver.Context` (env spec, network spec,
+      ctx: the run's :class:`jaxatari.algorithm.Context` (env spec, network spec,
         ``step_fn(handle, actions [B/N]) -> (handle, Timestep)``, envs per device,
         updates in the run).
       state: the :class:`State` (:func:`init`), this device's share of its
