@@ -295,6 +295,15 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
+def _parse(source: str) -> list:
+    """``ast.parse(source).body``, asked twice if CPython 3.11 raises its spurious
+    "AST constructor recursion depth mismatch" (seen once in 5 CI runs, under xdist)."""
+    try:
+        return ast.parse(source).body
+    except SystemError:
+        return ast.parse(source).body
+
+
 def _resumable_tuples() -> dict[str, tuple[str, ...]]:
     """``{ALGO: RESUMABLE}`` of every module in jaxatari/agents/, read from the source
     (literal tuples) so that plotting never imports JAX; empty if jaxatari is not found."""
@@ -305,7 +314,7 @@ def _resumable_tuples() -> dict[str, tuple[str, ...]]:
     for path in sorted(Path(next(iter(spec.submodule_search_locations)), "agents").glob("*.py")):
         values: dict[str, Any] = {}
         try:
-            body = ast.parse(path.read_text()).body
+            body = _parse(path.read_text())
         except SyntaxError:
             continue
         for node in body:
