@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from jaxatari import envs
+from jaxatari import configs, envs
 from jaxatari.networks import NetworkSpec
 
 
@@ -49,15 +49,19 @@ class Algorithm:
     update: Callable
     steps_per_update: Callable[[Any], int]  # global env steps of one update
     metric_columns: tuple[str, ...]
-    resumable: tuple[str, ...]  # fields a resume may change
-    sweepable: tuple[str, ...]  # float fields --sweep may vary
-    ranges: dict[str, str]  # configs.check_ranges rules, for --sweep values
     sharded_fields: tuple[str, ...] = ("env", "carry")  # state fields split along envs; the rest replicated
     check_devices: Callable[[Any, int], None] = lambda c, n: None  # refuse a split over n devices
     updates_done: Callable[[Any, Any], jax.Array] = lambda c, s: s.update  # update() calls a state has seen
-    evaluator: Callable | None = None  # (c, net_spec) -> score(params, seed); default: the actor-critic's
     # A state field left out of checkpoints (DQN: a replay buffer too large to save): unsaved(c, spec, agents)
     # names them; after a resume, restart(c, spec, restored, fresh) -> (state, why the run is not exact).
     unsaved: Callable[[Any, envs.EnvSpec, int], tuple[str, ...]] = lambda c, spec, agents: ()
     restart: Callable | None = None
     describe: Callable | None = None  # (c, spec, agents) -> (a start-up line, entries for config.json)
+
+    @property
+    def sweepable(self) -> tuple[str, ...]:
+        return configs.sweepable(self.config)
+
+    @property
+    def ranges(self) -> dict[str, str]:
+        return configs.ranges(self.config)

@@ -1,62 +1,13 @@
-"""Checkpoints of a training run, on orbax-checkpoint.
-
-Layout of a run directory::
-
-    RUN_DIR/checkpoints/
-      latest/<step>/        the newest ``keep`` checkpoints, rotated
-      best/<step>/          the one checkpoint with the highest score so far
-      latest/<step>.corrupt a checkpoint found unreadable and moved aside (rare)
-
-Each ``<step>/`` holds orbax items written with orbax's standard handlers only
-(tensorstore arrays and JSON; nothing is pickled, so loading never runs code):
-
-* ``state``:  the complete training state, any pytree of arrays (params,
-  optimiser state, counters, PRNG keys, env observations ...);
-* ``policy``: optional small pytree (e.g. the inference params) so that a policy
-  loads without knowing the optimiser structure (:func:`restore_policy`);
-* ``meta``:   JSON: whatever the caller passed (NumPy/JAX scalars converted),
-  plus ``step``, ``time`` (unix seconds) and ``score`` (best only), which win
-  over the caller's keys of the same name;
-* ``format``: JSON: format version, which items exist, and which leaves were
-  new-style typed PRNG keys (``jax.random.key``) with their impl. Typed keys are
-  stored as ``jax.random.key_data`` and re-wrapped with
-  ``jax.random.wrap_key_data(data, impl=...)`` on restore; raw ``uint32`` keys
-  are ordinary arrays.
-
-Guarantees:
-
-* **Atomic saves.** orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it
-  when complete; a process killed mid-save leaves the previous checkpoints
-  intact. :class:`Checkpointer` removes such unfinished directories when it
-  starts (with a warning). Rotation deletes old steps only after the new one is
-  complete, and ``best/`` and ``latest/`` never rotate each other's steps.
-* **Async saves** (default) return once the arrays are copied off the device,
-  so the caller may donate or overwrite the state at once; the write continues
-  in the background, is waited for before the next save, by :meth:`wait` and by
-  :meth:`close` (use ``with Checkpointer(...) as ckpt:``). No thread outlives
-  ``close()``. A save that fails in the background (disk full) is raised as
-  :class:`CheckpointError` by the next ``save``, ``wait`` or ``close``; the
-  checkpoints before it are kept.
-* **Device-independent.** Restores go into an abstract target: each leaf
-  becomes a ``jax.ShapeDtypeStruct`` on the current default device, so a
-  checkpoint written on a GPU restores on a CPU-only machine.
-* **Corruption is survivable.** A checkpoint that cannot be read (truncated or
-  missing files) is reported with ``logging`` (a warning naming the step and the
-  reason) and the previous one is used. If none is readable, or the target does
-  not match what was saved (changed network: different tree, shape, dtype or
-  PRNG-key type), :class:`CheckpointError` says so in one sentence.
-
-Leaves are saved with their own dtype (uint8 obs, int32 counters, float32
-params, bool flags). Python and NumPy scalars and NumPy arrays are saved at the
-dtype JAX would give them (``int`` -> int32 unless ``jax_enable_x64``) and come
-back as ``jax.Array``.
-
-One :class:`Checkpointer` per run directory at a time (it is the writer); any
-number of readers may call :func:`restore_policy`.
+"""Checkpoints of a training run, on orbax-checkpoint: :class:`Checkpointer` keeps
+the newest ``keep`` in ``RUN_DIR/checkpoints/latest/<step>/`` and the best-scoring
+one in ``best/<step>/``; :func:`restore_policy` loads a policy read-only. A step
+holds the orbax items ``state``, optional ``policy`` (pytrees of arrays), ``meta``
+and ``format`` (JSON), written with standard handlers (nothing is pickled).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -85,7 +36,7 @@ _TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # '.orbax-checkpoint-tmp'
 _MAX_LISTED = 5  # differences named in a mismatch message
 
 
-_writing = 0  # saves and waits in progress in this process (see writing())
+_writing = 0  # saves and waits in progress in this process
 
 
 def writing() -> bool:
@@ -110,78 +61,67 @@ class _NoneReadable(CheckpointError):
 
 
 class Restored(NamedTuple):
-    """What a restore returns."""
+    """What a restore returns: the ``step`` saved; the ``state``, structured like the
+    abstract target (None if not asked for); the ``policy`` (None unless an abstract
+    policy was given); ``meta``: the caller's JSON plus ``step``, ``time`` (unix
+    seconds) and ``score`` (best only), which win over the caller's keys."""
 
     step: int
-    """The step the checkpoint was saved at."""
     state: Any
-    """The training state, structured like the abstract target (None if not asked for)."""
     policy: Any
-    """The policy pytree, if an abstract policy was given, else None."""
     meta: dict
-    """The JSON metadata: ``step``, ``time``, ``score`` (best only) and the caller's keys."""
 
 
 class Checkpointer:
-    """Latest-N and best checkpoints of one run, in ``RUN_DIR/checkpoints``.
+    """Latest-N and best checkpoints of one run, in ``run_dir/checkpoints``; the one
+    writer of that directory. ``keep``: how many newest checkpoints ``latest/``
+    keeps (>= 1). ``async_save``: ``save`` returns once the arrays are copied off
+    the device; the write goes on in a background thread.
 
-    Usage::
-
-        with Checkpointer(run_dir, keep=3) as ckpt:
-            if ckpt.latest_step() is not None:
-                step, state, _, meta = ckpt.restore_latest(abstract_state)
-            ...
-            ckpt.save(step, state, policy=state.params, meta={"return": r})
-            ckpt.save_best(step, state, score=r, policy=state.params)
-
-    Args:
-      run_dir: the run directory; checkpoints go in ``run_dir/checkpoints``.
-      keep: how many of the newest checkpoints ``latest/`` keeps (>= 1).
-      async_save: write in a background thread (the arrays are copied off the
-        device before ``save`` returns).
+    Use as ``with Checkpointer(run_dir) as ckpt:``: closing waits for async saves
+    and stops orbax's threads. A failed background save is raised as
+    :class:`CheckpointError` by the next ``save``, ``wait`` or ``close``. Saves
+    are atomic: unfinished ones left by a killed process are removed on start.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an integer >= 1 (checkpoints to keep), got {keep!r}.")
         self.directory = Path(run_dir).absolute() / "checkpoints"  # orbax refuses relative paths
-        self._closed = True  # until both managers exist
         for kind in (LATEST, BEST):
             (self.directory / kind).mkdir(parents=True, exist_ok=True)
-            _remove_unfinished(self.directory / kind)
+            for p in sorted((self.directory / kind).iterdir()):
+                if _TMP_SUFFIX in p.name:
+                    log.warning("Removing unfinished checkpoint %s (a save was interrupted; earlier ones are intact).",
+                                p)
+                    shutil.rmtree(p, ignore_errors=True)
         self._latest = _manager(self.directory / LATEST, keep=keep, async_save=async_save)
         try:
-            # One best checkpoint: LatestN(1) deletes the previous best only once
-            # the new one is complete. Saves are made only on a higher score, so
-            # the newest is the best even when steps go backwards after a resume.
+            # "best" is separate from "latest N": its own manager keeps 1 and is saved
+            # only on a higher score, so its newest step is the best.
             self._best = _manager(self.directory / BEST, keep=1, async_save=async_save)
         except BaseException:
             self._latest.close()
             raise
         self._closed = False
-        self._best_score = _best_score_on_disk(self.directory / BEST)
-
-    # -- context manager ---------------------------------------------------
+        # An unreadable best must not block every later best (the next best save rotates it away).
+        scores = (_score(self.directory / BEST / str(s), verify=True) for s in _list_steps(self.directory / BEST))
+        self._best_score = max((s for s in scores if s is not None), default=None)
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:  # do not mask the exception already propagating
+        try:
             self.close()
         except CheckpointError as e:
-            log.error("%s", e)
-
-    # -- queries -------------------------------------------------------------
+            if exc_type is None:
+                raise
+            log.error("%s", e)  # do not mask the exception already propagating
 
     def latest_step(self) -> int | None:
-        """Newest step in ``latest/`` (saved or being saved), or None.
-
-        Not validated: :meth:`restore_latest` may fall back to an older step.
-        """
+        """Newest step in ``latest/`` (saved or being saved), or None. Not validated:
+        :meth:`restore_latest` may fall back to an older step."""
         return self._latest.latest_step()
 
     @property
@@ -189,16 +129,14 @@ class Checkpointer:
         """Score of the best checkpoint (persisted in its meta), or None."""
         return self._best_score
 
-    # -- saving --------------------------------------------------------------
-
     def save(self, step: int, state, *, policy=None, meta: dict | None = None) -> Path:
-        """Save a checkpoint in ``latest/``, keeping the newest ``keep``.
+        """Save a checkpoint in ``latest/``, keeping the newest ``keep``; returns its
+        step directory (it appears once an async save completes).
 
-        Returns the step directory (it appears once an async save completes).
-        Saving the newest step again is a no-op returning the existing path (the
-        final save of a run often lands on a step just saved). A step older than
-        the newest raises :class:`CheckpointError`: continue from
-        :meth:`restore_latest`, or use a new run directory.
+        ``state``/``policy``: pytrees of arrays and numbers, each leaf at its own dtype
+        (Python/NumPy values at the dtype JAX gives them), restored as ``jax.Array``.
+        ``meta``: plain JSON (NumPy/JAX scalars converted). Saving the newest step
+        again is a no-op; an older step raises :class:`CheckpointError`.
         """
         self._check_open()
         step = _as_step(step)
@@ -209,30 +147,23 @@ class Checkpointer:
                 log.info("Checkpoint step %d already exists in %s; kept.", step, path.parent)
                 return path
             raise CheckpointError(
-                f"Cannot save step {step} in {path.parent}: it already holds the newer step "
-                f"{newest}; continue that run (--resume, or restore_latest() from Python) or use a new run directory."
-            )
+                f"Cannot save step {step} in {path.parent}: it already holds the newer step {newest}; continue that "
+                "run (--resume, or restore_latest() from Python) or use a new run directory.")
         self._write(self._latest, step, state, policy, _meta(step, meta))
         return path
 
     def save_best(self, step: int, state, score: float, *, policy=None, meta: dict | None = None) -> bool:
-        """Save to ``best/`` if ``score`` beats the best so far; True if saved.
-
-        NaN never counts as best. The best score persists in the checkpoint's
-        meta, so a new Checkpointer on the same run directory keeps it. The
-        step may be lower than the current best's (after a resume); a higher
-        score at the very same step replaces that step (deleted first: the one
-        case where a kill at the wrong moment can lose the best).
+        """Save to ``best/`` if ``score`` beats the best so far (persisted in its meta;
+        NaN never counts); True if saved. The step may be lower than the best's; a
+        higher score at the same step replaces it (deleted first, so not atomic).
         """
         self._check_open()
         score = float(score)
         if math.isnan(score) or (self._best_score is not None and not score > self._best_score):
             return False
         step = _as_step(step)
-        if step in self._best.all_steps():
-            # A higher score at a step already saved as best (a re-evaluation):
-            # orbax cannot overwrite a step, so the old one goes first.
-            self._wait(self._best, BEST)
+        if step in self._best.all_steps():  # orbax cannot overwrite a step
+            self._wait(self._best)
             self._best.delete(step)
         self._write(self._best, step, state, policy, _meta(step, meta, score=score))
         self._best_score = score
@@ -242,39 +173,30 @@ class Checkpointer:
         if jax.process_count() > 1:
             # orbax names its cross-process barriers by step: a "latest" and a "best"
             # save of the same step in flight together would share (and break) them.
-            self._wait(self._latest, LATEST)
-            self._wait(self._best, BEST)
-        state_data, state_keys = _split_keys(state, "state")
-        items = {"state": ocp.args.StandardSave(state_data)}
-        fmt = {"version": FORMAT_VERSION, "items": ["state", "meta", "format"],
-               "typed_keys": {"state": state_keys}}
+            self.wait()
+        split = {"state": _split_keys(state, "state")}
         if policy is not None:
-            policy_data, policy_keys = _split_keys(policy, "policy")
-            items["policy"] = ocp.args.StandardSave(policy_data)
-            fmt["items"].append("policy")
-            fmt["typed_keys"]["policy"] = policy_keys
-        items["meta"] = ocp.args.JsonSave(meta)
-        items["format"] = ocp.args.JsonSave(fmt)
-        self._wait(manager, manager.directory.name)  # a failed previous save is reported as such
+            split["policy"] = _split_keys(policy, "policy")
+        fmt = {"version": FORMAT_VERSION, "items": ["state", "meta", "format", *list(split)[1:]],
+               "typed_keys": {item: keys for item, (_, keys) in split.items()}}
+        items = {item: ocp.args.StandardSave(data) for item, (data, _) in split.items()}
+        args = ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta), format=ocp.args.JsonSave(fmt))
+        self._wait(manager)  # a failed previous save is reported as such
         try:
-            # force: we decide which steps to save (see save/save_best).
             with _Writing():
-                manager.save(step, args=ocp.args.Composite(**items), force=True)
+                manager.save(step, args=args, force=True)  # force: we decide which steps to save
         except Exception as e:
             raise CheckpointSaveError(
-                f"Saving checkpoint step {step} in {manager.directory} failed: {_reason(e)}."
-            ) from e
-
-    # -- restoring -----------------------------------------------------------
+                f"Saving checkpoint step {step} in {manager.directory} failed: {_reason(e)}.") from e
 
     def restore_latest(self, abstract_state, *, abstract_policy=None) -> Restored:
         """Restore the newest readable checkpoint of ``latest/``.
 
-        ``abstract_state`` (and ``abstract_policy``, to also get the policy) give
-        the structure, shapes and dtypes: ``jax.ShapeDtypeStruct`` leaves (e.g.
-        from ``jax.eval_shape``) or concrete arrays. Unreadable newer steps are
-        skipped with a warning and moved aside to ``<step>.corrupt`` so that
-        saving continues from the restored step.
+        ``abstract_state`` (and ``abstract_policy``, to also get the policy): the
+        structure, shapes and dtypes, as ``jax.ShapeDtypeStruct`` (``jax.eval_shape``)
+        or concrete leaves; arrays land on the default device. Unreadable newer
+        steps are skipped with a warning and moved aside to ``<step>.corrupt``. A
+        mismatch (tree, shape, dtype, PRNG-key type) raises :class:`CheckpointError`.
         """
         return self._restore(self._latest, LATEST, abstract_state, abstract_policy)
 
@@ -286,30 +208,33 @@ class Checkpointer:
 
     def _restore(self, manager, kind: str, abstract_state, abstract_policy) -> Restored:
         self._check_open()
-        self._wait(manager, kind)
-        restored, unreadable = _restore_newest(self.directory / kind, kind, state_target=abstract_state,
+        self._wait(manager)
+        restored, unreadable = _restore_newest(self.directory / kind, state_target=abstract_state,
                                                policy_target=abstract_policy, want_state=True)
+        for step_dir in unreadable:  # moved aside so that saving continues from the restored step
+            target, i = step_dir.with_name(f"{step_dir.name}.corrupt"), 0
+            while target.exists():
+                i += 1
+                target = step_dir.with_name(f"{step_dir.name}.corrupt-{i}")
+            step_dir.rename(target)
+            log.warning("Moved unreadable checkpoint %s aside to %s.", step_dir, target.name)
         if unreadable:
-            for step_dir in unreadable:
-                _move_aside(step_dir)
             manager.reload()
         return restored
-
-    # -- lifecycle -------------------------------------------------------------
 
     def wait(self) -> None:
         """Block until background saves are complete; raise if one failed."""
         self._check_open()
-        self._wait(self._latest, LATEST)
-        self._wait(self._best, BEST)
+        self._wait(self._latest)
+        self._wait(self._best)
 
-    def _wait(self, manager, kind: str) -> None:
+    def _wait(self, manager) -> None:
         try:
             with _Writing():
                 manager.wait_until_finished()
         except Exception as e:
             manager.reload()  # orbax already dropped the steps it meant to rotate away; they are still there
-            raise CheckpointSaveError(f"A background save in {self.directory / kind} failed: {_reason(e)}.") from e
+            raise CheckpointSaveError(f"A background save in {manager.directory} failed: {_reason(e)}.") from e
 
     def close(self) -> None:
         """Wait for background saves and release orbax's resources. Idempotent."""
@@ -317,15 +242,15 @@ class Checkpointer:
             return
         self._closed = True
         errors = []
-        for kind, manager in ((LATEST, self._latest), (BEST, self._best)):
+        for manager in (self._latest, self._best):
             try:
                 manager.close()
             except Exception as e:
-                errors.append(f"{self.directory / kind}: {_reason(e)}")
+                errors.append(f"{manager.directory}: {_reason(e)}")
                 try:  # orbax raises a save error once; closing again releases the rest
                     manager.close()
                 except Exception:
-                    log.debug("Second close of %s failed.", self.directory / kind, exc_info=True)
+                    log.debug("Second close of %s failed.", manager.directory, exc_info=True)
         if errors:
             raise CheckpointSaveError(f"A background save failed ({'; '.join(errors)}).")
 
@@ -335,26 +260,21 @@ class Checkpointer:
 
 
 def restore_policy(path: str | os.PathLike, abstract_policy) -> tuple[Any, dict]:
-    """Load the ``policy`` item of a checkpoint: ``(policy, meta)``; read-only.
+    """Load the ``policy`` item of a checkpoint, read-only: ``(policy, meta)``.
 
-    ``path`` may be:
-
-    * a run directory or its ``checkpoints/``: the best checkpoint if ``best/``
-      has a readable one, else the newest readable one of ``latest/``;
-    * a ``latest/`` or ``best/`` directory: its newest readable (best: highest
-      score) checkpoint;
-    * one step directory: exactly that checkpoint.
-
-    Unreadable checkpoints are skipped with a warning (nothing is moved).
-    Raises :class:`CheckpointError` if nothing is readable, the checkpoint was
-    saved without ``policy=``, or ``abstract_policy`` does not match it.
+    ``path``: a run directory or its ``checkpoints/`` (the best checkpoint if one is
+    readable, else the newest readable one of ``latest/``); a ``latest/`` or
+    ``best/`` directory (its newest readable, for best highest-scoring, checkpoint);
+    or one step directory. Unreadable checkpoints are skipped with a warning
+    (nothing is moved). Raises :class:`CheckpointError` if nothing is readable, the
+    checkpoint was saved without ``policy=``, or ``abstract_policy`` does not match.
     """
     if not Path(path).is_dir():
         raise CheckpointError(f"{path} is not a directory; pass a run directory or a checkpoint directory.")
     path = Path(path).absolute()  # orbax refuses relative paths
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if _is_step(path):
+    if any((path / name).exists() for name in ("state", "meta", "format", "_CHECKPOINT_METADATA")):  # one step
         with _StepReader() as reader:
             try:
                 r = _read_step(reader, path, state_target=None, policy_target=abstract_policy, want_state=False)
@@ -363,25 +283,15 @@ def restore_policy(path: str | os.PathLike, abstract_policy) -> tuple[Any, dict]
             except Exception as e:
                 raise CheckpointError(f"Checkpoint {path} is unreadable ({_reason(e, path)}).") from None
         return r.policy, r.meta
-    if (path / BEST).is_dir() or (path / LATEST).is_dir():
-        candidates = [(path / BEST, BEST), (path / LATEST, LATEST)]
-    else:
-        candidates = [(path, BEST if path.name == BEST else LATEST)]
     problems = []
-    for directory, kind in candidates:
+    for directory in [path / BEST, path / LATEST] if (path / BEST).is_dir() or (path / LATEST).is_dir() else [path]:
         try:
-            r, _ = _restore_newest(directory, kind, state_target=None, policy_target=abstract_policy,
-                                   want_state=False)
+            r, _ = _restore_newest(directory, state_target=None, policy_target=abstract_policy, want_state=False)
             return r.policy, r.meta
         except _NoneReadable as e:
             problems.append(str(e).rstrip("."))
     problems = "; ".join(p[0].lower() + p[1:] for p in problems)
     raise CheckpointError(f"No policy could be loaded from {path}: {problems}.")
-
-
-# ---------------------------------------------------------------------------
-# Internals
-# ---------------------------------------------------------------------------
 
 
 def _registry():
@@ -395,31 +305,11 @@ def _registry():
 
 def _manager(directory: Path, *, keep: int, async_save: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),  # deletes old steps once the new one is complete
         enable_async_checkpointing=async_save,
-        # Unfinished tmp dirs are removed synchronously by _remove_unfinished.
-        cleanup_tmp_directories=False,
+        cleanup_tmp_directories=False,  # Checkpointer.__init__ does it, with a warning
     )
     return ocp.CheckpointManager(directory, options=options, handler_registry=_registry())
-
-
-def _remove_unfinished(directory: Path) -> None:
-    """Delete orbax tmp dirs left by a process killed mid-save."""
-    for p in sorted(directory.iterdir()):
-        if _TMP_SUFFIX in p.name:
-            log.warning("Removing unfinished checkpoint %s (a save was interrupted; earlier ones are intact).",
-                        p)
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _move_aside(step_dir: Path) -> None:
-    target = step_dir.with_name(f"{step_dir.name}.corrupt")
-    i = 1
-    while target.exists():
-        target = step_dir.with_name(f"{step_dir.name}.corrupt-{i}")
-        i += 1
-    step_dir.rename(target)
-    log.warning("Moved unreadable checkpoint %s aside to %s.", step_dir, target.name)
 
 
 def _list_steps(directory: Path) -> list[int]:
@@ -427,11 +317,6 @@ def _list_steps(directory: Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
-
-
-def _is_step(path: Path) -> bool:
-    """A step directory holds orbax items, not step directories."""
-    return any((path / name).exists() for name in ("state", "meta", "format", "_CHECKPOINT_METADATA"))
 
 
 def _as_step(step) -> int:
@@ -445,16 +330,13 @@ def _as_step(step) -> int:
 
 
 def _meta(step: int, meta: dict | None, **extra) -> dict:
-    """The caller's meta as plain JSON (NumPy/JAX scalars converted) plus ours."""
-    out = dict(meta or {})
-    out.update(step=step, time=time.time(), **extra)
+    """The caller's meta as plain JSON plus ours (which wins)."""
+    out = {**(meta or {}), "step": step, "time": time.time(), **extra}
     try:
         return json.loads(json.dumps(out, default=_json_default))
     except (TypeError, ValueError) as e:
-        problem = str(e).rstrip(".")
-        raise TypeError(
-            f"meta must be plain JSON (dicts with str keys, lists, numbers, strings, None): {problem}."
-        ) from None
+        raise TypeError("meta must be plain JSON (dicts with str keys, lists, numbers, strings, None): "
+                        f"{str(e).rstrip('.')}.") from None
 
 
 def _json_default(x):
@@ -467,27 +349,19 @@ def _json_default(x):
     raise TypeError(f"it holds a {type(x).__name__}")
 
 
-def _best_score_on_disk(directory: Path) -> float | None:
-    """The highest score among the best checkpoints whose policy can be read in
-    full: an unreadable one (a truncated file) must not block every later best
-    (it is replaced by the next best save, which rotates it away)."""
-    scores = [_score(directory / str(step), verify=True) for step in _list_steps(directory)]
-    return max((s for s in scores if s is not None), default=None)
-
-
 def _score(step_dir: Path, *, verify: bool = False) -> float | None:
     """The score in a best checkpoint's meta; with ``verify``, None unless its policy
-    (else its state's tree metadata) reads in full."""
+    (else its state's tree metadata: the state may be a huge replay buffer) reads."""
     try:
         with _StepReader() as reader:
             score = float(reader.json(step_dir, "meta")["score"])
             if verify:
                 item = "policy" if "policy" in reader.json(step_dir, "format")["items"] else "state"
                 saved = reader.tree_metadata(step_dir, item)
-                if item == "policy":  # params: small; the state may hold a GiB replay buffer
+                if item == "policy":
                     sharding = _default_sharding()
                     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-                                            saved, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+                                            saved)
                     jax.block_until_ready(reader.tree(step_dir, item, abstract))
         return None if math.isnan(score) else score
     except Exception as e:
@@ -503,20 +377,8 @@ def _is_key(x) -> bool:
 
 
 def _path_name(path) -> str:
-    """A key path as 'a/0/b', the way orbax names leaves (dict keys, fields, indices)."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts) or "<root>"
+    """A key path as 'a/0/b', the way orbax names leaves."""
+    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -530,16 +392,15 @@ def _shape_dtype(x, item: str, name: str) -> tuple[tuple[int, ...], np.dtype]:
     elif isinstance(x, (bool, int, float, complex)):
         shape, dtype = (), np.result_type(x)
     else:
-        raise TypeError(
-            f"{item} leaf {name!r} is a {type(x).__name__}; checkpoints hold arrays and numbers only."
-        )
+        raise TypeError(f"{item} leaf {name!r} is a {type(x).__name__}; checkpoints hold arrays and numbers only.")
     if not _is_key(x):
         dtype = jax.dtypes.canonicalize_dtype(dtype)
     return shape, dtype
 
 
 def _split_keys(tree, item: str):
-    """Leaves orbax can save, and {leaf name: impl} of the typed PRNG keys."""
+    """Leaves orbax can save (typed PRNG keys as their key data), and {leaf name: impl}
+    of those keys, to re-wrap them on restore."""
     typed = {}
 
     def leaf(path, x):
@@ -571,11 +432,9 @@ def _describe(shape, dtype) -> str:
 
 
 def _data_target(target, item: str, saved_keys: dict, saved_tree, where: Path):
-    """ShapeDtypeStructs on the default device to restore into (keys as key data).
-
-    Compares them with the saved tree metadata first and raises one
-    CheckpointError naming the differences.
-    """
+    """ShapeDtypeStructs on the default device to restore into (keys as key data),
+    so that a checkpoint written on a GPU restores on a CPU. Raises one
+    CheckpointError naming the differences from the saved tree metadata."""
     sharding = _default_sharding()
     problems = {}  # leaf name -> what is wrong with it
 
@@ -585,11 +444,9 @@ def _data_target(target, item: str, saved_keys: dict, saved_tree, where: Path):
         if _is_key(x):
             impl = saved_keys.get(name)
             if impl is None:
-                problems[name] = (f"{name!r} is a typed PRNG key ({dtype}) in the target "
-                                  "but raw data in the checkpoint")
+                problems[name] = f"{name!r} is a typed PRNG key ({dtype}) in the target but raw data in the checkpoint"
             elif _key_dtype(impl) != dtype:
-                problems[name] = (f"{name!r} is a {_key_dtype(impl)} key in the checkpoint "
-                                  f"but {dtype} in the target")
+                problems[name] = f"{name!r} is a {_key_dtype(impl)} key in the checkpoint but {dtype} in the target"
             data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
             shape, dtype = data.shape, data.dtype
         elif name in saved_keys:
@@ -598,8 +455,7 @@ def _data_target(target, item: str, saved_keys: dict, saved_tree, where: Path):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     abstract = jax.tree_util.tree_map_with_path(leaf, target)
-    wanted = _flat(abstract)
-    saved = _flat(saved_tree)
+    wanted, saved = _flat(abstract), _flat(saved_tree)
     for name, want in wanted.items():
         if name in problems:
             continue
@@ -612,31 +468,20 @@ def _data_target(target, item: str, saved_keys: dict, saved_tree, where: Path):
     if problems:
         problems = list(problems.values())
         more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-        raise CheckpointError(
-            f"Checkpoint {where} does not match the {item} being restored: "
-            + "; ".join(problems[:_MAX_LISTED]) + more
-            + ". Restore into a target built with the same network and config as the saved run."
-        )
+        raise CheckpointError(f"Checkpoint {where} does not match the {item} being restored: "
+                              + "; ".join(problems[:_MAX_LISTED]) + more
+                              + ". Restore into a target built with the same network and config as the saved run.")
     return abstract
 
 
 # -- reading ---------------------------------------------------------------
 
 
-_quiet_installed = False
-
-
+@functools.cache  # once per process
 def _quiet_abandoned_reads() -> None:
-    """When a read fails, orbax's event loop is closed while tensorstore still
-    completes the step's other reads; each then reports ``RuntimeError: Event
-    loop is closed`` as an unraisable exception, tens of tracebacks on stderr
-    after the one-line warning. Installs (once per process, at the first read) a
-    ``sys.unraisablehook`` that drops exactly those (logged at debug level) and
-    passes everything else on. The noise can arrive after the read has returned,
-    so the hook stays."""
-    global _quiet_installed
-    if _quiet_installed:
-        return
+    """Install a ``sys.unraisablehook`` that drops the ``RuntimeError: Event loop is
+    closed`` tracebacks tensorstore reports for a failed read's other reads (they
+    can arrive after the read returned), passing everything else on."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -647,7 +492,6 @@ def _quiet_abandoned_reads() -> None:
         previous(unraisable)
 
     sys.unraisablehook = hook
-    _quiet_installed = True
 
 
 class _StepReader:
@@ -677,46 +521,39 @@ class _StepReader:
         return self._restore(step_dir, item, ocp.args.StandardRestore(abstract))
 
 
-def _read_step(reader: _StepReader, step_dir: Path, *, state_target, policy_target, want_state: bool
-               ) -> Restored:
+def _read_step(reader: _StepReader, step_dir: Path, *, state_target, policy_target, want_state: bool) -> Restored:
     """Read one step. CheckpointError: target mismatch; anything else: unreadable."""
     fmt = reader.json(step_dir, "format")
     meta = reader.json(step_dir, "meta")
     if fmt.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"Checkpoint {step_dir} has format version {fmt['version']}; this jaxatari "
                               f"reads up to {FORMAT_VERSION}: upgrade jaxatari.")
-    trees = {}
-    wanted = {"state": want_state, "policy": policy_target is not None}
-    for item, target in (("state", state_target), ("policy", policy_target)):
-        if not wanted[item]:
-            trees[item] = None
+    trees = {"state": None, "policy": None}
+    for item, target, wanted in (("state", state_target, want_state),
+                                 ("policy", policy_target, policy_target is not None)):
+        if not wanted:
             continue
         if item not in fmt["items"]:
             raise CheckpointError(f"Checkpoint {step_dir} has no {item}: it was saved without {item}=.")
         saved_keys = fmt["typed_keys"].get(item, {})
         saved_tree = reader.tree_metadata(step_dir, item)
         abstract = _data_target(target, item, saved_keys, saved_tree, step_dir)
-        # Restore in the saved tree's own structure, matched to the target leaf by leaf name: the containers
-        # may differ where no leaf does (a field added or removed since that holds None must not make older
-        # checkpoints unreadable).
+        # Restore in the saved tree's structure, matched leaf by leaf name: containers may differ where no
+        # leaf does (a field added since, holding None, must not make older checkpoints unreadable).
         by_name = _flat(abstract)
         on_disk = jax.tree_util.tree_map_with_path(lambda path, _: by_name[_path_name(path)], saved_tree)
-        data = _flat(reader.tree(step_dir, item, on_disk))
-        trees[item] = jax.tree_util.tree_map_with_path(
-            lambda path, _: _rewrap(data[_path_name(path)], saved_keys.get(_path_name(path))), abstract)
+        data = {name: x if name not in saved_keys else jax.random.wrap_key_data(x, impl=saved_keys[name])
+                for name, x in _flat(reader.tree(step_dir, item, on_disk)).items()}
+        trees[item] = jax.tree_util.tree_map_with_path(lambda path, _: data[_path_name(path)], abstract)
     return Restored(int(meta["step"]), trees["state"], trees["policy"], meta)
 
 
-def _rewrap(data, impl: str | None):
-    return data if impl is None else jax.random.wrap_key_data(data, impl=impl)
-
-
-def _restore_newest(directory: Path, kind: str, *, state_target, policy_target, want_state: bool):
+def _restore_newest(directory: Path, *, state_target, policy_target, want_state: bool):
     """The newest readable checkpoint (best: highest score), and the unreadable ones skipped."""
     steps = _list_steps(directory)
     if not steps:
         raise _NoneReadable(f"There is no checkpoint in {directory}.")
-    if kind == BEST:  # normally one; more if a process died between save and rotation
+    if directory.name == BEST:  # normally one; more if a process died between save and rotation
         scores = {s: _score(directory / str(s)) for s in steps}
         steps.sort(key=lambda s: -math.inf if scores[s] is None else scores[s], reverse=True)
     unreadable, reasons = [], []
@@ -724,28 +561,26 @@ def _restore_newest(directory: Path, kind: str, *, state_target, policy_target, 
         for step in steps:
             step_dir = directory / str(step)
             try:
-                restored = _read_step(reader, step_dir, state_target=state_target,
-                                      policy_target=policy_target, want_state=want_state)
+                return _read_step(reader, step_dir, state_target=state_target, policy_target=policy_target,
+                                  want_state=want_state), unreadable
             except CheckpointError:
                 raise
             except Exception as e:
-                reason = _reason(e, step_dir)
                 log.debug("Reading %s failed.", step_dir, exc_info=True)
+                reason = _reason(e, step_dir)
                 log.warning("Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
                             step, directory, reason)
                 unreadable.append(step_dir)
                 reasons.append(f"step {step}: {reason}")
-                continue
-            return restored, unreadable
     raise _NoneReadable(f"No readable checkpoint in {directory}: {'; '.join(reasons)}.")
 
 
-# tensorstore status codes, in words
 _STATUS = {"OUT_OF_RANGE": "truncated file", "DATA_LOSS": "corrupt file", "NOT_FOUND": "missing file"}
 
 
 def _reason(e: BaseException, root: Path | None = None) -> str:
-    """One line for an exception from orbax/tensorstore: its root cause, without spec dumps."""
+    """One line for an exception from orbax/tensorstore: its root cause, without spec
+    dumps, paths relative to ``root``, at most 200 characters."""
     seen = {id(e)}
     while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
         seen.add(id(inner))
@@ -753,7 +588,7 @@ def _reason(e: BaseException, root: Path | None = None) -> str:
     text = str(e.args[0]) if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
     line = text.strip().splitlines()[0] if text.strip() else ""
     line = line.split(" See full TensorStore details")[0].split(" [tensorstore_spec")[0].rstrip(" .")
-    if root is not None:  # paths relative to the step directory
+    if root is not None:
         line = line.replace(f"{root}{os.sep}", "").replace(str(root), ".")
     code, _, rest = line.partition(": ")
     if code in _STATUS:  # tensorstore nests context; the last two clauses say what and where

@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ log level, read when JAX first logs
 
@@ -16,7 +16,7 @@ from jaxatari.errors import (  # noqa: E402
 )
 
 
-def main(config_cls, train: Callable, *, resumable: Sequence[str], description: str | None = None) -> None:
+def main(config_cls, train: Callable, *, description: str | None = None) -> None:
     """Parse ``config_cls`` (tyro; ``--resume`` aware), call ``train``, exit cleanly.
 
     Bad input (:mod:`jaxatari.errors`: ``ConfigError``, ``EnvError``, ``CheckpointError``,
@@ -28,7 +28,7 @@ def main(config_cls, train: Callable, *, resumable: Sequence[str], description: 
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = configs.cli(config_cls, resumable=resumable, description=description)
+        config = configs.cli(config_cls, description=description)
         result = train(config)
     except AlreadyComplete as e:
         print(e, flush=True)

@@ -10,6 +10,7 @@ refused in one sentence each.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import jax
 
 from jaxatari import envs
 from jaxatari.errors import ConfigError
+from jaxatari.networks import NetworkSpec, resolve_network_spec
 from jaxatari.rundir import load_run_config
 
 _RANGES: dict[str, Callable[[Any], bool]] = {
@@ -29,13 +31,171 @@ _RANGES: dict[str, Callable[[Any], bool]] = {
     "an integer >= 0": lambda v: isinstance(v, int) and v >= 0,
 }
 
-#: The ranges of the run options the on-policy and DQN configs share (fields a config lacks are skipped).
-RUN_OPTION_RANGES = {
-    "total_timesteps": "an integer >= 1", "num_envs": "an integer >= 1", "chunk_steps": "an integer >= 1",
-    "checkpoint_every": "an integer >= 0", "keep": "an integer >= 1", "eval_every": "an integer >= 0",
-    "eval_episodes": "an integer >= 1", "num_threads": "an integer >= 0", "num_agents": "an integer >= 1",
-    "cfc_units": "an integer >= 1", "cfc_backbone_units": "an integer >= 1", "cfc_backbone_layers": "an integer >= 0",
-}
+
+def option(default: Any = dataclasses.MISSING, *, range: str | None = None, choices: Sequence[str] | None = None,
+           resumable: bool = False, sweepable: bool = False):
+    """A config field with its rules beside it: ``range`` (a :func:`check_ranges`
+    rule), ``choices`` (the accepted strings), ``resumable`` (a resume may change
+    it: it does not change the learning problem), ``sweepable`` (``--sweep`` may
+    vary it across a population)."""
+    rules = dict(range=range, choices=tuple(choices) if choices else None, resumable=resumable, sweepable=sweepable)
+    return dataclasses.field(default=default, metadata={k: v for k, v in rules.items() if v})
+
+
+def _marked(config_cls, rule: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_cls) if f.metadata.get(rule)]
+
+
+def ranges(config_cls) -> dict[str, str]:
+    """``{field: range rule}`` of a config class (:func:`option`'s ``range``)."""
+    return {f.name: f.metadata["range"] for f in _marked(config_cls, "range")}
+
+
+def resumable(config_cls) -> tuple[str, ...]:
+    """The fields a resume may change."""
+    return tuple(f.name for f in _marked(config_cls, "resumable"))
+
+
+def sweepable(config_cls) -> tuple[str, ...]:
+    """The float fields ``--sweep`` may vary."""
+    return tuple(f.name for f in _marked(config_cls, "sweepable"))
+
+
+def check(config) -> None:
+    """Raise :class:`ConfigError` for the first field outside its range or choices, naming the flag."""
+    check_ranges(config, ranges(type(config)))
+    for f in _marked(type(config), "choices"):
+        value = getattr(config, f.name)
+        if value is not None and value not in f.metadata["choices"]:
+            raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} is not accepted; use one of "
+                              f"{', '.join(f.metadata['choices'])}.")
+
+
+# The parts every training config shares, composed by inheritance so that flags,
+# attribute access and config.json stay flat: ``class Config(ActorCriticFields,
+# TrainFields)``. A subclass may redeclare a field to change its default.
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvFields:
+    env: str = "Breakout-v5"
+    """EnvPool task id, e.g. Breakout-v5, Pong-v5, CartPole-v1."""
+    seed: int = option(1, range="an integer >= 0")
+    """Seed for params, actions and envs (env i gets seed + i)."""
+    num_envs: int | None = option(None, range="an integer >= 1")
+    """Parallel envs (the global batch). Default: by env kind (above)."""
+    preset: str | None = None
+    """Atari preset: nature (default) or machado; 'none' for classic control."""
+    env_option: tuple[str, ...] = ()
+    """EnvPool option overrides, KEY=VALUE (e.g. noop_max=10 repeat_action_probability=0.25)."""
+    num_threads: int = option(0, range="an integer >= 0", resumable=True)
+    """EnvPool worker threads (0: EnvPool's default)."""
+    env_backend: str = option("auto", choices=("auto", "xla", "callback"), resumable=True)
+    """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFields:
+    total_timesteps: int | None = option(None, range="an integer >= 1", resumable=True)
+    """Env steps (agent steps, summed over envs). Default: by env kind (above)."""
+    chunk_steps: int | None = option(None, range="an integer >= 1")
+    """Env steps per compiled chunk (progress, checkpoints, Ctrl-C act between). Default: 10k Atari on CPU, else 50k."""
+    checkpoint_every: int | None = option(None, range="an integer >= 0", resumable=True)
+    """Env steps between checkpoints. Default: 1M Atari, 100k classic control."""
+    keep: int = option(3, range="an integer >= 1", resumable=True)
+    """How many latest checkpoints to keep (the best is kept separately)."""
+    eval_every: int = option(0, range="an integer >= 0", resumable=True)
+    """Env steps between evaluations of full games (0: off; 'best' then uses the training return)."""
+    eval_episodes: int = option(10, range="an integer >= 1", resumable=True)
+    """Episodes per periodic evaluation."""
+    run_dir: str | None = option(None, resumable=True)
+    """Output directory. Default: runs/<env>__<algo>__<seed>__<timestamp>."""
+    resume: str | None = None
+    """Resume the run in this directory from its latest good checkpoint."""
+    tensorboard: bool = option(True, resumable=True)
+    """Write TensorBoard events beside metrics.csv."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleFields:
+    devices: int | None = option(None, resumable=True)
+    """Devices per process to split the envs (and a replay buffer) over. Default: all local devices."""
+    num_agents: int = option(1, range="an integer >= 1")
+    """Train this many independent agents in one process (agent k: seed + k), vmapped, on one EnvPool."""
+    sweep: str | None = None
+    """One hyperparameter per agent, FIELD=V1,V2,... (e.g. learning_rate=1e-4,2.5e-4); sets --num-agents."""
+    coordinator: str | None = option(None, resumable=True)
+    """Multi-host: HOST:PORT of process 0 for jax.distributed (or JAXATARI_COORDINATOR)."""
+    num_processes: int | None = option(None, resumable=True)
+    """Multi-host: number of processes (or JAXATARI_NUM_PROCESSES); --num-envs is the global batch."""
+    process_id: int | None = option(None, resumable=True)
+    """Multi-host: this process's index (or JAXATARI_PROCESS_ID); only process 0 logs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFields(ScaleFields, RunFields, EnvFields):
+    """Env, run and scale-out fields: what the driver reads."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CfCFields:
+    cfc_units: int = option(64, range="an integer >= 1")
+    """CfC hidden units (--network cfc)."""
+    cfc_mode: str = option("default", choices=("default", "no_gate", "pure"))
+    """CfC mode: default, no_gate or pure."""
+    cfc_backbone_units: int = option(128, range="an integer >= 1")
+    """CfC backbone width."""
+    cfc_backbone_layers: int = option(1, range="an integer >= 0")
+    """CfC backbone depth."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorCriticFields(CfCFields):
+    network: str = "auto"
+    """auto (Nature CNN on pixels, MLP on vectors), nature, impala, mlp, or cfc (recurrent)."""
+    torso: str = "auto"
+    """Torso under --network cfc: auto (ncps conv block on pixels, MLP on vectors), convblock, impala, nature, mlp."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QFields:
+    eval_epsilon: float = option(0.001, range="in [0, 1]", resumable=True)
+    """Exploration epsilon of the evaluation policy (0: greedy)."""
+
+
+def actor_critic_spec(c: ActorCriticFields, spec: envs.EnvSpec) -> NetworkSpec:
+    """The actor-critic of ``--network``/``--torso`` (and the CfC flags) for ``spec``'s observations and actions."""
+    cfc = dict(hidden_size=c.cfc_units, mode=c.cfc_mode, backbone_units=c.cfc_backbone_units,
+               backbone_layers=c.cfc_backbone_layers)
+    try:
+        return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari, torso=c.torso, cfc=cfc)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def named_preset(config, field: str, presets: dict[str, dict[str, Any]], atari: str, classic: str):
+    """``(config, values)``: ``field`` (e.g. ``dqn_preset``) set to its default by the env's
+    kind where it is None, checked, and a copy of the values of that preset."""
+    envs.validate_env_id(config.env)
+    name = getattr(config, field) or (atari if envs.is_atari(config.env) else classic)
+    c = dataclasses.replace(config, **{field: name})
+    check(c)  # the preset's name among the rest
+    return c, dict(presets[name])
+
+
+def resolve(config, atari: dict[str, Any], classic: dict[str, Any]):
+    """Fill the fields left at ``None`` from ``atari`` or ``classic`` (by the env's
+    kind), the preset and the chunk size; then :func:`check` every field. Raises
+    before anything compiles."""
+    envs.validate_env_id(config.env)
+    is_atari = envs.is_atari(config.env)
+    fill = {k: v for k, v in (atari if is_atari else classic).items() if getattr(config, k) is None}
+    c = dataclasses.replace(config, **fill)
+    c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
+    if c.chunk_steps is None:
+        c = dataclasses.replace(c, chunk_steps=default_chunk_steps(is_atari))
+    check(c)
+    return c
 
 
 def _range_rule(rule: str) -> Callable[[Any], bool]:
@@ -138,10 +298,10 @@ def _refuse_removed_features(stored: dict[str, Any], run_dir: str) -> None:
                           f"it cannot continue exactly without {it}.")
 
 
-def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = None, description: str | None = None):
+def cli(config_cls, *, argv: Sequence[str] | None = None, description: str | None = None):
     """Parse ``config_cls`` with tyro; ``--resume RUN_DIR`` starts from the stored config.
 
-    On resume only the fields in ``resumable`` (and ``resume`` itself) may
+    On resume only the :func:`resumable` fields (and ``resume`` itself) may
     differ from the stored config; any other change is refused with a sentence
     naming the flag, since it would change the learning problem. A removed
     flag (:data:`REMOVED_FLAGS`) is refused, and so is the resume of a run
@@ -150,6 +310,8 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The config's docstring states the defaults that depend on the env's kind.
+    description = "\n\n".join(d for d in (description, inspect.cleandoc(config_cls.__doc__ or "")) if d)
     if not {"-h", "--help"} & set(argv):
         _refuse_removed_flags(argv)
         _refuse_meaningless_flags(config_cls, argv)
@@ -174,8 +336,9 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
     default = config_from_json(config_cls, stored)
     default = dataclasses.replace(default, resume=resume)
     config = tyro.cli(config_cls, args=argv, default=default, description=description)
+    allowed = resumable(config_cls)
     for f in dataclasses.fields(config_cls):
-        if f.name in ("resume", *resumable):
+        if f.name in ("resume", *allowed):
             continue
         new, old = getattr(config, f.name), getattr(default, f.name)
         if new != old and f.name == "env_option" and _same_env_options(new, old):
@@ -186,7 +349,7 @@ def cli(config_cls, *, resumable: Sequence[str], argv: Sequence[str] | None = No
             raise ConfigError(
                 f"{flag} {new!r} differs from the run being resumed ({old!r}); it would change the "
                 f"learning problem. On resume you may change: "
-                f"{', '.join('--' + r.replace('_', '-') for r in resumable if r != 'run_dir')}."
+                f"{', '.join('--' + r.replace('_', '-') for r in allowed if r != 'run_dir')}."
             )
     return config
 

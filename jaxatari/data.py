@@ -10,25 +10,13 @@ sequence, keys ``obs`` and ``actions``, files ``train_*.npz`` / ``val_*.npz``)::
       val_0.npz    val_1.npz ...
       manifest.json                  jaxatari only: game, preset, expert returns, counts, episodes
 
-Frames are stored channels-last as in ncps (``[84, 84, 4]``, the four stacked
-grey frames oldest first); :class:`SequenceDataset` hands them back in the
-layout the networks take, EnvPool's channels-first ``[4, 84, 84]`` (or
-channels-last on request).
-
-Made by :func:`collect` (``scripts/collect.py``): a trained jaxatari policy plays
-full games under the dynamics it trained under (the run's preset and env
-options; see :mod:`jaxatari.evaluate`) and each episode is cut into consecutive windows of ``S`` steps. The tail of an episode
-shorter than ``S`` is **dropped** (the layout has no mask), so an episode of
-``L`` steps gives ``L // S`` sequences. Episodes, not sequences, are split into
-train and validation, so no validation sequence is a neighbour of a training
-one; and since a deterministic game played greedily repeats whole games (only
-the no-op starts differ), validation sequences that repeat a training sequence
-frame for frame are dropped (counted in the manifest, with a warning naming the
-fix: sticky actions, ``--preset machado``, or ``--mode sample``).
-
-Reading never unpickles (``np.load(..., allow_pickle=False)``), and a shard that
-is not a well-formed sequence is rejected with :class:`DataError` naming the
-file and what was expected.
+Frames are stored channels-last as in ncps (the four stacked grey frames oldest
+first); :class:`SequenceDataset` hands them back channels-first ``[4, 84, 84]``
+as EnvPool gives them (or channels-last on request). :func:`collect` cuts each
+expert episode into consecutive windows of ``S`` steps, dropping the tail shorter
+than ``S`` (the layout has no mask), and splits episodes, not sequences, into
+train and validation. Reading never unpickles; a malformed shard raises
+:class:`DataError` naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -39,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -71,15 +60,14 @@ FORMAT = "ncps-atari-cloning"
 FORMAT_VERSION = 1
 
 
-# ---------------------------------------------------------------------------
-# Shards: one sequence per .npz file
-# ---------------------------------------------------------------------------
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not accepted; use train or val.")
 
 
 def shard_path(directory: str | os.PathLike, split: str, index: int) -> Path:
     """``directory/<split>_<index>.npz`` (the ncps name)."""
-    if split not in SPLITS:
-        raise DataError(f"split {split!r} is not accepted; use train or val.")
+    _check_split(split)
     return Path(directory) / f"{split}_{index}.npz"
 
 
@@ -91,8 +79,7 @@ def _shard_key(path: Path):
 def list_shards(directory: str | os.PathLike, split: str) -> list[Path]:
     """The shards of ``split`` in ``directory`` (``<split>_*.npz``, as ncps globs them),
     in index order."""
-    if split not in SPLITS:
-        raise DataError(f"split {split!r} is not accepted; use train or val.")
+    _check_split(split)
     return sorted(Path(directory).glob(f"{split}_*.npz"), key=_shard_key)
 
 
@@ -103,8 +90,7 @@ def write_sequence(path: str | os.PathLike, obs: np.ndarray, actions: np.ndarray
       obs: ``[S, H, W, C]`` uint8, channels last (the ncps layout).
       actions: ``[S]`` integer actions, stored as int64.
     """
-    obs = np.asarray(obs)
-    actions = np.asarray(actions)
+    obs, actions = np.asarray(obs), np.asarray(actions)
     if obs.dtype != np.uint8 or obs.ndim != 4:
         raise DataError(f"obs has dtype {obs.dtype} and shape {obs.shape}; a shard takes uint8 [S, H, W, C].")
     if actions.shape != obs.shape[:1] or not np.issubdtype(actions.dtype, np.integer):
@@ -117,18 +103,14 @@ def write_sequence(path: str | os.PathLike, obs: np.ndarray, actions: np.ndarray
     os.replace(tmp, path)
 
 
-#: NumPy parses .npy headers with ``ast.literal_eval``, which CPython before
-#: 3.11.8 (and 3.12.0) can break when threads call it at once ("SystemError: AST
-#: constructor recursion depth mismatch", CPython gh-106905); the loader's reader
-#: threads then take turns parsing the (small) headers, while decompression, the
-#: bulk of a read, runs outside the lock. A no-op lock on fixed Pythons.
+#: Serialises .npy header parsing (``ast.literal_eval``), which is not thread-safe
+#: on CPython < 3.11.8 and 3.12.0 (gh-106905); decompression runs outside it.
 _NPY_PARSE_LOCK = (threading.Lock() if sys.version_info < (3, 11, 8) or (3, 12, 0) <= sys.version_info < (3, 12, 1)
                    else contextlib.nullcontext())
 
 
-def read_sequence(
-    path: str | os.PathLike, *, num_actions: int | None = None, channels_first: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+def read_sequence(path: str | os.PathLike, *, num_actions: int | None = None,
+                  channels_first: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Read and check one shard: ``(obs, actions)``.
 
     Returns ``obs`` uint8 ``[S, C, H, W]`` (``channels_first``) or ``[S, H, W, C]``
@@ -171,7 +153,7 @@ def read_sequence(
         raise DataError(f"{path}: actions have dtype {actions.dtype} and shape {list(actions.shape)}; expected "
                         f"integer actions [{S}], one per frame of obs {list(obs.shape)}.")
     hi = num_actions if num_actions is not None else np.iinfo(np.int32).max
-    if S and (actions.min() < 0 or actions.max() >= hi):
+    if actions.min() < 0 or actions.max() >= hi:
         bad = int(actions[(actions < 0) | (actions >= hi)][0])
         accepted = f"0 .. {num_actions - 1}" if num_actions is not None else "non-negative ints"
         raise DataError(f"{path}: action {bad} is out of range; this game's actions are {accepted}.")
@@ -184,11 +166,6 @@ def sequence_windows(length: int, seq_len: int) -> list[tuple[int, int]]:
     """``[start, stop)`` of the consecutive windows of ``seq_len`` steps cut from an
     episode of ``length`` steps; the tail shorter than ``seq_len`` is dropped."""
     return [(i * seq_len, (i + 1) * seq_len) for i in range(length // seq_len)]
-
-
-# ---------------------------------------------------------------------------
-# Reading a split in batches
-# ---------------------------------------------------------------------------
 
 
 class Batch(NamedTuple):
@@ -205,14 +182,10 @@ class Batch(NamedTuple):
 
 
 class SequenceDataset:
-    """The shards of one split of a dataset directory, read lazily in batches.
-
-    Only the shards of the batches in flight are in memory: :meth:`batches` reads
-    each batch's files in a thread pool, ``prefetch`` batches ahead of the
-    consumer (zlib decompression releases the GIL, so threads scale). The first
-    shard is read at construction to learn the sequence length ``seq_len`` and
-    the per-step ``obs_shape``; every later shard must agree, or reading it
-    raises :class:`DataError`.
+    """The shards of one split of a dataset directory, read lazily in batches
+    (:meth:`batches` reads them in a thread pool, a few batches ahead). The first
+    shard sets ``seq_len`` and the per-step ``obs_shape``; a later shard that
+    disagrees raises :class:`DataError` when read.
 
     Args:
       directory: the dataset directory.
@@ -252,9 +225,7 @@ class SequenceDataset:
     def order(self, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> np.ndarray:
         """File order for one epoch: a permutation drawn from ``(seed, epoch)`` (so an
         epoch's order is reproducible, e.g. on resume) or the index order."""
-        if not shuffle:
-            return np.arange(len(self))
-        return np.random.default_rng([seed, epoch]).permutation(len(self))
+        return np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle else np.arange(len(self))
 
     def read(self, paths: list[Path], batch_size: int | None = None) -> Batch:
         """Read ``paths`` into one :class:`Batch`, padded to ``batch_size`` rows."""
@@ -304,18 +275,12 @@ class SequenceDataset:
             return
         ahead = 2 * workers if prefetch is None else max(prefetch, 1)
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxatari-data")
-        pending: collections.deque = collections.deque()
+        it, pending = iter(groups), collections.deque()
         try:
-            it = iter(groups)
-            for g in it:
-                pending.append(pool.submit(self.read, g, batch_size))
-                if len(pending) >= ahead:
-                    break
+            pending.extend(pool.submit(self.read, g, batch_size) for g in itertools.islice(it, ahead))
             while pending:
                 batch = pending.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(self.read, nxt, batch_size))
+                pending.extend(pool.submit(self.read, g, batch_size) for g in itertools.islice(it, 1))
                 yield batch
         finally:
             for f in pending:
@@ -354,11 +319,6 @@ def load_splits(directory: str | os.PathLike, *, num_actions: int | None = None,
     return train, val
 
 
-# ---------------------------------------------------------------------------
-# Collecting a dataset from a trained policy
-# ---------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class CollectConfig:
     """Play a trained jaxatari policy and record its games as a behaviour-cloning dataset."""
@@ -395,28 +355,21 @@ class CollectResult:
 
 
 def _check_collect(cfg: CollectConfig) -> None:
-    def bad(flag, value, what):
-        raise ConfigError(f"--{flag} {value!r} is not accepted: {what}.")
-
-    if cfg.episodes < 1:
-        bad("episodes", cfg.episodes, "it must be >= 1")
-    if cfg.seq_len < 1:
-        bad("seq-len", cfg.seq_len, "it must be >= 1")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        bad("val-fraction", cfg.val_fraction, "it must be in [0, 1)")
-    if cfg.mode not in (None, "greedy", "sample"):
-        bad("mode", cfg.mode, "use greedy or sample")
-    if cfg.checkpoint not in ("best", "latest"):
-        bad("checkpoint", cfg.checkpoint, "use best or latest")
-    if cfg.num_envs is not None and cfg.num_envs < 1:
-        bad("num-envs", cfg.num_envs, "it must be >= 1")
-    if cfg.max_episode_steps is not None and cfg.max_episode_steps < 1:
-        bad("max-episode-steps", cfg.max_episode_steps, "it must be >= 1")
-    if cfg.seed < 0:
-        bad("seed", cfg.seed, "it must be an integer >= 0")
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        bad("out", cfg.out, "it is a file; pass a directory")
+    for ok, flag, value, what in [
+        (cfg.episodes >= 1, "episodes", cfg.episodes, "it must be >= 1"),
+        (cfg.seq_len >= 1, "seq-len", cfg.seq_len, "it must be >= 1"),
+        (0.0 <= cfg.val_fraction < 1.0, "val-fraction", cfg.val_fraction, "it must be in [0, 1)"),
+        (cfg.mode in (None, "greedy", "sample"), "mode", cfg.mode, "use greedy or sample"),
+        (cfg.checkpoint in ("best", "latest"), "checkpoint", cfg.checkpoint, "use best or latest"),
+        (cfg.num_envs is None or cfg.num_envs >= 1, "num-envs", cfg.num_envs, "it must be >= 1"),
+        (cfg.max_episode_steps is None or cfg.max_episode_steps >= 1, "max-episode-steps", cfg.max_episode_steps,
+         "it must be >= 1"),
+        (cfg.seed >= 0, "seed", cfg.seed, "it must be an integer >= 0"),
+        (out.is_dir() or not out.exists(), "out", cfg.out, "it is a file; pass a directory"),
+    ]:
+        if not ok:
+            raise ConfigError(f"--{flag} {value!r} is not accepted: {what}.")
     if out.is_dir() and ((out / MANIFEST).exists() or any(out.glob("train_*.npz")) or any(out.glob("val_*.npz"))):
         raise DataError(f"{out} already holds a dataset; pass a new --out directory (nothing was overwritten).")
 
@@ -424,11 +377,7 @@ def _check_collect(cfg: CollectConfig) -> None:
 def val_episodes(episodes: int, val_fraction: float, seed: int) -> np.ndarray:
     """Which of ``episodes`` episodes are validation episodes: ``round(fraction * N)``,
     at least 1 when ``N >= 2`` and ``fraction > 0``, at most ``N - 1``; drawn with ``seed``."""
-    n_val = round(val_fraction * episodes)
-    if episodes >= 2 and val_fraction > 0:
-        n_val = min(max(n_val, 1), episodes - 1)
-    else:
-        n_val = 0
+    n_val = min(max(round(val_fraction * episodes), 1), episodes - 1) if episodes >= 2 and val_fraction > 0 else 0
     is_val = np.zeros(episodes, bool)
     is_val[np.random.default_rng(seed).choice(episodes, n_val, replace=False)] = True
     return is_val
@@ -437,23 +386,14 @@ def val_episodes(episodes: int, val_fraction: float, seed: int) -> np.ndarray:
 def collect(cfg: CollectConfig) -> CollectResult:
     """Record ``cfg.episodes`` games of the expert in ``cfg.run_dir`` as a dataset in ``cfg.out``.
 
-    The expert plays full games under the dynamics it trained under (the run's
-    preset and env options, ``--preset`` overriding the preset; on ``nature`` EnvPool
-    presses FIRE after each lost life as in training), scored as full games
-    (:class:`jaxatari.evaluate.FullGames`). A recurrent expert's state restarts
-    where training restarted it: each game, and each life under ``episodic_life``
-    (the manifest's ``expert.reset_on_life_loss``, and each episode's
-    ``life_starts``: the indices of the recorded frames where it restarted
-    mid-game, for reference: BC's student restarts its state only at each
-    sequence's start). The expert acts by ``--mode`` (default: its own
-    distribution; greedy for a DQN). Env ``i`` of
-    ``num_envs`` records a fixed quota of episodes (as :func:`jaxatari.evaluate.evaluate`
-    counts them, so short games are not favoured); which episodes go to
-    validation is drawn before play, so sequences are written as soon as they
-    fill (memory holds at most ``seq_len`` frames per env). Each (observation,
-    action) pair is a decision the expert took; EnvPool's auto-reset steps are
-    not recorded. ``manifest.json`` is written last; a Ctrl-C writes it for the
-    shards already on disk (``"interrupted": true``).
+    The expert plays full games under the run's preset and env options
+    (``--preset`` overrides the preset), acting by ``--mode``; a recurrent
+    expert's state restarts where training restarted it (each game, and each life
+    under ``episodic_life``: the episode log's ``life_starts``). Each env records a
+    fixed quota of episodes (as :func:`jaxatari.evaluate.evaluate`); EnvPool's
+    reset steps are not recorded. Validation sequences that repeat a training
+    sequence frame for frame are dropped, with a warning. ``manifest.json`` is
+    written last; a Ctrl-C writes it for the shards on disk (``"interrupted"``).
     """
     _check_collect(cfg)
     path = Path(cfg.run_dir)
@@ -487,14 +427,17 @@ def collect(cfg: CollectConfig) -> CollectResult:
     digests: dict[str, dict[int, str]] = {"train": {}, "val": {}}  # shard index -> content digest
     episodes: list[dict[str, Any]] = []
 
-    k = np.zeros(B, np.int64)
-    buf_obs: list[list[np.ndarray]] = [[] for _ in range(B)]
-    buf_act: list[list[int]] = [[] for _ in range(B)]
-    shards: list[list[int]] = [[] for _ in range(B)]
-    life_starts: list[list[int]] = [[] for _ in range(B)]  # frames where the expert's state restarted mid-game
+    k = np.zeros(B, np.int64)  # per env: frames and actions of the open sequence, shards written, life_starts
+    buf_obs, buf_act, shards, life_starts = ([[] for _ in range(B)] for _ in range(4))
 
     def split_of(b: int) -> str:
         return "val" if is_val[offsets[b] + k[b]] else "train"
+
+    def record(b: int, ret: float | None, length: int, truncated: bool, finished: bool) -> None:
+        n = len(shards[b])
+        episodes.append(dict(split=split_of(b), env=int(b), **{"return": ret}, length=length, truncated=truncated,
+                             sequences=n, shards=list(shards[b]), life_starts=[t for t in life_starts[b] if t < n * S],
+                             finished=finished))
 
     n_val = int(is_val.sum())
     print(f"Collecting {cfg.episodes} games of {env_id} (preset {spec.preset}) from {pol.config.get('algo')} expert "
@@ -528,10 +471,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
             g = games.step(reward, term, trunc, info)
             for b in np.flatnonzero(g.ended):
                 if k[b] < quotas[b]:
-                    episodes.append(dict(
-                        split=split_of(b), env=int(b), **{"return": float(g.returns[b])}, length=int(g.lengths[b]),
-                        truncated=bool(g.capped[b]), sequences=len(shards[b]), shards=list(shards[b]),
-                        life_starts=[t for t in life_starts[b] if t < len(shards[b]) * S], finished=True))
+                    record(b, float(g.returns[b]), int(g.lengths[b]), bool(g.capped[b]), True)
                     progress.episode(episodes[-1])
                     k[b] += 1
                 buf_obs[b], buf_act[b], shards[b] = [], [], []  # the tail shorter than S is dropped
@@ -543,10 +483,7 @@ def collect(cfg: CollectConfig) -> CollectResult:
         status = "interrupted"
         for b in range(B):  # games cut short whose sequences are already on disk
             if k[b] < quotas[b] and shards[b]:
-                episodes.append(dict(split=split_of(b), env=int(b), **{"return": None}, length=int(games.len[b]),
-                                     truncated=False, sequences=len(shards[b]), shards=list(shards[b]),
-                                     life_starts=[t for t in life_starts[b] if t < len(shards[b]) * S],
-                                     finished=False))
+                record(b, None, int(games.len[b]), False, False)
     finally:
         progress.close()
         env.close()
@@ -588,11 +525,9 @@ def _sequence_digest(obs: np.ndarray, actions: np.ndarray) -> str:
 
 
 def _drop_val_repeats(out: Path, digests: dict[str, dict[int, str]], episodes: list[dict[str, Any]]) -> int:
-    """Delete the validation shards that repeat a training shard frame for frame
-    (a deterministic game played by a greedy expert repeats whole games: such a
-    validation accuracy measures memory, not generalisation), and take them out
-    of ``episodes``' shard lists. Returns how many were dropped; the remaining
-    ``val_<i>.npz`` keep their indices (readers glob and sort them)."""
+    """Delete the validation shards that repeat a training shard frame for frame (a
+    greedy expert on a deterministic game repeats whole games) and take them out of
+    ``episodes``' shard lists. Returns how many were dropped; the others keep their indices."""
     train = set(digests["train"].values())
     drop = {i for i, d in digests["val"].items() if d in train}
     for i in sorted(drop):
@@ -614,33 +549,17 @@ def _manifest(cfg, pol, spec, S, episodes, counters, status, seconds, versions) 
 
     C, H, W = spec.obs_shape
     per = {s: [e for e in episodes if e["split"] == s] for s in SPLITS}
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "env": spec.env_id,
-        "preset": spec.preset,
-        "options": spec.options,
-        "num_actions": spec.num_actions,
-        "obs_shape": [H, W, C],
-        "seq_len": S,
-        "expert": dict(run_dir=str(cfg.run_dir), algo=pol.config.get("algo"), checkpoint=cfg.checkpoint,
-                       checkpoint_step=pol.meta.get("step"), mode=cfg.mode,
-                       reset_on_life_loss=pol.reset_on_life_loss),
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "requested_episodes": cfg.episodes,
-        "episodes": len(finished),
-        "train_episodes": sum(e["finished"] for e in per["train"]),
-        "val_episodes": sum(e["finished"] for e in per["val"]),
-        "train_sequences": counters["train"],
-        "val_sequences": counters["val"],
-        "expert_return": dict(mean=stat(np.mean), std=stat(np.std), min=stat(np.min), max=stat(np.max),
-                              episodes=len(finished)),
-        "interrupted": status == "interrupted",
-        "seconds": round(seconds, 1),
-        "episode_log": episodes,
-        "versions": versions,
-    }
+    return dict(
+        format=FORMAT, version=FORMAT_VERSION, env=spec.env_id, preset=spec.preset, options=spec.options,
+        num_actions=spec.num_actions, obs_shape=[H, W, C], seq_len=S,
+        expert=dict(run_dir=str(cfg.run_dir), algo=pol.config.get("algo"), checkpoint=cfg.checkpoint,
+                    checkpoint_step=pol.meta.get("step"), mode=cfg.mode, reset_on_life_loss=pol.reset_on_life_loss),
+        seed=cfg.seed, val_fraction=cfg.val_fraction, requested_episodes=cfg.episodes, episodes=len(finished),
+        train_episodes=sum(e["finished"] for e in per["train"]), val_episodes=sum(e["finished"] for e in per["val"]),
+        train_sequences=counters["train"], val_sequences=counters["val"],
+        expert_return=dict(mean=stat(np.mean), std=stat(np.std), min=stat(np.min), max=stat(np.max),
+                           episodes=len(finished)),
+        interrupted=status == "interrupted", seconds=round(seconds, 1), episode_log=episodes, versions=versions)
 
 
 class _EpisodeProgress:

@@ -32,8 +32,8 @@ from jaxatari import configs, envs, parallel, rundir, runner
 from jaxatari.algorithm import Algorithm, Context
 from jaxatari.checkpoint import Checkpointer
 from jaxatari.errors import ConfigError, ParallelError
-from jaxatari.evaluate import actor_critic_eval_fn
-from jaxatari.networks import ActorCritic, NetworkSpec
+from jaxatari.evaluate import actor_critic_eval_fn, evaluate, q_policy
+from jaxatari.networks import ActorCritic, NetworkSpec, QNetwork
 
 AXIS = parallel.AXIS
 
@@ -220,6 +220,21 @@ def actor_critic_evaluator(c, net_spec: NetworkSpec) -> Callable[[Any, int], flo
     return score
 
 
+def q_evaluator(c, net_spec: NetworkSpec) -> Callable[[Any, int], float]:
+    """``score(params, seed)``: the mean full-game return of ``--eval-episodes`` games
+    (env seeds from ``seed + 100_000``) with the ``--eval-epsilon``-greedy (greedy at 0)
+    policy of the Q-network of host ``params``."""
+    policy_fn = q_policy(QNetwork(net_spec).apply)  # one policy function: its compiled step is reused
+    options = envs.parse_env_options(c.env_option)
+
+    def score(params, seed: int) -> float:
+        return evaluate(policy_fn, params, None, env_id=c.env, preset=c.preset, options=options,
+                        episodes=c.eval_episodes, seed=seed + 100_000,
+                        mode="epsilon" if c.eval_epsilon > 0 else "greedy", epsilon=c.eval_epsilon).mean
+
+    return score
+
+
 class _Without:
     """The checkpointer as ``runner.run`` sees it, saving the state without ``fields``."""
 
@@ -317,7 +332,7 @@ def train(algo: Algorithm, config) -> runner.RunResult:
         chunk_fn = make_chunk(update, es.mesh, state_specs(algo, state, population), sched.updates_per_chunk)
         eval_fn = None
         if c.eval_every:  # process 0 evaluates; the runner broadcasts the score
-            score = (algo.evaluator or actor_critic_evaluator)(c, net_spec)
+            score = (q_evaluator if net_spec.head == "q" else actor_critic_evaluator)(c, net_spec)
             if population:
                 def eval_fn(params):  # [K] scores: agent k as its lone run would score it
                     return np.array([score(jax.tree.map(lambda x: np.asarray(x)[k], params), s)

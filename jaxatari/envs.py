@@ -1,18 +1,16 @@
 """EnvPool environments: the factory, Atari presets, stepping inside ``jit``, and
 a pure episode-statistics tracker.
 
-EnvPool conventions every agent in jaxatari relies on (checked against envpool 1.2.5):
+EnvPool conventions every agent relies on:
 
-* Auto-reset. When step ``t`` reports ``terminated | truncated`` it returns the
-  *final* observation of that episode. The *next* call is a "reset step": the
-  action is ignored, the reward is 0 and it returns the first observation of the
-  new episode. jaxatari marks that step ``valid=False``: it is excluded from every
-  loss and from episode statistics, and the recurrent state is reset on the step
-  after it (``first=True``).
+* Auto-reset. A step reporting ``terminated | truncated`` returns the episode's
+  final observation; the next call is a "reset step" (action ignored, reward 0,
+  returns the new episode's first observation). jaxatari marks it ``valid=False``:
+  excluded from every loss and from episode statistics; the recurrent state is
+  reset on the step after it (``first=True``).
 * Episodic life. With ``episodic_life=True`` ``terminated`` fires on each lost
-  life (it cuts the bootstrap) but the game goes on; ``info["terminated"]`` is the
-  real game over. Returns are reported for full games from ``info["reward"]``
-  (unclipped), never per-life clipped sums.
+  life (cutting the bootstrap) but the game goes on; ``info["terminated"]`` is the
+  real game over. Returns are full games of unclipped ``info["reward"]``.
 * ``noop_max=0`` crashes EnvPool; ``noop_max=1`` means "no no-op starts".
 """
 
@@ -34,50 +32,19 @@ from jaxatari.errors import EnvError
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------
-# Presets
-# ---------------------------------------------------------------------------
-
 #: Named EnvPool option sets for Atari. Every key is set explicitly: EnvPool's
-#: own defaults are not any published protocol.
-ATARI_PRESETS: dict[str, dict[str, Any]] = {
-    # DQN-Nature / OpenAI-baselines protocol.
-    "nature": dict(
-        episodic_life=True,
-        reward_clip=True,
-        noop_max=30,
-        use_fire_reset=True,
-        repeat_action_probability=0.0,
-        full_action_space=False,
-        max_episode_steps=27_000,  # 108k frames
-        frame_skip=4,
-        stack_num=4,
-        img_height=84,
-        img_width=84,
-        gray_scale=True,
-    ),
-    # Machado et al. (2018), "Revisiting the Arcade Learning Environment":
-    # sticky actions, no episodic life, no no-op starts, minimal action set.
-    "machado": dict(
-        episodic_life=False,
-        reward_clip=True,
-        noop_max=1,  # 1 = no no-ops (0 crashes EnvPool)
-        use_fire_reset=False,
-        repeat_action_probability=0.25,
-        full_action_space=False,
-        max_episode_steps=27_000,
-        frame_skip=4,
-        stack_num=4,
-        img_height=84,
-        img_width=84,
-        gray_scale=True,
-    ),
-}
+#: own defaults are not any published protocol. ``nature``: DQN-Nature / OpenAI
+#: baselines (FIRE reset, no-op starts, episodic life); ``machado``: Machado et al.
+#: (2018), sticky actions, no episodic life, no no-op starts.
+ATARI_PRESETS: dict[str, dict[str, Any]] = {"nature": dict(
+    episodic_life=True, reward_clip=True, noop_max=30, use_fire_reset=True, repeat_action_probability=0.0,
+    full_action_space=False, max_episode_steps=27_000, frame_skip=4, stack_num=4, img_height=84, img_width=84,
+    gray_scale=True)}
+ATARI_PRESETS["machado"] = dict(ATARI_PRESETS["nature"], episodic_life=False, noop_max=1, use_fire_reset=False,
+                                repeat_action_probability=0.25)
 
-_RESERVED_OPTIONS = (
-    "num_envs", "batch_size", "seed", "env_seed", "base_path", "task", "num_threads",
-    "max_num_players", "thread_affinity_offset", "gym_reset_return_info",
-)
+_RESERVED_OPTIONS = ("num_envs", "batch_size", "seed", "env_seed", "base_path", "task", "num_threads",
+                     "max_num_players", "thread_affinity_offset", "gym_reset_return_info")
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,11 +78,8 @@ def validate_env_id(env_id: str) -> None:
         lower = {i.lower(): i for i in ids}
         close = [lower[c] for c in difflib.get_close_matches(env_id.lower(), list(lower), n=3)]
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise EnvError(
-        f"Unknown env id {env_id!r}.{hint} Accepted: any EnvPool task id, e.g. "
-        f"'Breakout-v5', 'Pong-v5', 'CartPole-v1' ({len(ids)} in all; "
-        f"see jaxatari.envs.all_env_ids())."
-    )
+    raise EnvError(f"Unknown env id {env_id!r}.{hint} Accepted: any EnvPool task id, e.g. 'Breakout-v5', "
+                   f"'Pong-v5', 'CartPole-v1' ({len(ids)} in all; see jaxatari.envs.all_env_ids()).")
 
 
 def parse_env_options(items: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -142,22 +106,15 @@ def resolve_preset(env_id: str, preset: str | None) -> str:
     if preset is None:
         return "nature" if atari else "none"
     if atari and preset not in ATARI_PRESETS:
-        raise EnvError(
-            f"Unknown preset {preset!r} for {env_id}; accepted: {', '.join(sorted(ATARI_PRESETS))}."
-        )
+        raise EnvError(f"Unknown preset {preset!r} for {env_id}; accepted: {', '.join(sorted(ATARI_PRESETS))}.")
     if not atari and preset != "none":
-        raise EnvError(
-            f"Preset {preset!r} applies to Atari games only; {env_id} takes --preset none."
-        )
+        raise EnvError(f"Preset {preset!r} applies to Atari games only; {env_id} takes --preset none.")
     return preset
 
 
-#: Ranges checked before EnvPool sees a value, by option name (a name means the
-#: same in every EnvPool family that has it): ``(low, high, note)``, ``None`` for
-#: no bound. EnvPool checks none of them itself: ``noop_max=0`` and ``stack_num=0``
-#: crash the process, ``img_height=-1`` raises a C++ length error, and
-#: ``frame_skip=0`` or ``repeat_action_probability=1.5`` run without complaint.
-#: Every other option is checked for the type of EnvPool's default value only.
+#: Ranges checked before EnvPool sees a value (EnvPool checks none; some crash
+#: it): ``(low, high, note)``, ``None`` for no bound. Other options are checked
+#: for the type of EnvPool's default value only.
 OPTION_RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "max_episode_steps": (1, None, ""),
     "noop_max": (1, None, "1 means no no-op starts; 0 crashes EnvPool"),
@@ -183,14 +140,6 @@ def _option_defaults(env_id: str) -> dict[str, Any]:
     return {k: v for k, v in zip(spec._config_keys, spec._default_config_values) if k not in _RESERVED_OPTIONS}
 
 
-def _range_text(low, high, what: str) -> str:
-    if low is not None and high is not None:
-        return f"{what} in [{low:g}, {high:g}]"
-    if low is not None:
-        return f"{what} >= {low:g}"
-    return what
-
-
 def parse_option_value(env_id: str, key: str, value: Any, default: Any) -> Any:
     """``value`` of option ``key`` as EnvPool takes it, typed like ``default``.
 
@@ -208,9 +157,7 @@ def parse_option_value(env_id: str, key: str, value: Any, default: Any) -> Any:
         return EnvError(f"Env option {key}={shown} is not accepted for {env_id}: it takes {accepted}{hint}.")
 
     if isinstance(default, (bool, np.bool_)):
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if isinstance(value, (int, np.integer)) and value in (0, 1):
+        if isinstance(value, (int, np.integer, np.bool_)) and value in (0, 1):
             return bool(value)
         if text is not None and text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE
@@ -218,7 +165,9 @@ def parse_option_value(env_id: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, (int, float, np.integer, np.floating)):
         integer = isinstance(default, (int, np.integer))
         cast = int if integer else float
-        accepted = _range_text(low, high, "an integer" if integer else "a number")
+        accepted = "an integer" if integer else "a number"
+        if low is not None:
+            accepted += f" in [{low:g}, {high:g}]" if high is not None else f" >= {low:g}"
         numbers = (int, np.integer) if integer else (int, float, np.integer, np.floating)
         if isinstance(value, numbers) and not isinstance(value, (bool, np.bool_)):
             val = cast(value)
@@ -253,7 +202,7 @@ def parse_option_value(env_id: str, key: str, value: Any, default: Any) -> Any:
         if kind is not dict and isinstance(val, (list, tuple)):
             return kind(val)
         raise bad(f"a Python {kind.__name__} literal, e.g. {default!r}")
-    return value  # a type EnvPool does not use for options today: left to EnvPool
+    return value  # any other type is left to EnvPool
 
 
 def resolve_options(env_id: str, preset: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -275,9 +224,7 @@ def resolve_options(env_id: str, preset: str | None, overrides: dict[str, Any] |
         if k not in defaults:
             close = difflib.get_close_matches(k, valid, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise EnvError(
-                f"Unknown EnvPool option {k!r} for {env_id}.{hint} Accepted: {', '.join(valid)}."
-            )
+            raise EnvError(f"Unknown EnvPool option {k!r} for {env_id}.{hint} Accepted: {', '.join(valid)}.")
         options[k] = v
     options = {k: parse_option_value(env_id, k, v, defaults[k]) for k, v in options.items()}
     try:
@@ -307,29 +254,11 @@ class EnvSpec:
     atari: bool
 
     def to_json(self) -> dict[str, Any]:
-        return dict(
-            env_id=self.env_id,
-            preset=self.preset,
-            options=self.options,
-            num_envs=self.num_envs,
-            obs_shape=list(self.obs_shape),
-            obs_dtype=str(np.dtype(self.obs_dtype)),
-            num_actions=self.num_actions,
-            atari=self.atari,
-        )
+        return dict(vars(self), obs_shape=list(self.obs_shape), obs_dtype=str(np.dtype(self.obs_dtype)))
 
 
-def make(
-    env_id: str,
-    num_envs: int,
-    *,
-    seed: int,
-    preset: str | None = None,
-    options: dict[str, Any] | None = None,
-    num_threads: int = 0,
-    batch_size: int | None = None,
-    render_mode: str | None = None,
-):
+def make(env_id: str, num_envs: int, *, seed: int, preset: str | None = None, options: dict[str, Any] | None = None,
+         num_threads: int = 0, batch_size: int | None = None, render_mode: str | None = None):
     """Build an EnvPool gymnasium batch. Returns ``(env, EnvSpec)``.
 
     Args:
@@ -345,39 +274,21 @@ def make(
     if num_envs < 1:
         raise EnvError(f"num_envs={num_envs} is not accepted: it must be >= 1.")
     resolved = resolve_options(env_id, preset, options)
-    env = envpool_make(
-        env_id,
-        env_type="gymnasium",
-        num_envs=num_envs,
-        batch_size=batch_size or num_envs,
-        num_threads=num_threads,
-        seed=seed,
-        **({"render_mode": render_mode} if render_mode else {}),
-        **resolved,
-    )
-    obs_space = env.observation_space
+    env = envpool_make(env_id, env_type="gymnasium", num_envs=num_envs, batch_size=batch_size or num_envs,
+                       num_threads=num_threads, seed=seed,
+                       **({"render_mode": render_mode} if render_mode else {}), **resolved)
     if not hasattr(env.action_space, "n"):
-        raise EnvError(
-            f"{env_id} has a continuous action space; jaxatari's agents take discrete-action "
-            "envs (Atari, classic control such as CartPole-v1)."
-        )
-    spec = EnvSpec(
-        env_id=env_id,
-        preset=resolve_preset(env_id, preset),
-        options=resolved,
-        num_envs=num_envs,
-        obs_shape=tuple(obs_space.shape),
-        obs_dtype=np.dtype(obs_space.dtype),
-        num_actions=int(env.action_space.n),
-        atari=is_atari(env_id),
-    )
-    return env, spec
+        raise EnvError(f"{env_id} has a continuous action space; jaxatari's agents take discrete-action "
+                       "envs (Atari, classic control such as CartPole-v1).")
+    obs_space = env.observation_space
+    return env, EnvSpec(env_id=env_id, preset=resolve_preset(env_id, preset), options=resolved, num_envs=num_envs,
+                        obs_shape=tuple(obs_space.shape), obs_dtype=np.dtype(obs_space.dtype),
+                        num_actions=int(env.action_space.n), atari=is_atari(env_id))
 
 
 def envpool_make(env_id: str, **kwargs):
-    """``envpool.make(env_id, **kwargs)`` without gymnasium's "precision lowered
-    by casting to float32" warnings (EnvPool's float64 classic-control bounds;
-    harmless, and printed at every make)."""
+    """``envpool.make(env_id, **kwargs)`` without gymnasium's harmless "precision
+    lowered by casting to float32" warnings."""
     import warnings
 
     import envpool
@@ -385,13 +296,8 @@ def envpool_make(env_id: str, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32", category=UserWarning)
         env = envpool.make(env_id, **kwargs)
-        env.observation_space, env.action_space  # built (and cached) on first access: warned about here
+        env.observation_space, env.action_space  # built (and warned about) on first access
     return env
-
-
-# ---------------------------------------------------------------------------
-# Stepping inside jit
-# ---------------------------------------------------------------------------
 
 
 class Timestep(NamedTuple):
@@ -415,30 +321,18 @@ StepFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Timestep]]
 
 
 def _timestep_from_envpool(obs, reward, term, trunc, info, xnp) -> Timestep:
-    game_over = info["terminated"].astype(bool) if "terminated" in info else term.astype(bool)
-    raw = info["reward"] if "reward" in info else reward
-    return Timestep(
-        obs=obs,
-        reward=reward.astype(xnp.float32),
-        terminated=term.astype(bool),
-        truncated=trunc.astype(bool),
-        game_over=game_over,
-        raw_reward=raw.astype(xnp.float32),
-    )
+    return Timestep(obs=obs, reward=reward.astype(xnp.float32), terminated=term.astype(bool),
+                    truncated=trunc.astype(bool), game_over=info.get("terminated", term).astype(bool),
+                    raw_reward=info.get("reward", reward).astype(xnp.float32))
 
 
 def make_step_fn(env, spec: EnvSpec, backend: str = "auto") -> tuple[jax.Array, StepFn, str]:
     """A step function usable inside ``jax.jit`` / ``lax.scan``.
 
     Returns ``(handle, step, backend_used)`` with ``step(handle, actions[B]) ->
-    (handle, Timestep)``. ``backend``:
-
-    * ``"xla"``: EnvPool's ``env.xla()`` custom call (no host round trip in the
-      compiled program's control flow).
-    * ``"callback"``: the host-loop fallback: EnvPool is stepped on the host
-      through ``jax.experimental.io_callback`` (works on any backend, e.g. TPU).
-    * ``"auto"``: ``xla`` if a compiled probe step succeeds on the default
-      device, else ``callback`` with a log line saying why.
+    (handle, Timestep)``. ``backend`` ``"xla"``: EnvPool's ``env.xla()`` custom call; ``"callback"``: EnvPool
+    stepped on the host through ``io_callback`` (any backend); ``"auto"``: ``xla``
+    if a compiled probe step succeeds, else ``callback`` with a logged reason.
 
     The env must have been reset (``env.reset()``) before the first step.
     """
@@ -452,17 +346,13 @@ def make_step_fn(env, spec: EnvSpec, backend: str = "auto") -> tuple[jax.Array, 
                 h, (obs, rew, term, trunc, info) = xla_step(h, actions)
                 return h, _timestep_from_envpool(obs, rew, term, trunc, info, jnp)
 
-            # A probe lowering: the custom call must compile for this backend.
             jax.jit(step).lower(handle, jnp.zeros((spec.num_envs,), jnp.int32)).compile()
             return handle, step, "xla"
         except Exception as e:  # noqa: BLE001 - any failure means: fall back
             if backend == "xla":
                 raise
-            log.warning(
-                "EnvPool xla() is unavailable on backend %s (%s: %s); stepping envs through a "
-                "host callback instead (slower).",
-                jax.default_backend(), type(e).__name__, e,
-            )
+            log.warning("EnvPool xla() is unavailable on backend %s (%s: %s); stepping envs through a host callback "
+                        "instead (slower).", jax.default_backend(), type(e).__name__, e)
     return _callback_step_fn(env, spec)
 
 
@@ -470,14 +360,8 @@ def _callback_step_fn(env, spec: EnvSpec) -> tuple[jax.Array, StepFn, str]:
     from jax.experimental import io_callback
 
     B = spec.num_envs
-    shapes = Timestep(
-        obs=jax.ShapeDtypeStruct((B, *spec.obs_shape), spec.obs_dtype),
-        reward=jax.ShapeDtypeStruct((B,), np.float32),
-        terminated=jax.ShapeDtypeStruct((B,), np.bool_),
-        truncated=jax.ShapeDtypeStruct((B,), np.bool_),
-        game_over=jax.ShapeDtypeStruct((B,), np.bool_),
-        raw_reward=jax.ShapeDtypeStruct((B,), np.float32),
-    )
+    f32, b8 = jax.ShapeDtypeStruct((B,), np.float32), jax.ShapeDtypeStruct((B,), np.bool_)
+    shapes = Timestep(jax.ShapeDtypeStruct((B, *spec.obs_shape), spec.obs_dtype), f32, b8, b8, b8, f32)
 
     def host_step(actions):
         obs, rew, term, trunc, info = env.step(np.asarray(actions))
@@ -485,15 +369,9 @@ def _callback_step_fn(env, spec: EnvSpec) -> tuple[jax.Array, StepFn, str]:
         return Timestep(*(np.asarray(x, dtype=s.dtype) for x, s in zip(ts, shapes)))
 
     def step(h, actions):
-        ts = io_callback(host_step, shapes, actions, ordered=True)
-        return h, ts
+        return h, io_callback(host_step, shapes, actions, ordered=True)
 
     return jnp.zeros((1,), jnp.uint8), step, "callback"
-
-
-# ---------------------------------------------------------------------------
-# Env state carried through the compiled rollout
-# ---------------------------------------------------------------------------
 
 
 @struct.dataclass
@@ -521,32 +399,22 @@ class EpisodeOutcome(NamedTuple):
 
 def episode_stats_init(num_envs: int, window: int = 100) -> EpisodeStats:
     """Zero running returns and lengths ``[num_envs]`` and an empty window of the last ``window`` episodes."""
-    return EpisodeStats(
-        returns=jnp.zeros((num_envs,), jnp.float32),
-        lengths=jnp.zeros((num_envs,), jnp.int32),
-        window=jnp.full((window,), jnp.nan, jnp.float32),
-        count=jnp.zeros((), jnp.int32),
-    )
+    return EpisodeStats(returns=jnp.zeros((num_envs,), jnp.float32), lengths=jnp.zeros((num_envs,), jnp.int32),
+                        window=jnp.full((window,), jnp.nan, jnp.float32), count=jnp.zeros((), jnp.int32))
 
 
 def ring_slots(count: jax.Array, done: jax.Array, window: int) -> jax.Array:
     """``[B]`` slots of a ``window``-long ring for the episodes ``done [B]`` ending now,
     after ``count`` earlier ones: consecutive from ``count % window`` in env order;
     ``window`` (out of range: not written) for the others. When more than ``window``
-    end together only the last ``window`` get a slot, so no slot is written twice
-    (with a repeated index which write wins is unspecified, on a GPU run to run)."""
+    end together only the last ``window`` get a slot, so no slot is written twice."""
     rank = jnp.cumsum(done)
     slot = (count + rank - 1) % window
     return jnp.where(done & (rank > rank[-1] - window), slot, window)
 
 
-def episode_stats_update(
-    stats: EpisodeStats,
-    raw_reward: jax.Array,
-    game_over: jax.Array,
-    truncated: jax.Array,
-    valid: jax.Array,
-) -> tuple[EpisodeStats, EpisodeOutcome]:
+def episode_stats_update(stats: EpisodeStats, raw_reward: jax.Array, game_over: jax.Array, truncated: jax.Array,
+                         valid: jax.Array) -> tuple[EpisodeStats, EpisodeOutcome]:
     """Accumulate one step of full-game statistics. Pure and jittable.
 
     An episode ends only on a real game over or a time-limit truncation, never on
@@ -565,14 +433,9 @@ def episode_stats_update(
     ret = stats.returns + jnp.where(valid, raw_reward, 0.0)
     length = stats.lengths + valid.astype(jnp.int32)
     done = (game_over | truncated) & valid
-    W = stats.window.shape[0]
-    window = stats.window.at[ring_slots(stats.count, done, W)].set(ret, mode="drop")
-    new = EpisodeStats(
-        returns=jnp.where(done, 0.0, ret),
-        lengths=jnp.where(done, 0, length),
-        window=window,
-        count=stats.count + done.sum(dtype=jnp.int32),
-    )
+    window = stats.window.at[ring_slots(stats.count, done, stats.window.shape[0])].set(ret, mode="drop")
+    new = EpisodeStats(returns=jnp.where(done, 0.0, ret), lengths=jnp.where(done, 0, length), window=window,
+                       count=stats.count + done.sum(dtype=jnp.int32))
     return new, EpisodeOutcome(done=done, returns=ret, lengths=length)
 
 
@@ -600,12 +463,8 @@ def env_state_init(obs: np.ndarray, window: int = 100) -> EnvState:
     """The env side of a training state from the first observations ``obs [B, *obs_shape]`` (``env.reset()``):
     every env at an episode's first step (``first``), no pending reset step, empty episode statistics."""
     B = obs.shape[0]
-    return EnvState(
-        obs=jnp.asarray(obs),
-        done=jnp.zeros((B,), bool),
-        first=jnp.ones((B,), bool),
-        stats=episode_stats_init(B, window),
-    )
+    return EnvState(obs=jnp.asarray(obs), done=jnp.zeros((B,), bool), first=jnp.ones((B,), bool),
+                    stats=episode_stats_init(B, window))
 
 
 class Transition(NamedTuple):
@@ -625,23 +484,15 @@ class Transition(NamedTuple):
     next_obs: jax.Array
 
 
-def env_step(
-    step_fn: StepFn, handle: jax.Array, state: EnvState, action: jax.Array
-) -> tuple[jax.Array, EnvState, Transition, EpisodeOutcome]:
+def env_step(step_fn: StepFn, handle: jax.Array, state: EnvState,
+             action: jax.Array) -> tuple[jax.Array, EnvState, Transition, EpisodeOutcome]:
     """Step the batch once and update the carried :class:`EnvState`."""
     handle, ts = step_fn(handle, action)
     valid = ~state.done
     stats, outcome = episode_stats_update(state.stats, ts.raw_reward, ts.game_over, ts.truncated, valid)
     done = (ts.terminated | ts.truncated) & valid
-    transition = Transition(
-        obs=state.obs,
-        first=state.first,
-        valid=valid,
-        action=action,
-        reward=jnp.where(valid, ts.reward, 0.0),
-        terminated=ts.terminated & valid,
-        truncated=ts.truncated & valid,
-        next_obs=ts.obs,
-    )
+    transition = Transition(obs=state.obs, first=state.first, valid=valid, action=action,
+                            reward=jnp.where(valid, ts.reward, 0.0), terminated=ts.terminated & valid,
+                            truncated=ts.truncated & valid, next_obs=ts.obs)
     new_state = EnvState(obs=ts.obs, done=done, first=~valid, stats=stats)
     return handle, new_state, transition, outcome

@@ -1,60 +1,9 @@
 """Closed-loop evaluation of a policy on full games, with optional video.
 
-::
-
-    result = evaluate(net.apply, params, lambda b: initial_carry(spec, b),
-                      env_id="Breakout-v5", episodes=30, seed=10_000)
-    print(result.format())            # "12.30 ± 4.10 (3 .. 21) over 30 episodes"
-    json.dump(result.to_json(), f)
-
-Protocol:
-
-* The env steps under **the dynamics the agent trained under**: the run's preset
-  and env options, unchanged (on the ``nature`` preset that includes EnvPool's
-  ``episodic_life`` with ``use_fire_reset``: after each lost life EnvPool presses
-  FIRE, as it did in training, so a policy that never learned to press FIRE is
-  not stranded). Another protocol is one argument away (``preset="machado"`` for
-  sticky actions, ``options={"use_fire_reset": False, ...}``);
-  :attr:`EvalResult.options` records what was played.
-* Scores are full games, unclipped, whatever the dynamics: :class:`FullGames`
-  sums EnvPool's ``info["reward"]`` and ends a game only at the real game over
-  (``info["terminated"]``, not a lost life) or at the time limit
-  (``max_episode_steps``; such a game counts with its score so far and is
-  counted in :attr:`EvalResult.capped`). Lengths count agent steps (each is
-  ``frame_skip`` emulator frames on Atari); EnvPool's reset steps, after a game
-  or a life, are played but not counted.
-* ``num_envs`` envs play in parallel. Env ``i`` gets a quota of
-  ``ceil``/``floor(episodes / num_envs)`` episodes and only its first ``quota``
-  finished episodes count, so short episodes are not favoured (counting "the first
-  N to finish overall" would be biased towards them).
-* The loop runs on the host: EnvPool is stepped with NumPy and the policy step
-  (forward pass + action choice) is one jitted function, compiled once per
-  (policy, mode, shapes) and reused by later calls. ``first`` is set on the
-  observation after each of EnvPool's reset steps (a new game, or under
-  ``episodic_life`` a new life, exactly as in training), and the recurrent carry
-  flows across steps. ``reset_on_life_loss`` covers a policy trained under
-  ``episodic_life`` played under a protocol without it: ``first`` is then also
-  set on the observation after each life-loss frame (:class:`LifeResets`;
-  :func:`resets_at_life_loss` says which runs); under the training dynamics it
-  changes nothing.
-* Actions: ``greedy`` (argmax), ``sample`` (categorical on the logits),
-  ``epsilon`` (argmax, uniform random with probability ``epsilon``). The policy's
-  second output may be logits or Q-values; see :func:`q_policy` to wrap a
-  Q-network. :func:`default_mode` is what the scripts use: an actor-critic
-  or cloned policy plays its own distribution (``sample``), a Q-network
-  epsilon-greedy with :data:`EVAL_EPSILON`; ``greedy`` is argmax, a corner case
-  of a stochastic policy (a deterministic game then repeats one game).
-
-Video: EnvPool 1.2.5 renders RGB frames natively (``render_mode="rgb_array"``,
-``env.render(env_ids)``; 210x160 for Atari, 400x600 for CartPole). Env 0 of the
-evaluation batch itself is rendered after every agent step, so the video is the
-very game that was scored (no twin env to keep in lockstep). Frames of the first
-``video_episodes`` episodes of env 0 are written, one per agent step plus the
-first frame of each episode (missing parent directories of the video path are
-created): H.264 ``.mp4`` (yuv420p, even size, through
-imageio-ffmpeg) or ``.gif`` (Pillow; GIF stores delays in 1/100 s, so the frame
-delay is rounded to a multiple of 10 ms, and identical consecutive frames are
-merged into one longer frame).
+:func:`evaluate` plays ``episodes`` full games under the dynamics the agent trained
+under (preset and env options, unless overridden), scores them unclipped and
+returns an :class:`EvalResult`; :class:`FullGames` is the per-step bookkeeping it
+shares with :func:`jaxatari.data.collect`.
 """
 
 from __future__ import annotations
@@ -79,18 +28,12 @@ log = logging.getLogger(__name__)
 
 MODES = ("greedy", "sample", "epsilon")
 EVAL_EPSILON = 0.001
-"""A Q-network's evaluation epsilon: Dopamine's protocol (Castro et al. 2018), which
-follows Machado et al. (2018); the Nature DQN paper (Mnih et al. 2015) used 0.05."""
+"""A Q-network's evaluation epsilon (Dopamine's protocol; the Nature DQN paper used 0.05)."""
 VIDEO_EXTENSIONS = (".mp4", ".gif")
 DEFAULT_MAX_NUM_ENVS = 8
 
 PolicyFn = Callable[..., tuple]
 """``policy_fn(params, carry, obs [T, B, ...], first [T, B]) -> (carry, logits_or_q [T, B, A], ...)``."""
-
-
-# ---------------------------------------------------------------------------
-# Result
-# ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +42,10 @@ class EvalResult:
 
     ``returns [N]`` (unclipped scores) and ``lengths [N]`` (agent steps) are ordered
     by env, then by episode within an env. ``requested`` is the ``episodes``
-    argument; ``N`` is smaller only if ``max_steps`` cut the run short.
+    argument; ``N`` is smaller only if ``max_steps`` cut the run short. ``steps``
+    counts batched env steps; ``capped`` the counted episodes that ended at the
+    time limit ``max_episode_steps`` rather than a game over; ``options`` holds the
+    EnvPool options played under. ``std`` is the population std (ddof=0).
     """
 
     returns: np.ndarray
@@ -112,44 +58,24 @@ class EvalResult:
     num_envs: int = 0
     requested: int = 0
     steps: int = 0
-    """Batched env steps taken (every env stepped this many times)."""
     video: str | None = None
     max_episode_steps: int | None = None
-    """The time limit the games were played under (agent steps), if the env reports one."""
     reset_on_life_loss: bool = False
-    """Whether ``first`` (the recurrent carry's reset) was also set at each life lost."""
     capped: int = 0
-    """Counted episodes that ended at the time limit (``max_episode_steps``) rather than a game over."""
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The EnvPool options the games were played under (preset plus overrides)."""
 
     @property
     def episodes(self) -> int:
         return int(len(self.returns))
 
-    def _stat(self, fn) -> float:
-        return float(fn(self.returns)) if self.episodes else math.nan
+    def _stat(self, fn, values=None) -> float:
+        return float(fn(self.returns if values is None else values)) if self.episodes else math.nan
 
-    @property
-    def mean(self) -> float:
-        return self._stat(np.mean)
-
-    @property
-    def std(self) -> float:
-        """Population standard deviation (ddof=0) of the returns."""
-        return self._stat(np.std)
-
-    @property
-    def min(self) -> float:
-        return self._stat(np.min)
-
-    @property
-    def max(self) -> float:
-        return self._stat(np.max)
-
-    @property
-    def mean_length(self) -> float:
-        return float(np.mean(self.lengths)) if self.episodes else math.nan
+    mean = property(lambda self: self._stat(np.mean))
+    std = property(lambda self: self._stat(np.std))
+    min = property(lambda self: self._stat(np.min))
+    max = property(lambda self: self._stat(np.max))
+    mean_length = property(lambda self: self._stat(np.mean, self.lengths))
 
     def format(self) -> str:
         """``"mean ± std (min .. max) over N episodes"``, plus how many hit the step cap."""
@@ -179,33 +105,13 @@ class EvalResult:
             return None if math.isnan(x) else x
 
         return dict(
-            env_id=self.env_id,
-            preset=self.preset,
-            mode=self.mode,
-            epsilon=self.epsilon,
-            seed=self.seed,
-            num_envs=self.num_envs,
-            requested=self.requested,
-            episodes=self.episodes,
-            steps=self.steps,
-            reset_on_life_loss=self.reset_on_life_loss,
-            mean=num(self.mean),
-            std=num(self.std),
-            min=num(self.min),
-            max=num(self.max),
-            mean_length=num(self.mean_length),
-            returns=[float(r) for r in self.returns],
-            lengths=[int(n) for n in self.lengths],
-            video=self.video,
-            max_episode_steps=self.max_episode_steps,
-            capped=self.capped,
-            options=self.options,
+            env_id=self.env_id, preset=self.preset, mode=self.mode, epsilon=self.epsilon, seed=self.seed,
+            num_envs=self.num_envs, requested=self.requested, episodes=self.episodes, steps=self.steps,
+            reset_on_life_loss=self.reset_on_life_loss, mean=num(self.mean), std=num(self.std),
+            min=num(self.min), max=num(self.max), mean_length=num(self.mean_length),
+            returns=[float(r) for r in self.returns], lengths=[int(n) for n in self.lengths],
+            video=self.video, max_episode_steps=self.max_episode_steps, capped=self.capped, options=self.options,
         )
-
-
-# ---------------------------------------------------------------------------
-# The jitted policy step
-# ---------------------------------------------------------------------------
 
 
 class _ById:
@@ -224,17 +130,12 @@ def _act(params, carry, obs, first, key, epsilon, *, policy_fn, mode: str, num_a
     B = obs.shape[0]
     out = policy_fn(params, carry, obs[None], first[None])
     if not isinstance(out, (tuple, list)) or len(out) < 2:
-        raise EvalError(
-            "The policy must return a tuple (carry, logits_or_q [T, B, A], ...); got "
-            f"{type(out).__name__}. Wrap a Q-network with jaxatari.evaluate.q_policy."
-        )
+        raise EvalError("The policy must return a tuple (carry, logits_or_q [T, B, A], ...); got "
+                        f"{type(out).__name__}. Wrap a Q-network with jaxatari.evaluate.q_policy.")
     carry, logits = out[0], out[1]
     if getattr(logits, "shape", None) != (1, B, num_actions):
-        raise EvalError(
-            f"The policy's second output has shape {getattr(logits, 'shape', None)}; expected "
-            f"[T, B, A] = (1, {B}, {num_actions}) (logits or Q-values for the env's "
-            f"{num_actions} actions)."
-        )
+        raise EvalError(f"The policy's second output has shape {getattr(logits, 'shape', None)}; expected [T, B, A] "
+                        f"= (1, {B}, {num_actions}) (logits or Q-values for the env's {num_actions} actions).")
     logits = logits[0].astype(jnp.float32)
     key, k_sample, k_explore = jax.random.split(key, 3)
     greedy = jnp.argmax(logits, axis=-1)
@@ -284,11 +185,6 @@ def random_policy(num_actions: int) -> PolicyFn:
     return policy_fn
 
 
-# ---------------------------------------------------------------------------
-# Video
-# ---------------------------------------------------------------------------
-
-
 class _VideoWriter:
     """Streams RGB frames ``[H, W, 3] uint8`` to an ``.mp4`` or collects them for a ``.gif``."""
 
@@ -315,17 +211,13 @@ class _VideoWriter:
                     codec="libx264", pixelformat="yuv420p", macro_block_size=1,
                     ffmpeg_log_level="error", output_params=["-movflags", "+faststart"],
                 )
-                # The first frame starts ffmpeg with subprocess (fork + exec at once),
-                # which JAX's fork warning does not concern.
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-                    self._writer.append_data(frame)
-            else:
+            # The first frame starts ffmpeg (fork + exec at once), which JAX's fork warning does not concern.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
                 self._writer.append_data(frame)
         else:
             from PIL import Image
 
-            # Palette images take a third of the memory of RGB arrays.
             self._gif.append(Image.fromarray(frame).convert("P", palette=Image.Palette.ADAPTIVE))
         self.frames += 1
 
@@ -335,10 +227,8 @@ class _VideoWriter:
             self._writer = None
         if self._gif:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._gif[0].save(
-                self.path, save_all=True, append_images=self._gif[1:],
-                duration=gif_frame_ms(self.fps), loop=0,
-            )
+            self._gif[0].save(self.path, save_all=True, append_images=self._gif[1:],
+                              duration=gif_frame_ms(self.fps), loop=0)
             self._gif = []
 
 
@@ -352,19 +242,12 @@ def _render0(env, env_id: str) -> np.ndarray:
     try:
         frames = env.render(env_ids=[0])
     except Exception as e:  # noqa: BLE001
-        raise EvalError(
-            f"Video needs an env EnvPool can render as RGB (Atari *-v5, classic control); "
-            f"{env_id} failed to render: {type(e).__name__}: {e}"
-        ) from e
+        raise EvalError(f"Video needs an env EnvPool can render as RGB (Atari *-v5, classic control); "
+                        f"{env_id} failed to render: {type(e).__name__}: {e}") from e
     frame = np.asarray(frames)[0]
     if frame.ndim != 3 or frame.shape[-1] != 3:
         raise EvalError(f"{env_id} rendered a frame of shape {frame.shape}; video needs [H, W, 3] RGB.")
     return frame
-
-
-# ---------------------------------------------------------------------------
-# evaluate
-# ---------------------------------------------------------------------------
 
 
 def episode_quotas(episodes: int, num_envs: int) -> np.ndarray:
@@ -383,7 +266,7 @@ def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -
 
 
 def check_arguments(*, episodes: int = 30, num_envs: int | None = None, mode: str = "greedy",
-                    epsilon: float = 0.001, video: str | Path | None = None, video_fps: float = 30,
+                    epsilon: float = EVAL_EPSILON, video: str | Path | None = None, video_fps: float = 30,
                     video_episodes: int = 1, max_video_frames: int | None = None, max_steps: int | None = None,
                     max_episode_steps: int | None = None) -> None:
     """Raise :class:`EvalError` naming the first bad argument of :func:`evaluate` (same
@@ -399,10 +282,8 @@ def check_arguments(*, episodes: int = 30, num_envs: int | None = None, mode: st
     if video is not None:
         suffix = Path(video).suffix.lower()
         if suffix not in VIDEO_EXTENSIONS:
-            raise EvalError(
-                f"video={str(video)!r} has extension {suffix or '(none)'!r}; accepted: "
-                f"{', '.join(VIDEO_EXTENSIONS)}."
-            )
+            raise EvalError(f"video={str(video)!r} has extension {suffix or '(none)'!r}; accepted: "
+                            f"{', '.join(VIDEO_EXTENSIONS)}.")
         if suffix == ".mp4":
             try:  # before any game is played: the writer needs imageio-ffmpeg's ffmpeg binary
                 import imageio_ffmpeg
@@ -429,7 +310,7 @@ def evaluate(
     num_envs: int | None = None,
     seed: int = 0,
     mode: str = "greedy",
-    epsilon: float = 0.001,
+    epsilon: float = EVAL_EPSILON,
     video: str | Path | None = None,
     video_fps: float = 30,
     video_episodes: int = 1,
@@ -438,7 +319,20 @@ def evaluate(
     max_episode_steps: int | None = None,
     reset_on_life_loss: bool = False,
 ) -> EvalResult:
-    """Play ``episodes`` full games with ``policy_fn`` and return their scores.
+    """Play ``episodes`` full games with ``policy_fn`` and return their :class:`EvalResult`.
+
+    The env steps under the given ``preset`` and ``options`` unchanged: on the
+    ``nature`` preset that includes ``episodic_life`` with ``use_fire_reset``, so
+    EnvPool presses FIRE after each lost life, as in training. Scores are full
+    games, unclipped, whatever the dynamics (:class:`FullGames`): the sum of
+    ``info["reward"]`` up to the real game over (not a lost life) or the time limit
+    ``max_episode_steps`` (such a game counts with its score so far and in
+    ``EvalResult.capped``). Lengths count agent steps; EnvPool's reset steps are
+    played but not counted. Env ``i`` of ``num_envs`` counts only its first
+    ``episode_quotas(episodes, num_envs)[i]`` games, so short games are not favoured.
+    ``first`` is set after each EnvPool reset step (a new game, or a new life under
+    ``episodic_life``) and the recurrent carry flows across steps. The policy step
+    is jitted once per (policy, mode, shapes) and reused by later calls.
 
     Args:
       policy_fn: ``(params, carry, obs [T, B, ...], first [T, B]) -> (carry,
@@ -448,34 +342,36 @@ def evaluate(
       initial_carry: ``initial_carry(batch_size)`` -> the zero recurrent state, or
         the state itself for ``num_envs`` envs; ``None`` means ``()`` (feed-forward).
       env_id, preset, options: as in :func:`jaxatari.envs.make`: the dynamics the
-        games are played under. Pass the training run's (``LoadedPolicy.env_kwargs``)
-        to measure the agent as it trained; scores are full games either way.
+        games are played under (``EvalResult.options`` records them). Pass the
+        training run's (``LoadedPolicy.env_kwargs``) to measure the agent as it trained.
       episodes: finished episodes to count.
       num_envs: parallel envs; default ``min(episodes, 8)``.
       seed: env seed (env ``i`` gets ``seed + i``) and the action-sampling key.
         Use seeds different from training.
-      mode: ``greedy``, ``sample`` or ``epsilon``; ``epsilon`` is its exploration rate.
-      video: ``*.mp4`` or ``*.gif`` path to record env 0's first ``video_episodes``
-        episodes (at most ``max_video_frames`` frames) from RGB renders; missing
-        parent directories are created. Env 0 keeps playing until they are recorded
-        even if its quota is met.
+      mode: ``greedy`` (argmax), ``sample`` (categorical on the logits) or
+        ``epsilon`` (argmax, uniform random with probability ``epsilon``); see
+        :func:`default_mode`.
+      video: ``*.mp4`` (H.264, yuv420p, padded to even size) or ``*.gif`` path:
+        env 0 itself is rendered (RGB) after every agent step, so the video is the
+        game scored; its first ``video_episodes`` episodes are written (at most
+        ``max_video_frames`` frames), one frame per agent step plus each episode's
+        first; missing parent directories are created. Env 0 keeps playing until
+        they are recorded even if its quota is met. A GIF's delay is
+        :func:`gif_frame_ms`, and Pillow merges identical consecutive frames.
       video_fps: frames per second of the video (one frame per agent step).
       max_steps: safety cap on batched env steps; episodes unfinished by then are
         dropped (with a warning) and ``EvalResult.episodes < episodes``.
       max_episode_steps: EnvPool's per-episode time limit in agent steps, set on top
         of ``options``; an episode reaching it ends (truncated) and counts with its
         score so far. ``None``: the env's own limit (``options``, else the preset's:
-        27,000 for the Atari presets, i.e. 30 minutes of play; EnvPool's default
-        otherwise, e.g. 500 for CartPole-v1).
+        27,000 for the Atari presets; EnvPool's default otherwise, e.g. 500 for
+        CartPole-v1).
       reset_on_life_loss: also set ``first`` on the observation after each frame
         that lost a life with lives left (EnvPool's ``info["lives"]``), so a
         recurrent carry restarts there as it did in training under
         ``episodic_life`` (:class:`LifeResets`); pass
         :func:`resets_at_life_loss` of the training options. Feed-forward policies
         ignore ``first``. Refused for envs without ``info["lives"]``.
-
-    Returns:
-      :class:`EvalResult`.
     """
     check_arguments(episodes=episodes, num_envs=num_envs, mode=mode, epsilon=epsilon, video=video,
                     video_fps=video_fps, video_episodes=video_episodes, max_video_frames=max_video_frames,
@@ -484,64 +380,47 @@ def evaluate(
         raise EvalError(f"reset_on_life_loss={reset_on_life_loss!r} is not accepted; use True or False.")
     if reset_on_life_loss:
         envs.validate_env_id(env_id)  # a mistyped id is named as such, not as a game without lives
-    if reset_on_life_loss and not envs.is_atari(env_id):
-        raise EvalError(f"reset_on_life_loss=True is not accepted for {env_id}: it has no lives (Atari games do).")
+        if not envs.is_atari(env_id):
+            raise EvalError(f"reset_on_life_loss=True is not accepted for {env_id}: it has no lives (Atari games do).")
+    reset_on_life_loss = bool(reset_on_life_loss)
     num_envs = num_envs or min(episodes, DEFAULT_MAX_NUM_ENVS)
     opts = dict(options or {})
     if max_episode_steps is not None:
         opts["max_episode_steps"] = int(max_episode_steps)
     env, spec = envs.make(env_id, num_envs, seed=seed, preset=preset, options=opts,
                           render_mode="rgb_array" if video is not None else None)
-
     limit = getattr(getattr(getattr(env, "spec", None), "config", None), "max_episode_steps", None)
-    writer = None
-    if video is not None:
-        writer = _VideoWriter(Path(video), float(video_fps))
+    writer = _VideoWriter(Path(video), float(video_fps)) if video is not None else None
 
     try:
-        policy_key = policy_fn
         try:
-            hash(policy_key)
+            hash(policy_fn)
         except TypeError:
-            policy_key = _ById(policy_fn)
-        act = functools.partial(_act, policy_fn=policy_key, mode=mode, num_actions=spec.num_actions)
+            policy_fn = _ById(policy_fn)
+        act = functools.partial(_act, policy_fn=policy_fn, mode=mode, num_actions=spec.num_actions)
         carry = initial_carry(num_envs) if callable(initial_carry) else (
             () if initial_carry is None else initial_carry)
         key = jax.random.key(seed)
         eps = jnp.float32(epsilon if mode == "epsilon" else 0.0)
 
         returns, lengths, capped, steps = _play(
-            env, act, params, carry, key, eps,
-            quotas=episode_quotas(episodes, num_envs), writer=writer, env_id=env_id,
-            video_episodes=video_episodes, max_video_frames=max_video_frames, max_steps=max_steps,
-            reset_on_life_loss=bool(reset_on_life_loss),
-        )
+            env, act, params, carry, key, eps, quotas=episode_quotas(episodes, num_envs), writer=writer,
+            env_id=env_id, video_episodes=video_episodes, max_video_frames=max_video_frames,
+            max_steps=max_steps, reset_on_life_loss=reset_on_life_loss)
     finally:
         if writer is not None:
             writer.close()
         env.close()
 
     if len(returns) < episodes:
-        log.warning(
-            "max_steps=%d reached with %d of %d episodes finished on %s; the result counts "
-            "only the finished ones.", max_steps, len(returns), episodes, env_id,
-        )
+        log.warning("max_steps=%d reached with %d of %d episodes finished on %s; the result counts "
+                    "only the finished ones.", max_steps, len(returns), episodes, env_id)
     result = EvalResult(
-        returns=np.asarray(returns, np.float64),
-        lengths=np.asarray(lengths, np.int64),
-        env_id=env_id,
-        preset=spec.preset,
-        mode=mode,
-        epsilon=float(epsilon) if mode == "epsilon" else None,
-        seed=int(seed),
-        num_envs=num_envs,
-        requested=episodes,
-        steps=steps,
-        video=str(video) if video is not None else None,
-        max_episode_steps=None if limit is None else int(limit),
-        reset_on_life_loss=bool(reset_on_life_loss),
-        capped=int(capped),
-        options=dict(spec.options),
+        returns=np.asarray(returns, np.float64), lengths=np.asarray(lengths, np.int64), env_id=env_id,
+        preset=spec.preset, mode=mode, epsilon=float(epsilon) if mode == "epsilon" else None, seed=int(seed),
+        num_envs=num_envs, requested=episodes, steps=steps, video=str(video) if video is not None else None,
+        max_episode_steps=None if limit is None else int(limit), reset_on_life_loss=reset_on_life_loss,
+        capped=int(capped), options=dict(spec.options),
     )
     if result.warning:
         log.warning("%s: %s", env_id, result.warning)
@@ -557,13 +436,10 @@ def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_ep
     first = np.ones(B, bool)
     counted = np.zeros(B, np.int64)
     per_env: list[list[tuple[float, int, bool]]] = [[] for _ in range(B)]
-    recording = writer is not None
-    video_done = 0
-    video_cap = max_video_frames if max_video_frames is not None else math.inf
-    if recording:
+    video_done, video_cap = 0, max_video_frames if max_video_frames is not None else math.inf
+    if recording := writer is not None:
         writer.add(_render0(env, env_id))
         recording = writer.frames < video_cap
-
     steps = 0
     while (counted < quotas).any() or recording:
         if max_steps is not None and steps >= max_steps:
@@ -578,8 +454,7 @@ def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_ep
                 counted[b] += 1
         first = g.first
         if recording:
-            # A valid step shows the frame after the action (the final frame if it
-            # ended the game); a reset step shows the new episode's (or life's) first frame.
+            # a valid step shows the frame after the action; a reset step the new game's (or life's) first
             writer.add(_render0(env, env_id))
             video_done += int(g.ended[0])
             recording = video_done < video_episodes and writer.frames < video_cap
@@ -588,23 +463,19 @@ def _play(env, act, params, carry, key, eps, *, quotas, writer, env_id, video_ep
 
 
 class GameStep(NamedTuple):
-    """What one env step did to the full games of a batch, each field ``[B]``."""
+    """What one env step did to the full games of a batch, each field ``[B]``.
 
-    valid: np.ndarray
-    """An agent step: not EnvPool's reset step (after a game or, under ``episodic_life``, a life)."""
-    ended: np.ndarray
-    """A full game ended here: the real game over or the time limit, never a lost life."""
-    capped: np.ndarray
-    """Of ``ended``, the games cut by the time limit (truncated without a game over)."""
-    returns: np.ndarray
-    """Full-game return so far, unclipped (the final score where ``ended``)."""
-    lengths: np.ndarray
-    """Agent steps so far (the game's length where ``ended``)."""
+    ``first``: the observation just returned starts an episode for the policy: a new
+    game, a new life under ``episodic_life`` (as in training), or a :class:`LifeResets` restart.
+    """
+
+    valid: np.ndarray  # an agent step, not EnvPool's reset step (after a game or, under episodic_life, a life)
+    ended: np.ndarray  # a full game ended here: the real game over or the time limit, never a lost life
+    capped: np.ndarray  # of ended, the games cut by the time limit (truncated without a game over)
+    returns: np.ndarray  # full-game return so far, unclipped (the final score where ended)
+    lengths: np.ndarray  # agent steps so far (the game's length where ended)
     first: np.ndarray
-    """The observation just returned starts an episode for the policy: a new game, a new
-    life under ``episodic_life`` (as in training), or a :class:`LifeResets` restart."""
-    life_start: np.ndarray
-    """Of ``first``, those inside a game (a new life), not at a new game."""
+    life_start: np.ndarray  # of first, those inside a game (a new life), not at a new game
 
 
 class FullGames:

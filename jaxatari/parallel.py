@@ -536,7 +536,7 @@ def parse_sweep(sweep: str | None, num_agents: int, sweepable: Sequence[str],
     With ``--num-agents 1`` (the default) the sweep sets the agent count;
     otherwise the count must equal the number of values. Each value must be in
     the field's range, ``ranges`` being the agent's :func:`configs.check_ranges`
-    rules (``ppo.RANGES`` ...), as the flag itself would be.
+    rules (``Algorithm.ranges``), as the flag itself would be.
     """
     if not sweep:
         return None, None, num_agents

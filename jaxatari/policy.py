@@ -64,7 +64,7 @@ class LoadedPolicy:
 
     def __init__(self, network, params, spec, config: dict, meta: dict):
         self.network, self.params, self.spec, self.config, self.meta = network, params, spec, config, meta
-        self.is_q = config.get("algo") == "dqn"
+        self.is_q = spec.head == "q" or config.get("algo") == "dqn"  # DQN runs wrote no head
         self._step = jax.jit(self._forward, static_argnames=("mode",))
         self._warned_stateless = False
 
@@ -174,7 +174,7 @@ def load_policy(path: str | os.PathLike) -> LoadedPolicy:
         spec = dataclasses.replace(spec, torso_kwargs={**spec.torso_kwargs, "conv_impl": "xla"})
     env_spec = config["env_spec"]
     obs = jnp.zeros((1, *env_spec["obs_shape"]), env_spec["obs_dtype"])
-    if config.get("algo") == "dqn":
+    if spec.head == "q" or config.get("algo") == "dqn":  # DQN runs wrote no head
         network = QNetwork(spec)
         abstract = jax.eval_shape(lambda: network.init(jax.random.PRNGKey(0), obs))
     else:

@@ -2,66 +2,40 @@
 
 Usage (DQN with EnvPool Atari, ``obs [B, 4, 84, 84] uint8``)::
 
-    state = replay.create(1_000_000, (4, 84, 84), jnp.uint8,
-                          num_envs=B, frame_stack=4)
-    print(f"replay buffer: {replay.nbytes(state) / 2**20:.0f} MiB")
-    add = jax.jit(replay.add, donate_argnames="state")
-    ...
-    state = add(state, obs, actions, rewards, next_obs, terminated, truncated,
-                valid)        # valid=False on EnvPool's reset steps
+    state = replay.create(1_000_000, (4, 84, 84), jnp.uint8, num_envs=B, frame_stack=4)
+    add = jax.jit(replay.add, donate_argnames="state")   # donation updates the rings in place
+    state = add(state, obs, actions, rewards, next_obs, terminated, truncated, valid)
     batch = replay.sample(state, key, 32, n_step=3, gamma=0.99)
     # Q target: batch.rewards + batch.discounts * max_a Q(batch.next_obs, a)
 
-Storage
--------
-Every env ``b`` owns two rings:
+Layout: every env ``b`` owns a transition ring of ``T = capacity // num_envs``
+slots (action, reward, terminated, truncated, and the frame-ring positions
+where the stacks of ``obs`` and ``next_obs`` start) and a frame ring of ``F``
+single frames, in which a stack is ``S = frame_stack`` consecutive frames
+(oldest first, as in EnvPool).  Without ``frame_stack``, ``S = 1`` and each
+observation (any shape and dtype) is one "frame".
 
-* a transition ring of ``T = capacity // num_envs`` slots holding the
-  per-transition scalars (action, reward, terminated, truncated) and two
-  indices into the frame ring: where the stack of ``obs`` starts and where the
-  stack of ``next_obs`` starts;
-* a frame ring of ``F`` single frames ``[*frame_shape]``, where every stack is
-  ``S = frame_stack`` consecutive frames (oldest first, as in EnvPool).
+Deduplication: ``add`` pushes ``obs`` (``S`` frames) only if it differs from
+the last ``S`` frames pushed for that env (the previous ``next_obs``), and
+``next_obs`` as its newest frame alone when ``next_obs[:-1] == obs[1:]``,
+otherwise whole.  Both checks compare pixels on device, so a rebuilt stack is
+always exactly what was added, never mixing frames across an episode boundary
+or a soft reset.  Within an episode a transition costs one frame; an episode
+start costs ``S + 1``.
 
-``add`` pushes into the frame ring only what is new. ``obs`` is pushed (``S``
-frames) unless it is bit-for-bit equal to the last ``S`` frames pushed for that
-env (the previous ``next_obs``, the usual case within an episode). ``next_obs``
-is pushed as its newest frame alone when ``next_obs[:-1] == obs[1:]`` (the
-stack continued), otherwise whole. Both checks compare the actual pixels on
-device, so a rebuilt stack is always *exactly* what was added: it never mixes
-frames across an episode boundary or a soft reset, whatever EnvPool does with
-the frame stack there. Within an episode a transition costs one frame; the
-first transition of an episode costs ``S + 1``.
-
-A transition is sampleable while its slot has not been reused and none of its
-frames has been overwritten: frames are pushed in time order, so per env the
-sampleable transitions are always the newest ``size[b]`` ones written, a
-contiguous run of the transition ring (``add`` retires the oldest ones as the
-frame ring overwrites their frames). The frame ring has
-``F = T + max(floor(frame_headroom * T), S)`` frames per env (headroom 0.1
-by default: at most ``1.1 * capacity`` frames in all once ``T >= 10 S``).
-``T`` consecutive transitions of one episode span ``T + S`` frames and every
-further episode start costs ``S`` more, so all ``T`` newest transitions fit as
-long as episodes (lives, with ``episodic_life``) average more than about
-``S / 0.1 = 40`` transitions; with shorter episodes ``num_valid`` stays below
-``capacity``.
-
-Without ``frame_stack`` the same machinery runs with ``S = 1`` and each
-observation as one "frame" (any shape and dtype, e.g. CartPole ``float32
-[4]``): ``obs`` plus the index of ``next_obs``, and ``frame_headroom=1.0`` by
-default so that ``F = 2T`` and the newest ``T`` transitions always fit.
-
-Invalid transitions (``valid=False``: EnvPool's reset steps, whose
-``final_obs -> reset_obs`` is bogus) are skipped: nothing is written for them.
-A stored transition whose successor was not stored next (an invalid one was
-skipped, or the next ``obs`` added differs from its ``next_obs``, e.g. with
-gymnasium-style same-step autoreset or when some steps are never added) is
-marked ``cut``: n-step sums stop there and bootstrap from its ``next_obs``.
-
-All functions are jittable with fixed shapes and no host sync. ``add`` writes
-``O(num_envs * S)`` frames and ``sample`` is ``O(batch_size * (S + n_step))``
-gathers; nothing scans the buffer. Jit ``add`` with
-``donate_argnames="state"`` so that the rings are updated in place.
+Sampling guarantees: a transition is sampleable until its slot is reused or
+one of its frames is overwritten; frames are pushed in time order, so per env
+the sampleable ones are the newest ``size[b]``, a contiguous run of the ring.
+The frame ring has ``F = T + max(floor(frame_headroom * T), S)`` frames: with
+the default headroom 0.1 (``frame_stack``) all ``T`` newest transitions fit
+while episodes average more than about ``S / 0.1`` transitions; without
+``frame_stack`` the default 1.0 gives ``F = 2T``, which always fits them.
+Invalid transitions (``valid=False``: EnvPool's reset steps, ``final_obs ->
+reset_obs``) are never stored.  A stored transition whose successor was not
+stored next is marked ``cut``: n-step sums stop there and bootstrap from its
+``next_obs``.  Everything is jittable with fixed shapes and no host sync;
+``add`` writes ``O(num_envs * S)`` frames, ``sample`` gathers
+``O(batch_size * (S + n_step))``; nothing scans the buffer.
 """
 
 from __future__ import annotations
@@ -101,10 +75,7 @@ class BufferState:
     truncated: jax.Array
     """``[B, T]`` bool: a time-limit truncation (bootstrap kept)."""
     cut: jax.Array
-    """``[B, T]`` bool: the next transition stored for this env is not this
-    one's successor (an invalid transition was skipped in between, or the next
-    ``obs`` differs from this ``next_obs``); n-step sums stop here and
-    bootstrap from this ``next_obs``."""
+    """``[B, T]`` bool: the next transition stored for this env is not this one's successor (n-step sums stop)."""
     frame_head: jax.Array
     """``[B]`` int32: frame-ring position of the next frame to write."""
     head: jax.Array
@@ -113,8 +84,7 @@ class BufferState:
     """``[B]`` int32: number of sampleable transitions of each env, the
     newest ones, in slots ``(head - size + i) % T`` for ``i < size``."""
     has_last: jax.Array
-    """``[B]`` bool: a ``next_obs`` has been pushed (the last ``S`` frames before
-    ``frame_head`` hold it)."""
+    """``[B]`` bool: a ``next_obs`` has been pushed (it is the ``S`` frames before ``frame_head``)."""
     pending_cut: jax.Array
     """``[B]`` bool: an invalid transition was skipped since the last valid one."""
 
@@ -163,23 +133,14 @@ class Batch:
     n_steps: jax.Array
     """``[N]`` int32: ``n'``, the number of rewards summed (``1 <= n' <= n``)."""
     env_ids: jax.Array
-    """``[N]`` int32: env of each transition (with ``slots``: its location,
-    e.g. for priority updates)."""
+    """``[N]`` int32: env of each transition (with ``slots``: its location, e.g. for priority updates)."""
     slots: jax.Array
     """``[N]`` int32: transition-ring slot of each transition."""
 
 
-def create(
-    capacity: int,
-    obs_shape: tuple[int, ...],
-    obs_dtype: Any,
-    *,
-    num_envs: int = 1,
-    frame_stack: int | None = None,
-    action_shape: tuple[int, ...] = (),
-    action_dtype: Any = jnp.int32,
-    frame_headroom: float | None = None,
-) -> BufferState:
+def create(capacity: int, obs_shape: tuple[int, ...], obs_dtype: Any, *, num_envs: int = 1,
+           frame_stack: int | None = None, action_shape: tuple[int, ...] = (), action_dtype: Any = jnp.int32,
+           frame_headroom: float | None = None) -> BufferState:
     """An empty buffer for ``capacity`` transitions from ``num_envs`` envs.
 
     Args:
@@ -194,29 +155,24 @@ def create(
         each frame is then stored once. None: observations are stored whole.
       action_shape: shape of one action (``()`` for discrete actions).
       action_dtype: its dtype.
-      frame_headroom: extra frame-ring capacity as a fraction of
-        ``capacity // num_envs``, to hold the extra frames of episode starts
-        (default 0.1 with ``frame_stack``, 1.0 without, which guarantees room
-        for ``capacity`` transitions). The ring never holds fewer than
-        ``T + S`` frames per env (so that one long episode fills all ``T``
-        slots: ``T`` consecutive transitions span ``T + S`` frames) nor fewer
-        than ``2 * S``.
+      frame_headroom: extra frame-ring capacity as a fraction of ``T``, for
+        the extra frames of episode starts (default 0.1 with ``frame_stack``,
+        1.0 without). The ring holds at least ``T + S`` frames per env (one
+        long episode fills all ``T`` slots) and at least ``2 * S``.
 
     Returns:
       The empty :class:`BufferState`, all arrays zero (so that sampling it
       gives finite garbage). Its size in bytes is :func:`nbytes`.
     """
     for name, value in (("capacity", capacity), ("num_envs", num_envs)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        if not _is_pos_int(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     capacity, num_envs = int(capacity), int(num_envs)
     if capacity % num_envs:
         lower = max(capacity // num_envs, 1) * num_envs
-        raise ValueError(
-            f"capacity={capacity} is not divisible by num_envs={num_envs}: each env keeps "
-            f"capacity // num_envs transitions, so capacity must be a multiple of "
-            f"{num_envs} (e.g. {lower} or {lower + num_envs})."
-        )
+        raise ValueError(f"capacity={capacity} is not divisible by num_envs={num_envs}: each env keeps "
+                         f"capacity // num_envs transitions, so capacity must be a multiple of "
+                         f"{num_envs} (e.g. {lower} or {lower + num_envs}).")
     try:
         obs_shape = tuple(int(d) for d in obs_shape)
     except TypeError:
@@ -225,21 +181,13 @@ def create(
         stack, frame_shape = 1, obs_shape
         headroom = 1.0 if frame_headroom is None else frame_headroom
     else:
-        if (
-            not isinstance(frame_stack, (int, np.integer))
-            or isinstance(frame_stack, bool)
-            or frame_stack < 1
-            or len(obs_shape) < 1
-            or obs_shape[0] != frame_stack
-        ):
-            raise ValueError(
-                f"frame_stack={frame_stack!r} does not match obs_shape={obs_shape}: with "
-                f"frame stacking the stack must be axis 0 of the observation, i.e. "
-                f"obs_shape == ({frame_stack}, ...) with a positive integer frame_stack; "
-                f"pass frame_stack=None to store observations whole."
-            )
-        stack, frame_shape = int(frame_stack), obs_shape[1:]
-        frame_stack = stack
+        if not _is_pos_int(frame_stack) or len(obs_shape) < 1 or obs_shape[0] != frame_stack:
+            raise ValueError(f"frame_stack={frame_stack!r} does not match obs_shape={obs_shape}: with "
+                             f"frame stacking the stack must be axis 0 of the observation, i.e. "
+                             f"obs_shape == ({frame_stack}, ...) with a positive integer frame_stack; "
+                             f"pass frame_stack=None to store observations whole.")
+        stack = frame_stack = int(frame_stack)
+        frame_shape = obs_shape[1:]
         headroom = 0.1 if frame_headroom is None else frame_headroom
     if not headroom >= 0:
         raise ValueError(f"frame_headroom must be >= 0, got {frame_headroom!r}.")
@@ -250,45 +198,30 @@ def create(
     per_env = lambda dtype: jnp.zeros((num_envs,), dtype)  # noqa: E731
     return BufferState(
         frames=jnp.zeros((num_envs, f, *frame_shape), obs_dtype),
-        obs_start=per_t(jnp.int32),
-        next_start=per_t(jnp.int32),
-        actions=per_t(action_dtype, tuple(action_shape)),
-        rewards=per_t(jnp.float32),
-        terminated=per_t(jnp.bool_),
-        truncated=per_t(jnp.bool_),
-        cut=per_t(jnp.bool_),
-        frame_head=per_env(jnp.int32),
-        head=per_env(jnp.int32),
-        size=per_env(jnp.int32),
-        has_last=per_env(jnp.bool_),
-        pending_cut=per_env(jnp.bool_),
-        obs_shape=obs_shape,
-        frame_stack=frame_stack,
+        obs_start=per_t(jnp.int32), next_start=per_t(jnp.int32), actions=per_t(action_dtype, tuple(action_shape)),
+        rewards=per_t(jnp.float32), terminated=per_t(jnp.bool_), truncated=per_t(jnp.bool_), cut=per_t(jnp.bool_),
+        frame_head=per_env(jnp.int32), head=per_env(jnp.int32), size=per_env(jnp.int32),
+        has_last=per_env(jnp.bool_), pending_cut=per_env(jnp.bool_),
+        obs_shape=obs_shape, frame_stack=frame_stack,
     )
+
+
+def _is_pos_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 def _check_obs(state: BufferState, name: str, x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     expected = (state.num_envs, *state.obs_shape)
     if x.shape != expected:
-        raise ValueError(
-            f"{name} has shape {x.shape}, expected [num_envs, *obs_shape] = {expected}."
-        )
+        raise ValueError(f"{name} has shape {x.shape}, expected [num_envs, *obs_shape] = {expected}.")
     if x.dtype != state.frames.dtype:
         raise TypeError(f"{name} has dtype {x.dtype}, the buffer stores {state.frames.dtype}.")
     return x
 
 
-def add(
-    state: BufferState,
-    obs: jax.Array,
-    actions: jax.Array,
-    rewards: jax.Array,
-    next_obs: jax.Array,
-    terminated: jax.Array,
-    truncated: jax.Array,
-    valid: jax.Array | None = None,
-) -> BufferState:
+def add(state: BufferState, obs: jax.Array, actions: jax.Array, rewards: jax.Array, next_obs: jax.Array,
+        terminated: jax.Array, truncated: jax.Array, valid: jax.Array | None = None) -> BufferState:
     """Adds one transition ``(o_t, a_t, r_t, o_{t+1})`` from each of the B envs.
 
     Args:
@@ -338,13 +271,9 @@ def add(
     # Push, in order: obs's S frames unless matched, then next_obs's newest frame
     # (continued) or all S of them.
     candidates = jnp.concatenate([obs, next_obs], axis=1)  # [B, 2S, *frame_shape]
-    push = jnp.concatenate(
-        [
-            jnp.broadcast_to(~obs_match[:, None], (b_n, s_n)),
-            (jnp.arange(s_n) == s_n - 1)[None, :] | ~next_cont[:, None],
-        ],
-        axis=1,
-    ) & valid[:, None]  # [B, 2S]
+    push = jnp.concatenate([jnp.broadcast_to(~obs_match[:, None], (b_n, s_n)),
+                            (jnp.arange(s_n) == s_n - 1)[None, :] | ~next_cont[:, None]], axis=1)
+    push = push & valid[:, None]  # [B, 2S]
     rank = jnp.cumsum(push, axis=1) - 1
     pos = jnp.where(push, (state.frame_head[:, None] + rank) % f_n, f_n)  # f_n: dropped
     frames = state.frames.at[envs_col, pos].set(candidates, mode="drop")
@@ -355,9 +284,7 @@ def add(
 
     # Transition ring: mark the previous transition cut if this one is not its
     # successor, then write this one (invalid ones are dropped).
-    prev = jnp.where(
-        valid & (state.pending_cut | ~obs_match), (state.head - 1) % t_n, t_n
-    )
+    prev = jnp.where(valid & (state.pending_cut | ~obs_match), (state.head - 1) % t_n, t_n)
     cut = state.cut.at[envs, prev].set(True, mode="drop")
     slot = jnp.where(valid, state.head, t_n)
 
@@ -403,9 +330,7 @@ def num_valid(state: BufferState) -> jax.Array:
 
 def nbytes(state: BufferState) -> int:
     """Size of the state in bytes (a Python int; works on ``jax.eval_shape`` output)."""
-    return sum(
-        math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state)
-    )
+    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state))
 
 
 def _rebuild(state: BufferState, envs: jax.Array, start: jax.Array) -> jax.Array:
@@ -415,13 +340,7 @@ def _rebuild(state: BufferState, envs: jax.Array, start: jax.Array) -> jax.Array
     return stacks[:, 0] if state.frame_stack is None else stacks
 
 
-def gather(
-    state: BufferState,
-    indices: jax.Array,
-    *,
-    n_step: int = 1,
-    gamma: float | jax.Array = 0.99,
-) -> Batch:
+def gather(state: BufferState, indices: jax.Array, *, n_step: int = 1, gamma: float | jax.Array = 0.99) -> Batch:
     """The sampleable transitions of rank ``indices``, as n-step transitions.
 
     Rank ``i`` in ``[0, num_valid(state))`` orders sampleable transitions by
@@ -452,7 +371,7 @@ def gather(
     Returns:
       A :class:`Batch` of ``N`` transitions.
     """
-    if not isinstance(n_step, (int, np.integer)) or isinstance(n_step, bool) or n_step < 1:
+    if not _is_pos_int(n_step):
         raise ValueError(f"n_step must be a positive integer, got {n_step!r}.")
     indices = jnp.asarray(indices, jnp.int32)
     chex.assert_rank(indices, 1)
@@ -494,14 +413,8 @@ def gather(
     )
 
 
-def sample(
-    state: BufferState,
-    key: chex.PRNGKey,
-    batch_size: int,
-    *,
-    n_step: int = 1,
-    gamma: float | jax.Array = 0.99,
-) -> Batch:
+def sample(state: BufferState, key: chex.PRNGKey, batch_size: int, *, n_step: int = 1,
+           gamma: float | jax.Array = 0.99) -> Batch:
     """A minibatch drawn uniformly, with replacement, from the sampleable transitions.
 
     Args:

@@ -9,4 +9,4 @@ from jaxatari.cli import main
 from jaxatari.driver import train
 
 if __name__ == "__main__":
-    main(a2c.Config, lambda c: train(a2c.ALGORITHM, c), resumable=a2c.RESUMABLE, description=__doc__)
+    main(a2c.Config, lambda c: train(a2c.ALGORITHM, c), description=__doc__)

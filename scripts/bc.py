@@ -11,4 +11,4 @@ from jaxatari.agents import bc
 from jaxatari.cli import main
 
 if __name__ == "__main__":
-    main(bc.Config, bc.train, resumable=bc.RESUMABLE, description=__doc__)
+    main(bc.Config, bc.train, description=__doc__)

@@ -11,4 +11,4 @@ from jaxatari import data
 from jaxatari.cli import main
 
 if __name__ == "__main__":
-    main(data.CollectConfig, data.collect, resumable=(), description=__doc__)
+    main(data.CollectConfig, data.collect, description=__doc__)

@@ -12,4 +12,4 @@ from jaxatari.cli import main
 from jaxatari.driver import train
 
 if __name__ == "__main__":
-    main(dqn.Config, lambda c: train(dqn.ALGORITHM, c), resumable=dqn.RESUMABLE, description=__doc__)
+    main(dqn.Config, lambda c: train(dqn.ALGORITHM, c), description=__doc__)

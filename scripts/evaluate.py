@@ -35,7 +35,7 @@ class Config:
     eval.json records the one actually loaded."""
     mode: str | None = None
     """sample (the policy's own distribution; PPO/A2C/BC), epsilon (epsilon-greedy) or greedy.
-    Default: sample; epsilon for DQN."""
+    Default: sample; epsilon for a Q-network (DQN, PQN)."""
     epsilon: float = 0.001
     """Epsilon for --mode epsilon (0.001: Dopamine's DQN protocol; 0.05: Nature DQN's)."""
     num_envs: int | None = None

@@ -9,7 +9,7 @@ empty on rows where no episode finished), as every `scripts/<algo>.py` writes.
 
 Runs whose config.json is identical once the per-run fields (seed, run_dir,
 timestamps, resume options: see `PER_RUN_KEYS`) and the fields that do not change
-the learning problem (the algorithm's `RESUMABLE` tuple in jaxatari/agents/, e.g.
+the learning problem (the algorithm's resumable config fields, e.g.
 checkpoint_every, num_threads, plus chunk_steps and what the scripts derive
 from them: see `non_learning_keys`; total_timesteps is kept, as learning-rate
 decay and exploration stretch over it) are dropped form one group:
@@ -76,8 +76,7 @@ PER_RUN_KEYS = frozenset(
 the experiment); ignored when grouping, at any nesting level."""
 
 NON_LEARNING_EXTRA = ("chunk_steps", "resume")
-"""Config fields that do not change the learning problem but are not in the agents'
-`RESUMABLE` tuples: `chunk_steps` (how many env steps one compiled call covers; at
+"""Config fields that do not change the learning problem but are not resumable: `chunk_steps` (how many env steps one compiled call covers; at
 most it rounds the end of training up to a whole chunk, as total_timesteps moves
 it) and `resume` (which jaxatari.configs.cli always lets change)."""
 
@@ -304,40 +303,67 @@ def _parse(source: str) -> list:
         return ast.parse(source).body
 
 
+def _config_classes(body: list) -> dict[str, tuple[list[str], dict[str, bool]]]:
+    """``{class: (base names, {field: resumable})}`` of a module's classes: a field is
+    resumable where its value is ``option(..., resumable=True)``."""
+    out = {}
+    for node in body:
+        if isinstance(node, ast.ClassDef):
+            own = {}
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    kw = item.value.keywords if isinstance(item.value, ast.Call) else []
+                    own[item.target.id] = any(k.arg == "resumable" and getattr(k.value, "value", False) is True
+                                              for k in kw)
+            out[node.name] = ([b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases], own)
+    return out
+
+
+def _fields(classes: dict, name: str) -> dict[str, bool]:
+    """The fields of class ``name`` with those of its bases (a redeclared field takes the subclass's rule)."""
+    bases, own = classes.get(name, ([], {}))
+    out: dict[str, bool] = {}
+    for base in reversed(bases):
+        out.update(_fields(classes, base))
+    return {**out, **own}
+
+
 def _resumable_tuples() -> dict[str, tuple[str, ...]]:
-    """``{ALGO: RESUMABLE}`` of every module in jaxatari/agents/, read from the source
-    (literal tuples) so that plotting never imports JAX; empty if jaxatari is not found."""
+    """``{ALGO: resumable fields}`` of every module in jaxatari/agents/, read from the
+    source (``option(..., resumable=True)`` beside each field, in the agent's ``Config``
+    and the shared field groups of jaxatari/configs.py) so that plotting never imports
+    JAX; empty if jaxatari is not found."""
     spec = importlib.util.find_spec("jaxatari")
     if spec is None or not spec.submodule_search_locations:
         return {}
+    package = Path(next(iter(spec.submodule_search_locations)))
+    try:
+        shared = _config_classes(_parse((package / "configs.py").read_text()))
+    except (OSError, SyntaxError):
+        return {}
     out: dict[str, tuple[str, ...]] = {}
-    for path in sorted(Path(next(iter(spec.submodule_search_locations)), "agents").glob("*.py")):
-        values: dict[str, Any] = {}
+    for path in sorted((package / "agents").glob("*.py")):
         try:
             body = _parse(path.read_text())
         except SyntaxError:
             continue
-        for node in body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                if node.targets[0].id in ("ALGO", "RESUMABLE"):
-                    try:
-                        values[node.targets[0].id] = ast.literal_eval(node.value)
-                    except (ValueError, TypeError, SyntaxError):  # not a literal: the test pins this
-                        pass
-        if isinstance(values.get("ALGO"), str) and isinstance(values.get("RESUMABLE"), tuple):
-            out[values["ALGO"]] = values["RESUMABLE"]
+        algo = [n.value.value for n in body if isinstance(n, ast.Assign) and len(n.targets) == 1
+                and getattr(n.targets[0], "id", None) == "ALGO" and isinstance(n.value, ast.Constant)]
+        classes = {**shared, **_config_classes(body)}
+        if algo and isinstance(algo[0], str) and "Config" in classes:
+            out[algo[0]] = tuple(k for k, v in _fields(classes, "Config").items() if v)
     return out
 
 
 LEARNING_BUT_RESUMABLE = ("total_timesteps",)
-"""`RESUMABLE` fields that still shape learning: the learning-rate decay and (in a
+"""Resumable fields that still shape learning: the learning-rate decay and (in a
 fresh run) DQN's exploration schedule stretch over `total_timesteps`, so runs of
 different lengths are different configs."""
 
 
 def non_learning_keys(algo: Any) -> frozenset[str]:
     """Top-level config fields of `algo` that do not change the learning problem: its
-    `RESUMABLE` tuple (jaxatari/agents/<algo>.py) less `LEARNING_BUT_RESUMABLE`, plus
+    resumable config fields less `LEARNING_BUT_RESUMABLE`, plus
     `NON_LEARNING_EXTRA`; for an unknown or missing algo, the union over all agents."""
     tuples = _resumable_tuples()
     chosen = [tuples[algo]] if isinstance(algo, str) and algo in tuples else list(tuples.values())

@@ -8,4 +8,4 @@ from jaxatari.cli import main
 from jaxatari.driver import train
 
 if __name__ == "__main__":
-    main(ppo.Config, lambda c: train(ppo.ALGORITHM, c), resumable=ppo.RESUMABLE, description=__doc__)
+    main(ppo.Config, lambda c: train(ppo.ALGORITHM, c), description=__doc__)

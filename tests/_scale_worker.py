@@ -88,7 +88,7 @@ def train(algo, out, argv):
     from jaxatari import configs, driver, parallel
 
     mod = importlib.import_module(f"jaxatari.agents.{algo}")
-    config = configs.cli(mod.Config, resumable=mod.RESUMABLE, argv=argv)
+    config = configs.cli(mod.Config, argv=argv)
     result = driver.train(mod.ALGORITHM, config)
     params = [parallel.fetch(x) for x in jax.tree.leaves(result.state.params)]
     np.savez(out.replace(".npz", f".{jax.process_index()}.npz"), *params)

@@ -35,7 +35,7 @@ class SigintOnEntry(runner.Signals):
 
 
 def train(*argv):
-    return driver.train(ppo.ALGORITHM, configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv)))
+    return driver.train(ppo.ALGORITHM, configs.cli(ppo.Config, argv=list(argv)))
 
 
 @pytest.mark.parametrize("preset", ["nature", "machado"])

@@ -405,7 +405,7 @@ def test_learning_fails_clearly(tmp_path, capsys):
     assert "--seed is set by learning.py" in capsys.readouterr().err
     assert learning.main(["--algo", "collect"]) == 2  # scripts/collect.py exists but trains nothing
     err = capsys.readouterr().err
-    assert "for --algo collect; available: a2c, dqn, ppo." in err
+    assert "for --algo collect; available: a2c, dqn, ppo, pqn." in err
 
 
 # ----------------------------------------------------------------------------- breakdown

@@ -31,6 +31,7 @@ PPO = ["--env", "CartPole-v1", "--num-envs", "4", "--num-steps", "32", "--chunk-
        "--no-tensorboard"]
 FULL, HALF = [*PPO, "--total-timesteps", "1024"], [*PPO, "--total-timesteps", "512"]
 A2C = ["--env", "CartPole-v1", "--total-timesteps", "400", "--num-envs", "4", "--no-tensorboard"]
+PQN = ["--env", "CartPole-v1", "--total-timesteps", "512", "--num-envs", "4", "--num-steps", "32", "--no-tensorboard"]
 CFC = ["--env", "CartPole-v1", "--network", "cfc", "--num-steps", "16", "--no-tensorboard"]
 pytestmark = pytest.mark.slow
 
@@ -110,6 +111,8 @@ def runs(tmp, mp_half):
             "--devices", "2", "--eval-every", "256", "--eval-episodes", "2"),
         job(tmp, "a2c_one", "a2c", *A2C, "--devices", "1"),
         job(tmp, "a2c_two", "a2c", *A2C, "--devices", "2"),
+        job(tmp, "pqn_one", "pqn", *PQN, "--devices", "1"),
+        job(tmp, "pqn_two", "pqn", *PQN, "--devices", "2"),
         # a population, resumed; its half against agent 1 alone (seed 3 + 1), which then resumes on 2 devices
         job(tmp, "pop", "ppo", *FULL, "--seed", "3", "--num-agents", "2", "--eval-every", "1024",
             "--eval-episodes", "2"),
@@ -155,8 +158,9 @@ def test_recurrent_ppo_two_devices_match_one_device(runs):
     assert rows(runs / "cfc_two")[-1]["eval_return"]
 
 
-def test_a2c_two_devices_match_one_device(runs):
-    assert_close(trained(runs, "a2c_two"), trained(runs, "a2c_one"))
+@pytest.mark.parametrize("algo", ["a2c", "pqn"])
+def test_two_devices_match_one_device(runs, algo):
+    assert_close(trained(runs, f"{algo}_two"), trained(runs, f"{algo}_one"))
 
 
 # ---------------------------------------------------------------------------
@@ -279,20 +283,20 @@ def test_bad_scale_out_flags_are_named():
     with pytest.raises(parallel.ParallelError, match=r"--devices 3 .* 1 local device"):
         parallel.resolve_devices(3, 8)
     with pytest.raises(parallel.ParallelError, match=r"--sweep 'lr' .* learning_rate"):
-        parallel.parse_sweep("lr=1,2", 1, ppo.SWEEPABLE, ppo.RANGES)
+        parallel.parse_sweep("lr=1,2", 1, ppo.ALGORITHM.sweepable, ppo.ALGORITHM.ranges)
     with pytest.raises(parallel.ParallelError, match=r"3 values for learning_rate but --num-agents is 2"):
-        parallel.parse_sweep("learning_rate=1,2,3", 2, a2c.SWEEPABLE, a2c.RANGES)
-    assert parallel.parse_sweep("ent_coef=0.0,0.01", 1, ppo.SWEEPABLE, ppo.RANGES) == ("ent_coef", [0.0, 0.01], 2)
+        parallel.parse_sweep("learning_rate=1,2,3", 2, a2c.ALGORITHM.sweepable, a2c.ALGORITHM.ranges)
+    assert parallel.parse_sweep("ent_coef=0.0,0.01", 1, ppo.ALGORITHM.sweepable, ppo.ALGORITHM.ranges) == ("ent_coef", [0.0, 0.01], 2)
     # Swept values get the flag's own range check; an empty sweep is refused.
     with pytest.raises(parallel.ParallelError, match=r"--sweep gamma=0.9,1.5: --gamma 1.5 is not accepted: .*\(0, 1\]"):
-        parallel.parse_sweep("gamma=0.9,1.5", 1, ppo.SWEEPABLE, ppo.RANGES)
+        parallel.parse_sweep("gamma=0.9,1.5", 1, ppo.ALGORITHM.sweepable, ppo.ALGORITHM.ranges)
     with pytest.raises(parallel.ParallelError, match=r"--rms-alpha 1.0 is not accepted: it must be in \[0, 1\)"):
-        parallel.parse_sweep("rms_alpha=0.99,1.0,-1", 1, a2c.SWEEPABLE, a2c.RANGES)
+        parallel.parse_sweep("rms_alpha=0.99,1.0,-1", 1, a2c.ALGORITHM.sweepable, a2c.ALGORITHM.ranges)
     with pytest.raises(parallel.ParallelError, match=r"gives 0 value\(s\); a sweep takes two or more"):
-        parallel.parse_sweep("learning_rate=,", 1, ppo.SWEEPABLE, ppo.RANGES)
+        parallel.parse_sweep("learning_rate=,", 1, ppo.ALGORITHM.sweepable, ppo.ALGORITHM.ranges)
     with pytest.raises(parallel.ParallelError, match=r"gives 1 value\(s\).* pass --learning-rate alone"):
-        parallel.parse_sweep("learning_rate=1e-4", 1, ppo.SWEEPABLE, ppo.RANGES)
-    assert set(ppo.SWEEPABLE) <= set(ppo.RANGES) and set(a2c.SWEEPABLE) <= set(a2c.RANGES)
+        parallel.parse_sweep("learning_rate=1e-4", 1, ppo.ALGORITHM.sweepable, ppo.ALGORITHM.ranges)
+    assert set(ppo.ALGORITHM.sweepable) <= set(ppo.ALGORITHM.ranges) and set(a2c.ALGORITHM.sweepable) <= set(a2c.ALGORITHM.ranges)
     assert parallel.resolve_devices(None, 7) == 1
 
 

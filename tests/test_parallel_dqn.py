@@ -87,7 +87,7 @@ def final_eval_return(run_dir, seed):
     (the evaluation after the last chunk of an ``--eval-every`` run)."""
     pol = load_policy(Path(run_dir) / "checkpoints" / "latest")
     c = dqn.resolve(dqn.Config(**dict(TINY, eval_episodes=3, seed=seed)))
-    return dqn.evaluator(c, pol.spec)(pol.params, seed)
+    return driver.q_evaluator(c, pol.spec)(pol.params, seed)
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def test_dqn_population_resume_is_exact(shared, pop, pop_half, tmp_path):
     """Half the run, then --resume (buffers in the checkpoint, env actions replayed): same as one go."""
     d = tmp_path / "resumed"
     shutil.copytree(shared / "pop_half", d)
-    resumed = driver.train(dqn.ALGORITHM, configs.cli(dqn.Config, resumable=dqn.RESUMABLE,
+    resumed = driver.train(dqn.ALGORITHM, configs.cli(dqn.Config,
                                    argv=["--resume", str(d), "--total-timesteps", "1200"]))
     for x, y in zip(jax.tree.leaves(pop.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -334,4 +334,4 @@ def test_bad_population_flags_are_named(tmp_path):
         train(tmp_path / "bad", sweep="gamma=0.9,0.95,0.99", num_agents=2)
     with pytest.raises(parallel.ParallelError, match=r"--learning-rate -0.001 is not accepted: it must be > 0"):
         train(tmp_path / "bad", sweep="learning_rate=1e-3,-1e-3")
-    assert set(dqn.SWEEPABLE) <= set(dqn.RANGES)
+    assert set(dqn.ALGORITHM.sweepable) <= set(dqn.ALGORITHM.ranges)

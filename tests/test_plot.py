@@ -82,10 +82,12 @@ def test_grouping_ignores_per_run_fields(four_runs):
 
 
 def test_grouping_ignores_fields_that_do_not_change_the_learning_problem():
+    from jaxatari import configs
     from jaxatari.agents import a2c, bc, dqn, ppo
 
-    for agent in (ppo, a2c, dqn, bc):  # plot.py reads the agents' own RESUMABLE tuples (without importing JAX)
-        assert plot.non_learning_keys(agent.ALGO) == {*agent.RESUMABLE, "chunk_steps", "resume"} - {"total_timesteps"}
+    for agent in (ppo, a2c, dqn, bc):  # plot.py reads the resumable fields from the source (without importing JAX)
+        resumable = configs.resumable(agent.Config)
+        assert plot.non_learning_keys(agent.ALGO) == {*resumable, "chunk_steps", "resume"} - {"total_timesteps"}
     a = {**BASE, "chunk_steps": 50_000, "checkpoint_every": 0, "keep": 3, "eval_every": 0, "num_threads": 0,
          "env_backend": "auto", "env_backend_used": "host", "devices": 1,
          "schedule": {"steps_per_update": 1024, "updates_per_chunk": 48, "num_chunks": 1}}

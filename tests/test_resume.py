@@ -36,7 +36,7 @@ def ppo(*args, **kw):
 
 def train(*args):
     """What ``scripts/ppo.py args`` trains, in this process."""
-    return driver.train(ppo_agent.ALGORITHM, configs.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE, argv=list(args)))
+    return driver.train(ppo_agent.ALGORITHM, configs.cli(ppo_agent.Config, argv=list(args)))
 
 
 def rows(run_dir, drop=("wall_time", "sps")):
@@ -120,11 +120,11 @@ def test_a_finished_run_is_neither_retrained_nor_overwritten(runs, tmp_path):
     with pytest.raises(errors.AlreadyComplete, match=r"already complete.* 51,200 .*--total-timesteps"):
         train("--resume", str(d))
     with pytest.raises(errors.ConfigError, match=r"already holds a run \(config.json, metrics.csv, checkpoints"):
-        driver.train(ppo_agent.ALGORITHM, configs.cli(ppo_agent.Config, resumable=(), argv=[*ARGS, "--run-dir", str(d)]))
+        driver.train(ppo_agent.ALGORITHM, configs.cli(ppo_agent.Config, argv=[*ARGS, "--run-dir", str(d)]))
     with pytest.raises(errors.ConfigError, match=r"is a ppo run, not dqn; resume it with python scripts/ppo.py"):
-        configs.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=["--resume", str(d)])
+        configs.cli(dqn.Config, argv=["--resume", str(d)])
     with pytest.raises(errors.ConfigError, match="--run-dir cannot be combined with --resume"):
-        configs.cli(ppo_agent.Config, resumable=ppo_agent.RESUMABLE,
+        configs.cli(ppo_agent.Config,
                    argv=["--resume", str(d), "--run-dir", str(tmp_path / "elsewhere")])
     assert files == {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
 

@@ -30,8 +30,8 @@ import optax
 
 from jaxatari import configs, envs, parallel
 from jaxatari.algorithm import Algorithm, Context
-from jaxatari.errors import ConfigError
-from jaxatari.networks import ActorCritic, NetworkSpec, resolve_network_spec
+from jaxatari.configs import ActorCriticFields, TrainFields, option
+from jaxatari.networks import ActorCritic
 from jaxatari.ops import A2CBatch, a2c_loss, all_finite, gae, n_step_returns, weighted_loss
 from jaxatari.rollout import State as OnPolicyState
 from jaxatari.rollout import Trajectory, bootstrap_value, device_rollout, init_state
@@ -41,109 +41,41 @@ TARGETS = ("nstep", "gae")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """A2C on EnvPool. Fields left at ``None`` take the Atari or classic-control default."""
+class Config(ActorCriticFields, TrainFields):
+    """A2C on EnvPool. Fields left at None take the default of the env's kind: Atari
+    (the published A2C of baselines / the SB3 zoo) 10M steps, 16 envs, RMSProp 7e-4,
+    ent 0.01, vf 0.25; classic control 500k steps, 8 envs, 2e-3, ent 0, vf 0.5."""
 
     env: str = "SpaceInvaders-v5"
     """EnvPool task id, e.g. SpaceInvaders-v5, Breakout-v5, CartPole-v1."""
-    seed: int = 1
-    """Seed for params, actions and envs (env i gets seed + i)."""
-    total_timesteps: int | None = None
-    """Env steps (agent steps, summed over envs). Default: 10M Atari, 500k classic control."""
-    num_envs: int | None = None
-    """Parallel envs. Default: 16 Atari, 8 classic control."""
-    num_steps: int = 5
+    num_steps: int = option(5, range="an integer >= 1")
     """Steps per env per rollout (the n of the n-step returns)."""
-    target: str = "nstep"
+    target: str = option("nstep", choices=TARGETS)
     """Value target: nstep (bootstrapped n-step returns, the published A2C) or gae (GAE returns)."""
-    gae_lambda: float = 0.95
+    gae_lambda: float = option(0.95, range="in [0, 1]", sweepable=True)
     """GAE lambda (used with --target gae only)."""
-    learning_rate: float | None = None
-    """RMSProp learning rate. Default: 7e-4 Atari, 2e-3 classic control."""
+    learning_rate: float | None = option(None, range="> 0", sweepable=True)
+    """RMSProp learning rate."""
     anneal_lr: bool = True
     """Decay the learning rate linearly to 0 over training."""
-    rms_alpha: float = 0.99
+    rms_alpha: float = option(0.99, range="in [0, 1)", sweepable=True)
     """RMSProp decay of the mean squared gradient."""
-    rms_eps: float = 1e-5
+    rms_eps: float = option(1e-5, range="> 0", sweepable=True)
     """RMSProp epsilon, added inside the square root (TensorFlow / baselines convention)."""
-    gamma: float = 0.99
+    gamma: float = option(0.99, range="in (0, 1]", sweepable=True)
     """Discount."""
-    ent_coef: float | None = None
-    """Entropy bonus coefficient. Default: 0.01 Atari, 0.0 classic control."""
-    vf_coef: float | None = None
-    """Value loss coefficient (the value loss is a plain MSE). Default: 0.25 Atari, 0.5 classic control."""
-    max_grad_norm: float = 0.5
+    ent_coef: float | None = option(None, range=">= 0", sweepable=True)
+    """Entropy bonus coefficient."""
+    vf_coef: float | None = option(None, range=">= 0", sweepable=True)
+    """Value loss coefficient (the value loss is a plain MSE)."""
+    max_grad_norm: float = option(0.5, range="> 0", sweepable=True)
     """Global gradient-norm clip."""
-    preset: str | None = None
-    """Atari preset: nature (default) or machado; 'none' for classic control."""
-    env_option: tuple[str, ...] = ()
-    """EnvPool option overrides, KEY=VALUE (e.g. noop_max=10 repeat_action_probability=0.25)."""
-    network: str = "auto"
-    """auto (Nature CNN on pixels, MLP on vectors), nature, impala, mlp, or cfc (recurrent)."""
-    torso: str = "auto"
-    """Torso under --network cfc: auto (ncps conv block on pixels, MLP on vectors), convblock, impala, nature, mlp."""
-    cfc_units: int = 64
-    """CfC hidden units (--network cfc)."""
-    cfc_mode: str = "default"
-    """CfC mode: default, no_gate or pure."""
-    cfc_backbone_units: int = 128
-    """CfC backbone width."""
-    cfc_backbone_layers: int = 1
-    """CfC backbone depth."""
-    num_threads: int = 0
-    """EnvPool worker threads (0: EnvPool's default)."""
-    env_backend: str = "auto"
-    """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
-    chunk_steps: int | None = None
-    """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C. Default: 50k; 10k for
-    Atari on a CPU."""
-    checkpoint_every: int | None = None
-    """Env steps between checkpoints. Default: 1M Atari, 100k classic control."""
-    keep: int = 3
-    """How many latest checkpoints to keep (the best is kept separately)."""
-    eval_every: int = 0
-    """Env steps between evaluations (full games, the policy sampling; 0: off; 'best' then uses the training return)."""
-    eval_episodes: int = 10
-    """Episodes per periodic evaluation."""
-    run_dir: str | None = None
-    """Output directory. Default: runs/<env>__a2c__<seed>__<timestamp>."""
-    resume: str | None = None
-    """Resume the run in this directory from its latest good checkpoint."""
-    tensorboard: bool = True
-    """Write TensorBoard events beside metrics.csv."""
-    devices: int | None = None
-    """Devices to split the env batch over (data parallel; default: all local devices)."""
-    num_agents: int = 1
-    """Train this many independent agents in one process (agent k: seed + k), vmapped, on one EnvPool."""
-    sweep: str | None = None
-    """One hyperparameter per agent, FIELD=V1,V2,... (e.g. learning_rate=1e-4,2.5e-4,5e-4); sets --num-agents."""
-    coordinator: str | None = None
-    """Multi-host: HOST:PORT of process 0 for jax.distributed (or JAXATARI_COORDINATOR)."""
-    num_processes: int | None = None
-    """Multi-host: number of processes (or JAXATARI_NUM_PROCESSES); --num-envs is the global batch."""
-    process_id: int | None = None
-    """Multi-host: this process's index (or JAXATARI_PROCESS_ID); only process 0 logs."""
 
     @property
     def batch_size(self) -> int:
         return self.num_envs * self.num_steps
 
 
-#: Fields that may change when resuming (they do not change the learning problem).
-RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_episodes",
-             "tensorboard", "num_threads", "env_backend", "run_dir", "devices", "coordinator", "num_processes",
-             "process_id")
-
-#: Float fields ``--sweep`` may vary across the agents of a population.
-SWEEPABLE = ("learning_rate", "ent_coef", "vf_coef", "gamma", "gae_lambda", "max_grad_norm", "rms_eps", "rms_alpha")
-
-#: Accepted values of the numeric fields (``configs.check_ranges`` rules); ``--sweep`` values too.
-RANGES = dict(
-    configs.RUN_OPTION_RANGES, num_steps="an integer >= 1", ent_coef=">= 0", vf_coef=">= 0",
-    gae_lambda="in [0, 1]", gamma="in (0, 1]", rms_alpha="in [0, 1)", learning_rate="> 0", rms_eps="> 0",
-    max_grad_norm="> 0")
-
-#: The published Atari A2C (baselines / SB3 zoo): 16 envs x 5 steps, RMSProp 7e-4.
 ATARI_DEFAULTS = dict(total_timesteps=10_000_000, num_envs=16, learning_rate=7e-4,
                       ent_coef=0.01, vf_coef=0.25, checkpoint_every=1_000_000)
 CLASSIC_DEFAULTS = dict(total_timesteps=500_000, num_envs=8, learning_rate=2e-3,
@@ -152,30 +84,10 @@ CLASSIC_DEFAULTS = dict(total_timesteps=500_000, num_envs=8, learning_rate=2e-3,
 
 def resolve(config: Config) -> Config:
     """Fill the per-env-kind defaults and validate; raises before anything compiles."""
-    envs.validate_env_id(config.env)
-    defaults = ATARI_DEFAULTS if envs.is_atari(config.env) else CLASSIC_DEFAULTS
-    fill = {k: v for k, v in defaults.items() if getattr(config, k) is None}
-    c = dataclasses.replace(config, **fill)
-    c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
-    if c.chunk_steps is None:
-        c = dataclasses.replace(c, chunk_steps=configs.default_chunk_steps(envs.is_atari(c.env)))
-    configs.check_ranges(c, RANGES)
-    if c.target not in TARGETS:
-        raise ConfigError(f"--target {c.target!r} is not accepted; use nstep or gae.")
-    if c.cfc_mode not in ("default", "no_gate", "pure"):
-        raise ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
-    return c
+    return configs.resolve(config, ATARI_DEFAULTS, CLASSIC_DEFAULTS)
 
 
-def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
-    """The actor-critic of ``--network``/``--torso`` (and the CfC flags) for ``spec``'s observations and actions."""
-    cfc = dict(hidden_size=c.cfc_units, mode=c.cfc_mode, backbone_units=c.cfc_backbone_units,
-               backbone_layers=c.cfc_backbone_layers)
-    try:
-        return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari,
-                                    torso=c.torso, cfc=cfc)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+network_spec = configs.actor_critic_spec  # the actor-critic of --network/--torso and the CfC flags
 
 
 # ---------------------------------------------------------------------------
@@ -310,5 +222,4 @@ METRIC_COLUMNS = ("loss", "policy_loss", "value_loss", "entropy", "grad_norm", "
 
 ALGORITHM = Algorithm(
     name=ALGO, config=Config, resolve=resolve, network_spec=network_spec, init=init, update=update,
-    steps_per_update=lambda c: c.batch_size, metric_columns=METRIC_COLUMNS, resumable=RESUMABLE,
-    sweepable=SWEEPABLE, ranges=RANGES)
+    steps_per_update=lambda c: c.batch_size, metric_columns=METRIC_COLUMNS)

@@ -45,6 +45,7 @@ from flax import struct
 
 from jaxatari import configs, data, envs, rundir, runner
 from jaxatari.checkpoint import Checkpointer
+from jaxatari.configs import CfCFields, option
 from jaxatari.errors import ConfigError, NonFiniteError
 from jaxatari.evaluate import evaluate
 from jaxatari.networks import ActorCritic, NetworkSpec, init_actor_critic, initial_carry
@@ -55,61 +56,49 @@ CFC_TORSOS = ("convblock", "nature", "impala")
 NCPS_CONV_CHANNELS = (64, 128, 128, 256)
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(CfCFields):
     """Behaviour cloning on a dataset of expert sequences (scripts/collect.py or the ncps layout)."""
 
-    data: str
+    data: str = option(resumable=True)
     """Dataset directory: train_<i>.npz and val_<i>.npz side by side (plus manifest.json if jaxatari wrote it)."""
     env: str | None = None
     """EnvPool game the data come from (action count, closed-loop evaluation). Default: the manifest's."""
-    seed: int = 1
+    seed: int = option(1, range="an integer >= 0")
     """Seed for params, the shuffling and the evaluation games."""
     preset: str | None = None
     """Atari preset of the closed-loop games. Default: the manifest's, else nature."""
     env_option: tuple[str, ...] = ()
-    """EnvPool option overrides for the closed-loop games, KEY=VALUE (e.g. max_episode_steps=1000). With the
-    dataset's preset, the options its manifest records beyond the preset apply too, unless set here."""
-    epochs: int = 50
+    """EnvPool option overrides for the closed-loop games, KEY=VALUE; the dataset's own options apply unless
+    set here."""
+    epochs: int = option(50, range="an integer >= 1", resumable=True)
     """Passes over the training sequences."""
-    batch_size: int = 32
+    batch_size: int = option(32, range="an integer >= 1")
     """Sequences per gradient step."""
-    learning_rate: float = 1e-4
+    learning_rate: float = option(1e-4, range="> 0")
     """Adam learning rate."""
-    network: str = "cfc"
+    network: str = option("cfc", choices=NETWORKS)
     """cfc (the conv block into a CfC, the workload's network) or feed-forward: convblock, nature, impala."""
-    torso: str = "convblock"
+    torso: str = option("convblock", choices=CFC_TORSOS)
     """Torso under --network cfc: convblock (the ncps conv block), nature or impala."""
     conv_channels: tuple[int, ...] = NCPS_CONV_CHANNELS
     """Channels of the conv block's 5x5 stride-2 convs (one conv per entry)."""
-    norm: str = "layer"
+    norm: str = option("layer", choices=("layer", "none"))
     """Conv block normalisation: layer (per-sample, the stand-in for the workload's batch norm) or none."""
-    cfc_units: int = 64
-    """CfC hidden units."""
-    cfc_mode: str = "default"
-    """CfC mode: default, no_gate or pure."""
-    cfc_backbone_units: int = 128
-    """CfC backbone width."""
-    cfc_backbone_layers: int = 1
-    """CfC backbone depth."""
-    eval_episodes: int = 10
+    eval_episodes: int = option(10, range="an integer >= 0", resumable=True)
     """Full games the clone plays in closed loop after each epoch (0: off)."""
-    eval_mode: str = "sample"
+    eval_mode: str = option("sample", choices=("sample", "greedy"), resumable=True)
     """Closed-loop actions: sample (the clone's own distribution) or greedy."""
-    keep: int = 3
+    keep: int = option(3, range="an integer >= 1", resumable=True)
     """How many latest checkpoints (one per epoch) to keep; the best by validation accuracy is kept separately."""
-    num_workers: int = 4
+    num_workers: int = option(4, range="an integer >= 0", resumable=True)
     """Threads reading and decompressing shards ahead of training (each reads whole batches)."""
-    run_dir: str | None = None
+    run_dir: str | None = option(None, resumable=True)
     """Output directory. Default: runs/<env>__bc__<seed>__<timestamp>."""
     resume: str | None = None
     """Resume the run in this directory from its latest checkpoint (an epoch end, or where Ctrl-C stopped it)."""
-    tensorboard: bool = True
+    tensorboard: bool = option(True, resumable=True)
     """Write TensorBoard events beside metrics.csv."""
-
-
-#: Fields that may change when resuming (they do not change the learning problem).
-RESUMABLE = ("epochs", "eval_episodes", "eval_mode", "keep", "num_workers", "tensorboard", "run_dir", "data")
 
 
 def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
@@ -143,32 +132,10 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
                  if k not in given and (k not in base or base[k] != v)]
         c = dataclasses.replace(c, env_option=tuple(extra) + tuple(c.env_option))
 
-    def bad(flag, value, what):
-        raise ConfigError(f"--{flag} {value!r} is not accepted: {what}.")
-
-    for name in ("epochs", "batch_size", "cfc_units"):
-        if getattr(c, name) < 1:
-            bad(name.replace("_", "-"), getattr(c, name), "it must be >= 1")
-    if c.eval_episodes < 0:
-        bad("eval-episodes", c.eval_episodes, "it must be >= 0")
-    if c.num_workers < 0:
-        bad("num-workers", c.num_workers, "it must be >= 0")
-    if not c.learning_rate > 0:
-        bad("learning-rate", c.learning_rate, "it must be > 0")
-    if c.network not in NETWORKS:
-        bad("network", c.network, f"use one of {', '.join(NETWORKS)}")
-    if c.torso not in CFC_TORSOS:
-        bad("torso", c.torso, f"use one of {', '.join(CFC_TORSOS)}")
-    if c.norm not in ("layer", "none"):
-        bad("norm", c.norm, "use layer or none")
+    configs.check(c)
     if not c.conv_channels or min(c.conv_channels) < 1:
-        bad("conv-channels", c.conv_channels, "give one positive channel count per conv, e.g. 64 128 128 256")
-    if c.cfc_mode not in ("default", "no_gate", "pure"):
-        bad("cfc-mode", c.cfc_mode, "use default, no_gate or pure")
-    if c.eval_mode not in ("greedy", "sample"):
-        bad("eval-mode", c.eval_mode, "use greedy or sample")
-    if c.seed < 0:
-        bad("seed", c.seed, "it must be an integer >= 0")
+        raise ConfigError(f"--conv-channels {c.conv_channels!r} is not accepted: give one positive channel count "
+                          "per conv, e.g. 64 128 128 256.")
     return c, manifest
 
 

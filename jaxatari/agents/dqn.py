@@ -71,8 +71,8 @@ from flax import struct
 
 from jaxatari import configs, envs, parallel, replay
 from jaxatari.algorithm import Algorithm, Context
+from jaxatari.configs import QFields, TrainFields, option
 from jaxatari.errors import ConfigError
-from jaxatari.evaluate import evaluate, q_policy
 from jaxatari.networks import NetworkSpec, QNetwork, resolve_network_spec
 from jaxatari.ops import all_finite
 from jaxatari.ops.td import LOSSES, dqn_loss
@@ -84,163 +84,6 @@ ALGO = "dqn"
 OPTIMIZERS = ("adam", "rmsprop")
 NETWORKS = ("auto", "nature", "impala", "mlp")
 
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """DQN on EnvPool. Fields left at ``None`` take the value of ``--dqn-preset``
-    (see :data:`DQN_PRESETS`); explicit flags win over the preset."""
-
-    env: str = "Pong-v5"
-    """EnvPool task id, e.g. Pong-v5, Breakout-v5, CartPole-v1."""
-    seed: int = 1
-    """Seed for params, actions and envs (env i gets seed + i)."""
-    dqn_preset: str | None = None
-    """DQN hyperparameter set: nature, pong-fast or classic. Default: nature on Atari, classic otherwise.
-    (Not to be confused with --preset, the Atari env options.)"""
-    total_timesteps: int | None = None
-    """Env steps (agent steps, summed over envs). Preset: nature 10M, pong-fast 2M, classic 500k."""
-    num_envs: int | None = None
-    """Parallel envs stepped per iteration. Default: 8 Atari, 4 classic control."""
-    buffer_size: int | None = None
-    """Replay capacity in transitions (rounded up to a multiple of --num-envs).
-    Preset: nature 1M, pong-fast 10k, classic 10k."""
-    batch_size: int | None = None
-    """Transitions per gradient step. Preset: 32 (nature, pong-fast), 128 (classic)."""
-    learning_rate: float | None = None
-    """Optimizer learning rate (constant). Preset: 1e-4 (nature, pong-fast), 2.5e-4 (classic)."""
-    optimizer: str | None = None
-    """adam, or rmsprop (optax's centered RMSProp, as in Mnih et al. 2015). Preset: adam."""
-    optimizer_eps: float | None = None
-    """Optimizer epsilon. Default: 1e-8 for adam (optax's), 0.01 for rmsprop."""
-    rmsprop_decay: float = 0.95
-    """RMSProp decay of the squared-gradient average (--optimizer rmsprop)."""
-    max_grad_norm: float | None = None
-    """Global gradient-norm clip; 0 disables it. Preset: 10 (nature, classic), 0 (pong-fast)."""
-    gamma: float = 0.99
-    """Discount."""
-    loss: str | None = None
-    """TD loss: huber (delta --huber-delta) or mse (plain squared error).
-    Preset: huber (nature), mse (pong-fast, classic)."""
-    huber_delta: float = 1.0
-    """Huber threshold (--loss huber)."""
-    double_q: bool = False
-    """Double DQN target: the online network picks the bootstrap action, the target network values it."""
-    n_step: int = 1
-    """n-step returns: sum n rewards before bootstrapping (cut at terminals, kept on truncation)."""
-    target_network_frequency: int | None = None
-    """Env steps between target-network updates. Preset: 1000 (nature, pong-fast), 500 (classic)."""
-    tau: float = 1.0
-    """Target update rate: 1 copies the online network (hard update), < 1 is Polyak averaging."""
-    start_e: float | None = None
-    """Initial exploration epsilon. Preset: 1.0."""
-    end_e: float | None = None
-    """Final exploration epsilon. Preset: 0.01 (nature, pong-fast), 0.05 (classic)."""
-    exploration_fraction: float | None = None
-    """Fraction of --total-timesteps over which epsilon decays linearly (if --exploration-steps is unset).
-    Preset: 0.1 (nature, classic)."""
-    exploration_steps: int | None = None
-    """Env steps over which epsilon decays linearly; overrides --exploration-fraction. Preset: 150k (pong-fast)."""
-    learning_starts: int | None = None
-    """Env steps of random-ish play before the first gradient step. Preset: 80k (nature), 10k (pong-fast, classic)."""
-    train_frequency: int | None = None
-    """Env steps (summed over envs) between training events. Preset: 4 (nature), 1 (pong-fast), 10 (classic)."""
-    gradient_steps: int = 1
-    """Gradient steps per training event: the replay ratio is gradient_steps / train_frequency updates per env step."""
-    target_return: float | None = None
-    """Stop once the mean of the last 100 full-game training returns reaches this; the policy is saved as best.
-    Preset: 19 (pong-fast), none otherwise. To train on past it: --resume RUN --target-return None (or inf)."""
-    network: str = "auto"
-    """auto (Nature CNN on pixels, MLP on vectors), nature, impala or mlp."""
-    mlp_hidden: tuple[int, ...] = (120, 84)
-    """Hidden layer sizes of the MLP torso (vector observations)."""
-    mlp_activation: str = "relu"
-    """Activation of the MLP torso: relu or tanh."""
-    preset: str | None = None
-    """Atari env preset: nature (default) or machado; 'none' for classic control."""
-    env_option: tuple[str, ...] = ()
-    """EnvPool option overrides, KEY=VALUE (e.g. noop_max=10 repeat_action_probability=0.25)."""
-    num_threads: int = 0
-    """EnvPool worker threads (0: EnvPool's default)."""
-    env_backend: str = "auto"
-    """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
-    log_every: int = 1000
-    """Env steps aggregated into one metrics row (rounded up to whole iterations of --num-envs steps)."""
-    chunk_steps: int = 10_000
-    """Env steps per compiled chunk: the granularity of progress, checkpoints, --target-return and Ctrl-C."""
-    checkpoint_every: int | None = None
-    """Env steps between checkpoints. Default: 1M Atari, 100k classic control."""
-    checkpoint_buffer: bool = True
-    """Save the replay buffer in checkpoints, so that a resumed run continues exactly, unless it is larger
-    than --checkpoint-buffer-limit-gib. --no-checkpoint-buffer: never (a resumed run refills it)."""
-    checkpoint_buffer_limit_gib: float = 2.0
-    """Largest buffer (GiB, as printed at start) that --checkpoint-buffer saves; the 1M-transition Atari
-    buffer (~7 GiB) is not saved unless this is raised."""
-    keep: int = 3
-    """How many latest checkpoints to keep (the best is kept separately)."""
-    eval_every: int = 0
-    """Env steps between evaluations (0: off; 'best' then uses the training return)."""
-    eval_episodes: int = 10
-    """Episodes per periodic evaluation."""
-    eval_epsilon: float = 0.001
-    """Exploration epsilon of the evaluation policy (0: greedy)."""
-    run_dir: str | None = None
-    """Output directory. Default: runs/<env>__dqn__<seed>__<timestamp>."""
-    resume: str | None = None
-    """Resume the run in this directory from its latest good checkpoint."""
-    tensorboard: bool = True
-    """Write TensorBoard events beside metrics.csv."""
-    devices: int | None = None
-    """Devices per process to split the env batch and the replay buffer over (default: all local devices)."""
-    num_agents: int = 1
-    """Train this many independent agents in one process (agent k: seed + k), vmapped, on one EnvPool."""
-    sweep: str | None = None
-    """One hyperparameter per agent, FIELD=V1,V2,... (e.g. learning_rate=1e-4,2.5e-4); sets --num-agents."""
-    coordinator: str | None = None
-    """Multi-host: HOST:PORT of process 0 for jax.distributed (or JAXATARI_COORDINATOR)."""
-    num_processes: int | None = None
-    """Multi-host: number of processes (or JAXATARI_NUM_PROCESSES); --num-envs is the global batch."""
-    process_id: int | None = None
-    """Multi-host: this process's index (or JAXATARI_PROCESS_ID); only process 0 logs."""
-
-    @property
-    def updates_per_env_step(self) -> float:
-        """The replay ratio: gradient updates per env step, ``G / F``."""
-        return self.gradient_steps / self.train_frequency
-
-    @property
-    def train_period(self) -> int:
-        """``P``: iterations (of ``B`` env steps) between training events."""
-        g = math.gcd(self.train_frequency, self.num_envs * self.gradient_steps)
-        return self.train_frequency // g
-
-    @property
-    def updates_per_train(self) -> int:
-        """``U``: gradient steps per training event; ``U / (P B) = G / F``."""
-        g = math.gcd(self.train_frequency, self.num_envs * self.gradient_steps)
-        return self.num_envs * self.gradient_steps // g
-
-    @property
-    def iterations_per_row(self) -> int:
-        """Iterations aggregated into one metrics row."""
-        return max(1, -(-self.log_every // self.num_envs))
-
-    @property
-    def steps_per_row(self) -> int:
-        return self.iterations_per_row * self.num_envs
-
-    @property
-    def epsilon_schedule(self) -> optax.Schedule:
-        """``epsilon(env_step)``: linear from ``start_e`` to ``end_e`` over ``exploration_steps``, then flat."""
-        return optax.linear_schedule(self.start_e, self.end_e, self.exploration_steps)
-
-
-#: Fields that may change when resuming (they do not change the learning problem).
-RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_episodes", "eval_epsilon",
-             "target_return", "tensorboard", "num_threads", "env_backend", "run_dir", "devices", "coordinator",
-             "num_processes", "process_id")
-
-#: Float fields ``--sweep`` may vary across the agents of a population.
-SWEEPABLE = ("learning_rate", "gamma")
 
 #: ``--dqn-preset`` hyperparameter sets, filling the fields left at ``None``.
 DQN_PRESETS: dict[str, dict[str, Any]] = {
@@ -275,15 +118,105 @@ DQN_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-#: Accepted values of the numeric fields (``configs.check_ranges`` rules); ``--sweep`` values too.
-RANGES = dict(
-    configs.RUN_OPTION_RANGES, **{name: "an integer >= 1" for name in (
-        "buffer_size", "batch_size", "train_frequency", "gradient_steps", "n_step", "target_network_frequency",
-        "log_every")},
-    learning_starts="an integer >= 0", start_e="in [0, 1]", end_e="in [0, 1]", eval_epsilon="in [0, 1]",
-    gamma="in [0, 1]", rmsprop_decay="in [0, 1]", tau="in (0, 1] (1 = hard target update)",
-    learning_rate="> 0", huber_delta="> 0", max_grad_norm=">= 0 (0 = no clipping)",
-    optimizer_eps="> 0", exploration_fraction="in (0, 1]", exploration_steps="an integer >= 1")
+@dataclasses.dataclass(frozen=True)
+class Config(QFields, TrainFields):
+    """DQN on EnvPool. Fields left at None take the value of --dqn-preset (nature on
+    Atari, classic otherwise; DQN_PRESETS in jaxatari/agents/dqn.py); explicit flags
+    win. Default --num-envs: 8 Atari, 4 classic control."""
+
+    env: str = "Pong-v5"
+    """EnvPool task id, e.g. Pong-v5, Breakout-v5, CartPole-v1."""
+    dqn_preset: str | None = option(None, choices=DQN_PRESETS)
+    """DQN hyperparameters: nature, pong-fast or classic (not the env --preset)."""
+    buffer_size: int | None = option(None, range="an integer >= 1")
+    """Replay capacity in transitions (rounded up to a multiple of --num-envs)."""
+    batch_size: int | None = option(None, range="an integer >= 1")
+    """Transitions per gradient step."""
+    learning_rate: float | None = option(None, range="> 0", sweepable=True)
+    """Optimizer learning rate (constant)."""
+    optimizer: str | None = option(None, choices=OPTIMIZERS)
+    """adam, or rmsprop (optax's centered RMSProp, as in Mnih et al. 2015)."""
+    optimizer_eps: float | None = option(None, range="> 0")
+    """Optimizer epsilon. Default: 1e-8 for adam (optax's), 0.01 for rmsprop."""
+    rmsprop_decay: float = option(0.95, range="in [0, 1]")
+    """RMSProp decay of the squared-gradient average (--optimizer rmsprop)."""
+    max_grad_norm: float | None = option(None, range=">= 0 (0 = no clipping)")
+    """Global gradient-norm clip; 0 disables it."""
+    gamma: float = option(0.99, range="in [0, 1]", sweepable=True)
+    """Discount."""
+    loss: str | None = option(None, choices=LOSSES)
+    """TD loss: huber (delta --huber-delta) or mse (plain squared error)."""
+    huber_delta: float = option(1.0, range="> 0")
+    """Huber threshold (--loss huber)."""
+    double_q: bool = False
+    """Double DQN target: the online network picks the bootstrap action, the target network values it."""
+    n_step: int = option(1, range="an integer >= 1")
+    """n-step returns: sum n rewards before bootstrapping (cut at terminals, kept on truncation)."""
+    target_network_frequency: int | None = option(None, range="an integer >= 1")
+    """Env steps between target-network updates."""
+    tau: float = option(1.0, range="in (0, 1] (1 = hard target update)")
+    """Target update rate: 1 copies the online network (hard update), < 1 is Polyak averaging."""
+    start_e: float | None = option(None, range="in [0, 1]")
+    """Initial exploration epsilon."""
+    end_e: float | None = option(None, range="in [0, 1]")
+    """Final exploration epsilon."""
+    exploration_fraction: float | None = option(None, range="in (0, 1]")
+    """Fraction of --total-timesteps over which epsilon decays linearly (if --exploration-steps is unset)."""
+    exploration_steps: int | None = option(None, range="an integer >= 1")
+    """Env steps over which epsilon decays linearly; overrides --exploration-fraction."""
+    learning_starts: int | None = option(None, range="an integer >= 0")
+    """Env steps of random-ish play before the first gradient step."""
+    train_frequency: int | None = option(None, range="an integer >= 1")
+    """Env steps (summed over envs) between training events."""
+    gradient_steps: int = option(1, range="an integer >= 1")
+    """Gradient steps per training event: the replay ratio is gradient_steps / train_frequency."""
+    target_return: float | None = option(None, resumable=True)
+    """Stop once the mean of the last 100 full-game returns reaches this (--resume RUN --target-return None:
+    train on)."""
+    network: str = "auto"
+    """auto (Nature CNN on pixels, MLP on vectors), nature, impala or mlp."""
+    mlp_hidden: tuple[int, ...] = (120, 84)
+    """Hidden layer sizes of the MLP torso (vector observations)."""
+    mlp_activation: str = option("relu", choices=("relu", "tanh"))
+    """Activation of the MLP torso: relu or tanh."""
+    log_every: int = option(1000, range="an integer >= 1")
+    """Env steps aggregated into one metrics row (rounded up to whole iterations of --num-envs steps)."""
+    checkpoint_buffer: bool = True
+    """Save the replay buffer in checkpoints (exact resume) unless it exceeds --checkpoint-buffer-limit-gib."""
+    checkpoint_buffer_limit_gib: float = 2.0
+    """Largest buffer (GiB, as printed at start) that --checkpoint-buffer saves."""
+
+    @property
+    def updates_per_env_step(self) -> float:
+        """The replay ratio: gradient updates per env step, ``G / F``."""
+        return self.gradient_steps / self.train_frequency
+
+    @property
+    def train_period(self) -> int:
+        """``P``: iterations (of ``B`` env steps) between training events."""
+        g = math.gcd(self.train_frequency, self.num_envs * self.gradient_steps)
+        return self.train_frequency // g
+
+    @property
+    def updates_per_train(self) -> int:
+        """``U``: gradient steps per training event; ``U / (P B) = G / F``."""
+        g = math.gcd(self.train_frequency, self.num_envs * self.gradient_steps)
+        return self.num_envs * self.gradient_steps // g
+
+    @property
+    def iterations_per_row(self) -> int:
+        """Iterations aggregated into one metrics row."""
+        return max(1, -(-self.log_every // self.num_envs))
+
+    @property
+    def steps_per_row(self) -> int:
+        return self.iterations_per_row * self.num_envs
+
+    @property
+    def epsilon_schedule(self) -> optax.Schedule:
+        """``epsilon(env_step)``: linear from ``start_e`` to ``end_e`` over ``exploration_steps``, then flat."""
+        return optax.linear_schedule(self.start_e, self.end_e, self.exploration_steps)
+
 
 ATARI_DEFAULTS = dict(num_envs=8, checkpoint_every=1_000_000)
 CLASSIC_DEFAULTS = dict(num_envs=4, checkpoint_every=100_000)
@@ -291,33 +224,18 @@ CLASSIC_DEFAULTS = dict(num_envs=4, checkpoint_every=100_000)
 
 def resolve(config: Config) -> Config:
     """Fill the preset and per-env-kind defaults and validate; raises before anything compiles."""
-    envs.validate_env_id(config.env)
-    atari = envs.is_atari(config.env)
-    preset = config.dqn_preset or ("nature" if atari else "classic")
-    if preset not in DQN_PRESETS:
-        raise ConfigError(f"--dqn-preset {preset!r} is not accepted; use one of {', '.join(DQN_PRESETS)}.")
-    fill = dict(ATARI_DEFAULTS if atari else CLASSIC_DEFAULTS, **DQN_PRESETS[preset])
-    fill = {k: v for k, v in fill.items() if getattr(config, k) is None}
-    if config.exploration_fraction is not None and config.exploration_steps is None:
+    c, fill = configs.named_preset(config, "dqn_preset", DQN_PRESETS, "nature", "classic")
+    if c.exploration_fraction is not None and c.exploration_steps is None:
         fill.pop("exploration_steps", None)  # an explicit --exploration-fraction beats the preset's step count
-    if config.resume:
+    if c.resume:
         fill.pop("target_return", None)  # a resume's --target-return None means: no target any more
-    c = dataclasses.replace(config, dqn_preset=preset, **fill)
-    c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
-
-    configs.check_ranges(c, RANGES)
+    c = configs.resolve(c, dict(ATARI_DEFAULTS, **fill), dict(CLASSIC_DEFAULTS, **fill))
     if not c.mlp_hidden or min(c.mlp_hidden) < 1:
         raise ConfigError(f"--mlp-hidden {' '.join(map(str, c.mlp_hidden)) or '(empty)'} is not accepted: "
                           "it needs one or more layer widths, each >= 1.")
-    if c.loss not in LOSSES:
-        raise ConfigError(f"--loss {c.loss!r} is not accepted; use one of {', '.join(LOSSES)}.")
-    if c.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"--optimizer {c.optimizer!r} is not accepted; use one of {', '.join(OPTIMIZERS)}.")
     if c.network not in NETWORKS:
         raise ConfigError(f"--network {c.network!r} is not accepted for DQN; use one of {', '.join(NETWORKS)} "
                      "(recurrent cores are for the actor-critic agents).")
-    if c.mlp_activation not in ("relu", "tanh"):
-        raise ConfigError(f"--mlp-activation {c.mlp_activation!r} is not accepted; use relu or tanh.")
     if c.optimizer_eps is None:
         c = dataclasses.replace(c, optimizer_eps=1e-8 if c.optimizer == "adam" else 0.01)
     if c.exploration_steps is None:
@@ -337,7 +255,8 @@ def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
     """The Q-network of ``--network`` (``--mlp-hidden``/``--mlp-activation`` on vectors) for ``spec``."""
     kw = {} if spec.atari else dict(hidden=tuple(c.mlp_hidden), activation=c.mlp_activation)
     try:
-        return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari, torso_kwargs=kw)
+        return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari, torso_kwargs=kw,
+                                    head="q")
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -630,25 +549,9 @@ def describe(c: Config, spec: envs.EnvSpec, agents: int) -> tuple[str, dict[str,
     return line, dict(replay_ratio=c.updates_per_env_step, buffer_mib=nbytes / 2**20, buffer_in_checkpoints=saved)
 
 
-def evaluator(c: Config, net_spec: NetworkSpec):
-    """``score(params, seed)``: the mean return of ``--eval-episodes`` games (env
-    seeds from ``seed + 100_000``) with the ``--eval-epsilon``-greedy (or greedy,
-    at 0) Q-policy of host ``params``."""
-    policy_fn = q_policy(QNetwork(net_spec).apply)  # one policy function: its compiled step is reused
-    options = envs.parse_env_options(c.env_option)
-
-    def score(params, seed: int) -> float:
-        res = evaluate(policy_fn, params, None, env_id=c.env, preset=c.preset, options=options,
-                       episodes=c.eval_episodes, seed=seed + 100_000,
-                       mode="epsilon" if c.eval_epsilon > 0 else "greedy", epsilon=c.eval_epsilon)
-        return res.mean
-
-    return score
-
-
 ALGORITHM = Algorithm(
     name=ALGO, config=Config, resolve=resolve, network_spec=network_spec, init=init, update=update,
-    steps_per_update=lambda c: c.steps_per_row, metric_columns=METRIC_COLUMNS, resumable=RESUMABLE,
-    sweepable=SWEEPABLE, ranges=RANGES, sharded_fields=("env", "replay"),
+    steps_per_update=lambda c: c.steps_per_row, metric_columns=METRIC_COLUMNS,
+    sharded_fields=("env", "replay"),
     updates_done=lambda c, s: s.iteration // c.iterations_per_row, unsaved=unsaved, restart=restart,
-    describe=describe, evaluator=evaluator)
+    describe=describe)

@@ -28,8 +28,9 @@ import optax
 
 from jaxatari import configs, envs, parallel
 from jaxatari.algorithm import Algorithm, Context
+from jaxatari.configs import ActorCriticFields, TrainFields, option
 from jaxatari.errors import ConfigError
-from jaxatari.networks import ActorCritic, NetworkSpec, resolve_network_spec
+from jaxatari.networks import ActorCritic
 from jaxatari.ops import PPOBatch, all_finite, gae, ppo_loss, weighted_loss
 from jaxatari.rollout import State as OnPolicyState
 from jaxatari.rollout import bootstrap_value, device_rollout, init_state
@@ -38,94 +39,38 @@ ALGO = "ppo"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """PPO on EnvPool. Fields left at ``None`` take the Atari or classic-control default."""
+class Config(ActorCriticFields, TrainFields):
+    """PPO on EnvPool. Fields left at None take the default of the env's kind:
+    Atari 10M steps, 8 envs, clip 0.1; classic control 500k steps, 4 envs, clip 0.2."""
 
-    env: str = "Breakout-v5"
-    """EnvPool task id, e.g. Breakout-v5, Pong-v5, CartPole-v1."""
-    seed: int = 1
-    """Seed for params, actions and envs (env i gets seed + i)."""
-    total_timesteps: int | None = None
-    """Env steps (agent steps, summed over envs). Default: 10M Atari, 500k classic control."""
-    num_envs: int | None = None
-    """Parallel envs. Default: 8 Atari, 4 classic control."""
-    num_steps: int | None = None
+    num_steps: int | None = option(None, range="an integer >= 1")
     """Steps per env per rollout. Default 128."""
-    num_minibatches: int = 4
+    num_minibatches: int = option(4, range="an integer >= 1")
     """Minibatches per epoch (recurrent: the envs are split into this many groups)."""
-    update_epochs: int = 4
+    update_epochs: int = option(4, range="an integer >= 1")
     """Epochs of SGD per rollout."""
-    learning_rate: float = 2.5e-4
+    learning_rate: float = option(2.5e-4, range="> 0", sweepable=True)
     """Adam learning rate."""
     anneal_lr: bool = True
     """Decay the learning rate linearly to 0 over training."""
-    adam_eps: float = 1e-5
+    adam_eps: float = option(1e-5, range="> 0", sweepable=True)
     """Adam epsilon."""
-    gamma: float = 0.99
+    gamma: float = option(0.99, range="in (0, 1]", sweepable=True)
     """Discount."""
-    gae_lambda: float = 0.95
+    gae_lambda: float = option(0.95, range="in [0, 1]", sweepable=True)
     """GAE lambda."""
-    clip_coef: float | None = None
-    """Surrogate clip epsilon. Default: 0.1 Atari, 0.2 classic control."""
+    clip_coef: float | None = option(None, range="> 0", sweepable=True)
+    """Surrogate clip epsilon."""
     clip_vloss: bool = True
     """Clip the value loss around the old values."""
     norm_adv: bool = True
     """Normalise advantages per minibatch."""
-    ent_coef: float = 0.01
+    ent_coef: float = option(0.01, range=">= 0", sweepable=True)
     """Entropy bonus coefficient."""
-    vf_coef: float = 0.5
+    vf_coef: float = option(0.5, range=">= 0", sweepable=True)
     """Value loss coefficient."""
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = option(0.5, range="> 0", sweepable=True)
     """Global gradient-norm clip."""
-    preset: str | None = None
-    """Atari preset: nature (default) or machado; 'none' for classic control."""
-    env_option: tuple[str, ...] = ()
-    """EnvPool option overrides, KEY=VALUE (e.g. noop_max=10 repeat_action_probability=0.25)."""
-    network: str = "auto"
-    """auto (Nature CNN on pixels, MLP on vectors), nature, impala, mlp, or cfc (recurrent)."""
-    torso: str = "auto"
-    """Torso under --network cfc: auto (ncps conv block on pixels, MLP on vectors), convblock, impala, nature, mlp."""
-    cfc_units: int = 64
-    """CfC hidden units (--network cfc)."""
-    cfc_mode: str = "default"
-    """CfC mode: default, no_gate or pure."""
-    cfc_backbone_units: int = 128
-    """CfC backbone width."""
-    cfc_backbone_layers: int = 1
-    """CfC backbone depth."""
-    num_threads: int = 0
-    """EnvPool worker threads (0: EnvPool's default)."""
-    env_backend: str = "auto"
-    """auto, xla (env.xla() inside jit) or callback (host-stepped fallback)."""
-    chunk_steps: int | None = None
-    """Env steps per compiled chunk: the granularity of progress, checkpoints and Ctrl-C. Default: 50k; 10k for
-    Atari on a CPU."""
-    checkpoint_every: int | None = None
-    """Env steps between checkpoints. Default: 1M Atari, 100k classic control."""
-    keep: int = 3
-    """How many latest checkpoints to keep (the best is kept separately)."""
-    eval_every: int = 0
-    """Env steps between evaluations (full games, the policy sampling; 0: off; 'best' then uses the training return)."""
-    eval_episodes: int = 10
-    """Episodes per periodic evaluation."""
-    run_dir: str | None = None
-    """Output directory. Default: runs/<env>__ppo__<seed>__<timestamp>."""
-    resume: str | None = None
-    """Resume the run in this directory from its latest good checkpoint."""
-    tensorboard: bool = True
-    """Write TensorBoard events beside metrics.csv."""
-    devices: int | None = None
-    """Devices to split the env batch over (data parallel; default: all local devices)."""
-    num_agents: int = 1
-    """Train this many independent agents in one process (agent k: seed + k), vmapped, on one EnvPool."""
-    sweep: str | None = None
-    """One hyperparameter per agent, FIELD=V1,V2,... (e.g. learning_rate=1e-4,2.5e-4,5e-4); sets --num-agents."""
-    coordinator: str | None = None
-    """Multi-host: HOST:PORT of process 0 for jax.distributed (or JAXATARI_COORDINATOR)."""
-    num_processes: int | None = None
-    """Multi-host: number of processes (or JAXATARI_NUM_PROCESSES); --num-envs is the global batch."""
-    process_id: int | None = None
-    """Multi-host: this process's index (or JAXATARI_PROCESS_ID); only process 0 logs."""
 
     @property
     def batch_size(self) -> int:
@@ -136,21 +81,6 @@ class Config:
         return self.batch_size // self.num_minibatches
 
 
-#: Fields that may change when resuming (they do not change the learning problem).
-RESUMABLE = ("total_timesteps", "checkpoint_every", "keep", "eval_every", "eval_episodes",
-             "tensorboard", "num_threads", "env_backend", "run_dir", "devices", "coordinator", "num_processes",
-             "process_id")
-
-#: Float fields ``--sweep`` may vary across the agents of a population.
-SWEEPABLE = ("learning_rate", "ent_coef", "vf_coef", "gamma", "gae_lambda", "max_grad_norm", "clip_coef", "adam_eps")
-
-#: Accepted values of the numeric fields (``configs.check_ranges`` rules); ``--sweep`` values too.
-RANGES = dict(
-    configs.RUN_OPTION_RANGES, num_steps="an integer >= 1", num_minibatches="an integer >= 1",
-    update_epochs="an integer >= 1",
-    learning_rate="> 0", adam_eps="> 0", gamma="in (0, 1]", gae_lambda="in [0, 1]", clip_coef="> 0",
-    ent_coef=">= 0", vf_coef=">= 0", max_grad_norm="> 0")
-
 ATARI_DEFAULTS = dict(total_timesteps=10_000_000, num_envs=8, num_steps=128, clip_coef=0.1,
                       checkpoint_every=1_000_000)
 CLASSIC_DEFAULTS = dict(total_timesteps=500_000, num_envs=4, num_steps=128, clip_coef=0.2,
@@ -159,14 +89,7 @@ CLASSIC_DEFAULTS = dict(total_timesteps=500_000, num_envs=4, num_steps=128, clip
 
 def resolve(config: Config) -> Config:
     """Fill the per-env-kind defaults and validate; raises before anything compiles."""
-    envs.validate_env_id(config.env)
-    defaults = ATARI_DEFAULTS if envs.is_atari(config.env) else CLASSIC_DEFAULTS
-    fill = {k: v for k, v in defaults.items() if getattr(config, k) is None}
-    c = dataclasses.replace(config, **fill)
-    c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset))
-    if c.chunk_steps is None:
-        c = dataclasses.replace(c, chunk_steps=configs.default_chunk_steps(envs.is_atari(c.env)))
-    configs.check_ranges(c, RANGES)
+    c = configs.resolve(config, ATARI_DEFAULTS, CLASSIC_DEFAULTS)
     if c.network == "cfc":
         if c.num_envs % c.num_minibatches:
             raise ConfigError(
@@ -178,20 +101,10 @@ def resolve(config: Config) -> Config:
             f"--num-steps {c.num_steps} is not divisible by --num-minibatches {c.num_minibatches}; "
             "a minibatch takes the same share of every env's steps."
         )
-    if c.cfc_mode not in ("default", "no_gate", "pure"):
-        raise ConfigError(f"--cfc-mode {c.cfc_mode!r} is not accepted; use default, no_gate or pure.")
     return c
 
 
-def network_spec(c: Config, spec: envs.EnvSpec) -> NetworkSpec:
-    """The actor-critic of ``--network``/``--torso`` (and the CfC flags) for ``spec``'s observations and actions."""
-    cfc = dict(hidden_size=c.cfc_units, mode=c.cfc_mode, backbone_units=c.cfc_backbone_units,
-               backbone_layers=c.cfc_backbone_layers)
-    try:
-        return resolve_network_spec(c.network, num_actions=spec.num_actions, atari=spec.atari,
-                                    torso=c.torso, cfc=cfc)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+network_spec = configs.actor_critic_spec  # the actor-critic of --network/--torso and the CfC flags
 
 
 # ---------------------------------------------------------------------------
@@ -347,5 +260,4 @@ def check_devices(c: Config, devices: int) -> None:
 
 ALGORITHM = Algorithm(
     name=ALGO, config=Config, resolve=resolve, network_spec=network_spec, init=init, update=update,
-    steps_per_update=lambda c: c.batch_size, metric_columns=METRIC_COLUMNS, resumable=RESUMABLE,
-    sweepable=SWEEPABLE, ranges=RANGES, check_devices=check_devices)
+    steps_per_update=lambda c: c.batch_size, metric_columns=METRIC_COLUMNS, check_devices=check_devices)

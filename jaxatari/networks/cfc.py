@@ -1,53 +1,26 @@
 """Closed-form continuous-time (CfC) recurrent networks in Flax.
 
 The CfC cell approximates the closed-form solution of a liquid time-constant
-ODE, so one step costs a few dense layers instead of an ODE solve:
+ODE, so one step costs a few dense layers instead of an ODE solve (Hasani,
+Lechner, Amini, Liebenwein, Ray, Tschaikowski, Teschl, Rus, "Closed-form
+continuous-time neural networks", Nature Machine Intelligence 4, 992-1003
+(2022), arXiv:2106.13898).  Given the same weights, inputs and elapsed times,
+every output and the final state match ``ncps.torch.CfC`` (ncps 1.0.1) to
+float32 rounding; :func:`~jaxatari.networks.ncps_weights.params_from_ncps`
+converts its ``state_dict()``, and the NCP wirings are in
+:mod:`jaxatari.networks.wirings`.
 
-    Hasani, Lechner, Amini, Liebenwein, Ray, Tschaikowski, Teschl, Rus,
-    "Closed-form continuous-time neural networks",
-    Nature Machine Intelligence 4, 992-1003 (2022). arXiv:2106.13898.
-
-This module reproduces the PyTorch implementation of the ``ncps`` package
-(version 1.0.1, ``ncps.torch.CfC``) output for output: given the same weights,
-inputs and elapsed times, every output and the final state agree to float32
-rounding (see ``tests/networks/test_cfc.py``).
-:func:`jaxatari.networks.ncps_weights.params_from_ncps` converts the
-``state_dict()`` of an ``ncps.torch.CfC`` into params for :class:`CfC`.
-
-Contents
---------
-* :class:`CfCCell` -- one CfC step, modes ``default``, ``no_gate``, ``pure``.
-* :class:`WiredCfCCell` -- CfC cells stacked along a sparse NCP wiring.
-* :class:`MixedMemoryLSTMCell` -- the LSTM that ``mixed_memory=True`` puts in
-  front of the CfC (Lechner & Hasani, "Learning long-term dependencies in
-  irregularly-sampled time series", NeurIPS 2020, arXiv:2006.04418).
-* :class:`CfC` -- the sequence module: a ``nn.scan`` over time-major
-  ``[T, B, F]`` inputs with per-step resets and elapsed times.
-* Pure functions: :func:`lecun_tanh`, :func:`cfc_update`,
-  :func:`cfc_pure_update`, :func:`lstm_update`, :func:`reset_state`,
-  :func:`zero_state`.
-
-The wirings (:class:`~jaxatari.networks.wirings.NCP`, ``AutoNCP``,
-``LayeredWiring``, ``ncp_adjacency``) are in :mod:`jaxatari.networks.wirings`;
-the ncps weight import in :mod:`jaxatari.networks.ncps_weights`.
-
-Conventions
------------
-Arrays are time-major: ``x`` is ``[T, B, F]``, ``reset`` and ``timespans`` are
-``[T, B]``.  Dense kernels are stored Flax-style as ``[in, out]`` (the
-transpose of a ``torch.nn.Linear`` weight).  The recurrent state is
-
-* plain CfC: an array ``h`` of shape ``[B, state_size]``;
-* ``mixed_memory=True``: ``MixedMemoryState(h, c)``, two ``[B, state_size]``
-  arrays (the CfC state, which is also the LSTM output state, and the LSTM
-  cell memory) -- the same pair, in the same order, as ncps' ``(h, c)``.
-
-For a wired CfC the state is the concatenation of the layers' states in layer
-order (for an NCP: inter, command, motor neurons).
+Conventions: arrays are time-major (``x [T, B, F]``, ``reset`` and
+``timespans [T, B]``); dense kernels are ``[in, out]`` (a ``torch.nn.Linear``
+weight transposed).  The state is ``h [B, state_size]``, or with
+``mixed_memory=True`` ``MixedMemoryState(h, c)`` (ncps' ``(h, c)``: CfC state
+and LSTM cell memory).  A wired CfC's state is its layers' states
+concatenated in layer order (for an NCP: inter, command, motor neurons).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -57,15 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxatari.networks.wirings import LayeredWiring, _check_choice, _check_int, _FrozenArray, _wiring_sizes
+from jaxatari.networks.wirings import _check_choice, _check_int, _FrozenArray, _wiring_sizes
 
 
 Array = jax.Array
-
-
 MODES = ("default", "no_gate", "pure")
-
-
 ACTIVATIONS = ("lecun_tanh", "silu", "relu", "tanh", "gelu")
 
 
@@ -77,17 +46,12 @@ def lecun_tanh(x: Array) -> Array:
     return 1.7159 * jnp.tanh(0.666 * x)
 
 
-def _gelu(x: Array) -> Array:
-    # torch.nn.GELU() defaults to the exact (erf) form.
-    return jax.nn.gelu(x, approximate=False)
-
-
 _ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
     "lecun_tanh": lecun_tanh,
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
-    "gelu": _gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # torch.nn.GELU's exact (erf) form
 }
 
 
@@ -98,15 +62,11 @@ def _broadcast_ts(ts: Array | float, batch_size: int) -> Array:
         return ts
     if ts.shape == (batch_size,):
         return ts[:, None]
-    raise ValueError(
-        f"ts (the elapsed time) must be a scalar or have shape [B]=({batch_size},), "
-        f"got shape {tuple(ts.shape)}."
-    )
+    raise ValueError(f"ts (the elapsed time) must be a scalar or have shape [B]=({batch_size},), "
+                     f"got shape {tuple(ts.shape)}.")
 
 
-def cfc_update(
-    ff1: Array, ff2: Array, time_a: Array, time_b: Array, ts: Array | float, *, gated: bool = True
-) -> Array:
+def cfc_update(ff1: Array, ff2: Array, time_a: Array, time_b: Array, ts: Array | float, *, gated: bool = True) -> Array:
     """The CfC state update for modes ``default`` (``gated``) and ``no_gate``.
 
     With the pre-activations ``ff1 = W1 z + b1``, ``ff2 = W2 z + b2``,
@@ -206,9 +166,8 @@ def reset_state(state: Any, reset: Array) -> Any:
     return jax.tree.map(_zero, state)
 
 
-def zero_state(
-    batch_size: int, state_size: int, *, mixed_memory: bool = False, dtype: Any = jnp.float32
-) -> Array | MixedMemoryState:
+def zero_state(batch_size: int, state_size: int, *, mixed_memory: bool = False,
+               dtype: Any = jnp.float32) -> Array | MixedMemoryState:
     """The all-zero initial state of a :class:`CfC`.
 
     Returns:
@@ -221,14 +180,17 @@ def zero_state(
     return h
 
 
-def _torch_bias_init(fan_in: int) -> Callable:
-    """``torch.nn.Linear``'s default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 def _uniform_init(bound: float) -> Callable:
+    """U(-bound, bound); ``torch.nn.Linear``'s default bias init has ``bound = 1/sqrt(fan_in)``."""
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _check_backbone(backbone_units: Any, backbone_layers: Any, backbone_dropout: Any) -> None:
+    _check_int("backbone_layers", backbone_layers, 0)
+    if backbone_layers > 0:
+        _check_int("backbone_units", backbone_units, 1)
+    if not 0.0 <= backbone_dropout < 1.0:
+        raise ValueError(f"backbone_dropout must be in [0, 1), got {backbone_dropout!r}.")
 
 
 _torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -251,7 +213,7 @@ class _Linear(nn.Module):
             kernel = kernel * jnp.asarray(self.mask.array, kernel.dtype)
         y = jnp.dot(x, kernel)
         if self.use_bias:
-            init = self.bias_init if self.bias_init is not None else _torch_bias_init(fan_in)
+            init = self.bias_init or _uniform_init(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
             y = y + self.param("bias", init, (self.features,), jnp.float32)
         return y
 
@@ -273,10 +235,8 @@ class CfCCell(nn.Module):
 
     Params (names follow ncps): ``backbone_{i}``, ``ff1``, and ``ff2``,
     ``time_a``, ``time_b`` (``default``/``no_gate``) or ``w_tau``, ``A``
-    (``pure``, shape ``[H]``).  Init as ncps: xavier-uniform kernels, torch's
-    default biases, and ``w_tau``, ``A`` xavier-uniform (ncps declares them
-    as zeros/ones ``[1, H]`` tensors, then its init loop redraws every 2-D
-    parameter).
+    (``pure``, shape ``[H]``).  Init as ncps: xavier-uniform kernels (also
+    ``w_tau``, ``A``, which ncps stores as ``[1, H]``), torch's default biases.
 
     Attributes:
       hidden_size: ``H``, the number of units.
@@ -302,33 +262,19 @@ class CfCCell(nn.Module):
         _check_int("hidden_size", self.hidden_size, 1)
         _check_choice("mode", self.mode, MODES)
         _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_int("backbone_layers", self.backbone_layers, 0)
-        if self.backbone_layers > 0:
-            _check_int("backbone_units", self.backbone_units, 1)
-        if not 0.0 <= self.backbone_dropout < 1.0:
-            raise ValueError(f"backbone_dropout must be in [0, 1), got {self.backbone_dropout!r}.")
+        _check_backbone(self.backbone_units, self.backbone_layers, self.backbone_dropout)
         super().__post_init__()
 
     @nn.compact
-    def __call__(
-        self, h: Array, x: Array, ts: Array | float = 1.0, *, deterministic: bool = True
-    ) -> tuple[Array, Array]:
-        """One step.
+    def __call__(self, h: Array, x: Array, ts: Array | float = 1.0, *,
+                 deterministic: bool = True) -> tuple[Array, Array]:
+        """One step: ``h [B, H]``, ``x [B, F]``, ``ts`` a scalar or ``[B]`` -> ``(h', h')`` (carry, output).
 
-        Args:
-          h: ``[B, H]`` state.
-          x: ``[B, F]`` input.
-          ts: elapsed time, a scalar or ``[B]``.
-          deterministic: disables backbone dropout.
-
-        Returns:
-          ``(h', h')``: the new state, twice (carry, output), ``[B, H]``.
+        ``deterministic=False`` enables backbone dropout.
         """
         if x.ndim != 2 or h.ndim != 2 or h.shape != (x.shape[0], self.hidden_size):
-            raise ValueError(
-                f"CfCCell expects x [B, F] and h [B, {self.hidden_size}], "
-                f"got x {tuple(x.shape)} and h {tuple(h.shape)}."
-            )
+            raise ValueError(f"CfCCell expects x [B, F] and h [B, {self.hidden_size}], "
+                             f"got x {tuple(x.shape)} and h {tuple(h.shape)}.")
         ts = _broadcast_ts(ts, x.shape[0])
         z = jnp.concatenate([x, h], axis=-1)
         act = _ACTIVATION_FNS[self.activation]
@@ -375,40 +321,24 @@ class WiredCfCCell(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(
-        self, h: Array, x: Array, ts: Array | float = 1.0, *, deterministic: bool = True
-    ) -> tuple[Array, Array]:
-        """One step.
+    def __call__(self, h: Array, x: Array, ts: Array | float = 1.0, *,
+                 deterministic: bool = True) -> tuple[Array, Array]:
+        """One step: ``h [B, units]``, ``x [B, F]``, ``ts`` a scalar or ``[B]`` -> ``(h', y)``.
 
-        Args:
-          h: ``[B, units]`` state, layers concatenated in layer order.
-          x: ``[B, F]`` input.
-          ts: elapsed time, a scalar or ``[B]``.
-          deterministic: unused (no dropout without backbone); kept for a uniform API.
-
-        Returns:
-          ``(h', y)``: the new state ``[B, units]`` and the output (last
-          layer's new state) ``[B, output_size]``.
+        ``y [B, output_size]`` is the last layer's new state; ``deterministic``
+        is unused (no backbone, so no dropout).
         """
         sizes = self.wiring.layer_sizes
         if x.ndim != 2 or h.shape != (x.shape[0], sum(sizes)):
-            raise ValueError(
-                f"WiredCfCCell expects x [B, F] and h [B, {sum(sizes)}], "
-                f"got x {tuple(x.shape)} and h {tuple(h.shape)}."
-            )
+            raise ValueError(f"WiredCfCCell expects x [B, F] and h [B, {sum(sizes)}], "
+                             f"got x {tuple(x.shape)} and h {tuple(h.shape)}.")
         layers = self.wiring.build(x.shape[-1])
         parts = jnp.split(h, np.cumsum(sizes)[:-1].tolist(), axis=-1)
         inputs = x
         new_states = []
         for l, (n, mask) in enumerate(zip(sizes, layers.masks)):
-            full_mask = np.concatenate([mask, np.ones((n, n), np.float32)], axis=0)
-            cell = CfCCell(
-                n,
-                mode=self.mode,
-                backbone_layers=0,
-                sparsity_mask=_FrozenArray(full_mask),
-                name=f"layer_{l}",
-            )
+            mask = np.concatenate([mask, np.ones((n, n), np.float32)], axis=0)  # input synapses, then own state
+            cell = CfCCell(n, mode=self.mode, backbone_layers=0, sparsity_mask=_FrozenArray(mask), name=f"layer_{l}")
             inputs, _ = cell(parts[l], inputs, ts, deterministic=deterministic)
             new_states.append(inputs)
         return jnp.concatenate(new_states, axis=-1), inputs
@@ -429,15 +359,11 @@ class MixedMemoryLSTMCell(nn.Module):
 
     @nn.compact
     def __call__(self, carry: tuple[Array, Array], x: Array) -> tuple[tuple[Array, Array], Array]:
-        """Args: ``carry = (h, c)``, both ``[B, H]``; ``x`` ``[B, F]``.
-
-        Returns: ``((h', c'), h')``.
-        """
+        """``carry = (h, c)``, both ``[B, H]``; ``x [B, F]`` -> ``((h', c'), h')``."""
         h, c = carry
         z = _Linear(4 * self.hidden_size, bias_init=_uniform_init(0.1), name="input_map")(x)
-        z = z + _Linear(
-            4 * self.hidden_size, use_bias=False, kernel_init=nn.initializers.orthogonal(), name="recurrent_map"
-        )(h)
+        z = z + _Linear(4 * self.hidden_size, use_bias=False, kernel_init=nn.initializers.orthogonal(),
+                        name="recurrent_map")(h)
         new_h, new_c = lstm_update(z, c)
         return (new_h, new_c), new_h
 
@@ -498,53 +424,35 @@ class CfC(nn.Module):
             sizes = _wiring_sizes(self.wiring)
             for name in ("backbone_units", "backbone_layers", "backbone_dropout"):
                 if getattr(self, name) is not None:
-                    raise ValueError(
-                        f"{name}={getattr(self, name)!r} cannot be used with a wiring "
-                        f"(wired CfC layers have no backbone); leave it None."
-                    )
+                    raise ValueError(f"{name}={getattr(self, name)!r} cannot be used with a wiring "
+                                     f"(wired CfC layers have no backbone); leave it None.")
             if self.hidden_size is not None and self.hidden_size != sum(sizes):
-                raise ValueError(
-                    f"hidden_size={self.hidden_size} does not match the wiring's {sum(sizes)} "
-                    f"units; pass hidden_size=None or {sum(sizes)}."
-                )
+                raise ValueError(f"hidden_size={self.hidden_size} does not match the wiring's {sum(sizes)} "
+                                 f"units; pass hidden_size=None or {sum(sizes)}.")
         else:
             if self.hidden_size is None:
                 raise ValueError("CfC needs hidden_size (an integer >= 1) or a wiring, got neither.")
             _check_int("hidden_size", self.hidden_size, 1)
-            _check_int("backbone_layers", self._backbone_layers, 0)
-            if self._backbone_layers > 0:
-                _check_int("backbone_units", self._backbone_units, 1)
-            if not 0.0 <= self._backbone_dropout < 1.0:
-                raise ValueError(f"backbone_dropout must be in [0, 1), got {self._backbone_dropout!r}.")
+            _check_backbone(**self._backbone)
         super().__post_init__()
 
     @property
-    def _backbone_units(self) -> int:
-        return 128 if self.backbone_units is None else self.backbone_units
-
-    @property
-    def _backbone_layers(self) -> int:
-        return 1 if self.backbone_layers is None else self.backbone_layers
-
-    @property
-    def _backbone_dropout(self) -> float:
-        return 0.0 if self.backbone_dropout is None else self.backbone_dropout
+    def _backbone(self) -> dict[str, Any]:
+        """The backbone arguments of the :class:`CfCCell`, ``None`` replaced by the defaults."""
+        defaults = {"backbone_units": 128, "backbone_layers": 1, "backbone_dropout": 0.0}
+        return {k: d if getattr(self, k) is None else getattr(self, k) for k, d in defaults.items()}
 
     @property
     def state_size(self) -> int:
         """Size of ``h`` (and of ``c`` with mixed memory)."""
-        if self.wiring is not None:
-            return sum(self.wiring.layer_sizes)
-        return self.hidden_size
+        return self.hidden_size if self.wiring is None else sum(self.wiring.layer_sizes)
 
     @property
     def output_size(self) -> int:
         """Feature size of the outputs: ``proj_size``, else the cell's output size."""
         if self.proj_size is not None:
             return self.proj_size
-        if self.wiring is not None:
-            return self.wiring.layer_sizes[-1]
-        return self.hidden_size
+        return self.hidden_size if self.wiring is None else self.wiring.layer_sizes[-1]
 
     def initialize_carry(self, batch_size: int, dtype: Any = jnp.float32) -> Array | MixedMemoryState:
         """The zero state for ``batch_size`` sequences (see :func:`zero_state`)."""
@@ -554,28 +462,15 @@ class CfC(nn.Module):
         if self.wiring is not None:
             self.rnn_cell = WiredCfCCell(self.wiring, mode=self.mode)
         else:
-            self.rnn_cell = CfCCell(
-                self.hidden_size,
-                mode=self.mode,
-                backbone_units=self._backbone_units,
-                backbone_layers=self._backbone_layers,
-                backbone_dropout=self._backbone_dropout,
-                activation=self.activation,
-            )
+            self.rnn_cell = CfCCell(self.hidden_size, mode=self.mode, activation=self.activation, **self._backbone)
         if self.mixed_memory:
             self.lstm = MixedMemoryLSTMCell(self.state_size)
         if self.proj_size is not None:
             self.fc = _Linear(self.proj_size, kernel_init=_torch_kernel_init)
 
-    def __call__(
-        self,
-        x: Array,
-        initial_state: Array | MixedMemoryState | None = None,
-        reset: Array | None = None,
-        timespans: Array | float | None = None,
-        *,
-        deterministic: bool = True,
-    ) -> tuple[Array, Array | MixedMemoryState]:
+    def __call__(self, x: Array, initial_state: Array | MixedMemoryState | None = None, reset: Array | None = None,
+                 timespans: Array | float | None = None, *,
+                 deterministic: bool = True) -> tuple[Array, Array | MixedMemoryState]:
         """Run the CfC over a sequence.
 
         Args:
@@ -606,12 +501,9 @@ class CfC(nn.Module):
         if reset is not None:
             reset = jnp.asarray(reset)
             if reset.shape != (t_len, batch):
-                raise ValueError(
-                    f"reset must have shape [T, B]=({t_len}, {batch}), got {tuple(reset.shape)}."
-                )
+                raise ValueError(f"reset must have shape [T, B]=({t_len}, {batch}), got {tuple(reset.shape)}.")
             reset = reset.astype(bool)
-        ts_const: Array | float = 1.0
-        ts_seq = None
+        ts_const, ts_seq = 1.0, None
         if timespans is not None:
             timespans = jnp.asarray(timespans, x.dtype)
             if timespans.ndim == 0:
@@ -619,10 +511,8 @@ class CfC(nn.Module):
             elif timespans.shape == (t_len, batch):
                 ts_seq = timespans
             else:
-                raise ValueError(
-                    f"timespans must be a scalar or have shape [T, B]=({t_len}, {batch}), "
-                    f"got {tuple(timespans.shape)}."
-                )
+                raise ValueError(f"timespans must be a scalar or have shape [T, B]=({t_len}, {batch}), "
+                                 f"got {tuple(timespans.shape)}.")
 
         def step(mdl: CfC, carry, xs):
             x_t, reset_t, ts_t = xs
@@ -637,13 +527,7 @@ class CfC(nn.Module):
                 carry, y = mdl.rnn_cell(carry, x_t, ts, deterministic=deterministic)
             return carry, y
 
-        scan = nn.scan(
-            step,
-            variable_broadcast="params",
-            split_rngs={"params": False, "dropout": True},
-            in_axes=0,
-            out_axes=0,
-        )
+        scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False, "dropout": True})
         final_state, ys = scan(self, state, (x, reset, ts_seq))
         if not self.return_sequences:
             ys = ys[-1]
@@ -655,21 +539,15 @@ class CfC(nn.Module):
         shape = (batch, self.state_size)
         if self.mixed_memory:
             if not (isinstance(state, tuple) and len(state) == 2):
-                raise ValueError(
-                    "With mixed_memory=True the state must be MixedMemoryState(h, c) (or a pair "
-                    f"(h, c)) of [B, {self.state_size}] arrays, got {type(state).__name__}."
-                )
+                raise ValueError("With mixed_memory=True the state must be MixedMemoryState(h, c) (or a pair "
+                                 f"(h, c)) of [B, {self.state_size}] arrays, got {type(state).__name__}.")
             h, c = (jnp.asarray(s) for s in state)
             if h.shape != shape or c.shape != shape:
-                raise ValueError(
-                    f"initial_state (h, c) must both have shape {shape}, got {tuple(h.shape)} "
-                    f"and {tuple(c.shape)}."
-                )
+                raise ValueError(f"initial_state (h, c) must both have shape {shape}, got {tuple(h.shape)} "
+                                 f"and {tuple(c.shape)}.")
             return MixedMemoryState(h, c)
         if isinstance(state, tuple):
-            raise ValueError(
-                f"With mixed_memory=False the state is one [B, {self.state_size}] array, got a tuple."
-            )
+            raise ValueError(f"With mixed_memory=False the state is one [B, {self.state_size}] array, got a tuple.")
         state = jnp.asarray(state)
         if state.shape != shape:
             raise ValueError(f"initial_state must have shape {shape}, got {tuple(state.shape)}.")

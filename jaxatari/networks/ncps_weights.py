@@ -1,11 +1,8 @@
-"""``ncps.torch.CfC`` weights as :class:`jaxatari.networks.cfc.CfC` params.
+"""``ncps.torch.CfC`` (ncps 1.0.1) weights as :class:`jaxatari.networks.cfc.CfC` params.
 
-:func:`params_from_ncps` converts the ``state_dict()`` of an ``ncps.torch.CfC``
-(ncps 1.0.1), plain or wired, with or without mixed memory; given the same
-weights, inputs and elapsed times the two networks agree to float32 rounding
-(``tests/networks/test_cfc.py``). :func:`wiring_from_ncps` recovers a wired
-network's layers from its masks. Nothing here imports torch: the tensors only
-need ``numpy()`` or ``__array__``.
+:func:`params_from_ncps` converts a ``state_dict()``, plain or wired, with or
+without mixed memory; :func:`wiring_from_ncps` recovers a wired network's
+layers from its masks. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -14,49 +11,48 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import numpy as np
 
 from jaxatari.networks.wirings import LayeredWiring, Wiring, _wiring_sizes
 
 
-_CELL_LINEARS = ("ff1", "ff2", "time_a", "time_b")
+class _Reader:
+    """Reads converted entries of a state_dict, remembering which keys it used."""
 
+    def __init__(self, sd: dict[str, np.ndarray]):
+        self.sd, self.used = sd, set()
 
-def _convert_cell(sd: dict[str, np.ndarray], prefix: str, used: set[str], *, allow_backbone: bool) -> dict:
-    """Params of one ncps ``CfCCell`` whose keys start with ``prefix``."""
+    def take(self, key: str, note: str = "") -> np.ndarray:
+        if key not in self.sd:
+            raise ValueError(f"params_from_ncps: missing key {key!r}{note}.")
+        self.used.add(key)
+        return self.sd[key]
 
-    def take(key: str) -> np.ndarray:
-        used.add(key)
-        return sd[key]
+    def linear(self, name: str, note: str = "", *, bias: bool = True) -> dict:
+        """A torch ``Linear`` ``name``: weight ``[out, in]`` -> kernel ``[in, out]``."""
+        params = {"kernel": self.take(f"{name}.weight", note).T.copy()}
+        if bias:
+            params["bias"] = self.take(f"{name}.bias", note)
+        return params
 
-    def linear(name: str) -> dict:
-        w, b = f"{prefix}{name}.weight", f"{prefix}{name}.bias"
-        for key in (w, b):
-            if key not in sd:
-                raise ValueError(f"params_from_ncps: missing key {key!r}.")
-        return {"kernel": take(w).T.copy(), "bias": take(b).copy()}
-
-    params: dict[str, Any] = {}
-    if allow_backbone:
-        # nn.Sequential indices: Linear, act, [Dropout], Linear, act, ...; the
-        # Linears in index order are backbone_0, backbone_1, ...
-        pattern = re.compile(re.escape(prefix) + r"backbone\.(\d+)\.weight$")
-        indices = sorted(int(m.group(1)) for k in sd if (m := pattern.match(k)))
-        for i, idx in enumerate(indices):
-            params[f"backbone_{i}"] = linear(f"backbone.{idx}")
-    params["ff1"] = linear("ff1")
-    pure = f"{prefix}w_tau" in sd
-    if pure:
-        for name in ("w_tau", "A"):
-            key = f"{prefix}{name}"
-            if key not in sd:
-                raise ValueError(f"params_from_ncps: missing key {key!r} (mode 'pure').")
-            params[name] = take(key).reshape(-1).copy()
-    else:
-        for name in _CELL_LINEARS[1:]:
-            params[name] = linear(name)
-    return params
+    def cell(self, prefix: str, *, allow_backbone: bool) -> dict:
+        """Params of one ncps ``CfCCell`` whose keys start with ``prefix``."""
+        params: dict[str, Any] = {}
+        if allow_backbone:
+            # nn.Sequential indices: Linear, act, [Dropout], Linear, act, ...; the
+            # Linears in index order are backbone_0, backbone_1, ...
+            pattern = re.compile(re.escape(prefix) + r"backbone\.(\d+)\.weight$")
+            indices = sorted(int(m.group(1)) for k in self.sd if (m := pattern.match(k)))
+            for i, idx in enumerate(indices):
+                params[f"backbone_{i}"] = self.linear(f"{prefix}backbone.{idx}")
+        params["ff1"] = self.linear(f"{prefix}ff1")
+        if f"{prefix}w_tau" in self.sd:  # mode "pure"
+            for name in ("w_tau", "A"):
+                params[name] = self.take(f"{prefix}{name}", " (mode 'pure')").reshape(-1)
+        else:
+            for name in ("ff2", "time_a", "time_b"):
+                params[name] = self.linear(f"{prefix}{name}")
+        return params
 
 
 def _load_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -66,7 +62,7 @@ def _load_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for k, v in state_dict.items():
         if hasattr(v, "detach"):  # a torch tensor, if torch happens to be around
             v = v.detach().cpu().numpy()
-        out[str(k)] = np.asarray(v, dtype=np.float32)
+        out[str(k)] = np.array(v, dtype=np.float32)  # a copy: params never alias the caller's arrays
     return out
 
 
@@ -107,22 +103,18 @@ def wiring_from_ncps(state_dict: Mapping[str, Any]) -> LayeredWiring:
 def params_from_ncps(state_dict: Mapping[str, Any], *, wiring: Wiring | None = None) -> dict:
     """Convert an ``ncps.torch.CfC``'s weights into params for :class:`CfC`.
 
-    Handles every configuration of ``ncps.torch.CfC``: modes, any number of
-    backbone layers (with or without dropout), ``proj_size``,
-    ``mixed_memory`` and wirings.  Torch ``Linear`` weights ``[out, in]``
-    become Flax kernels ``[in, out]``; ``w_tau``/``A`` ``[1, H]`` become
-    ``[H]``.  The wired cells' ``sparsity_mask`` buffers are not params (our
-    masks come from ``CfC(wiring=...)``); pass ``wiring=`` to check that they
-    match, or build the module with ``wiring=wiring_from_ncps(state_dict)``.
-
-    Only the weights are converted: ncps' CfC is batch-first by default,
-    ours is time-major, so transpose the inputs ``[B, T, F] -> [T, B, F]``.
+    Handles every configuration: modes, any backbone depth (with or without
+    dropout), ``proj_size``, ``mixed_memory`` and wirings.  Torch ``Linear``
+    weights ``[out, in]`` become Flax kernels ``[in, out]``; ``w_tau``/``A``
+    ``[1, H]`` become ``[H]``.  The wired cells' ``sparsity_mask`` buffers are
+    not params (our masks come from ``CfC(wiring=...)``).  ncps' CfC is
+    batch-first by default, ours time-major: transpose inputs ``[B, T, F] ->
+    [T, B, F]``.
 
     Args:
-      state_dict: ``model.state_dict()`` with values as NumPy arrays (torch
-        tensors are accepted too); torch itself is not needed.
+      state_dict: ``model.state_dict()``, values as NumPy arrays or torch tensors.
       wiring: optional wiring the Flax module will use; checked against the
-        sparsity masks in ``state_dict``.
+        sparsity masks in ``state_dict`` (or use ``wiring_from_ncps(state_dict)``).
 
     Returns:
       The ``"params"`` collection: use ``model.apply({"params": params}, x)``
@@ -133,15 +125,14 @@ def params_from_ncps(state_dict: Mapping[str, Any], *, wiring: Wiring | None = N
         keys, or masks that differ from ``wiring``.
     """
     sd = _load_state_dict(state_dict)
-    used: set[str] = set()
+    reader = _Reader(sd)
     params: dict[str, Any] = {}
     masks = _ncps_masks(sd)
     if masks:
-        cell: dict[str, Any] = {}
-        for l in range(len(masks)):
-            used.add(f"rnn_cell.layer_{l}.sparsity_mask")
-            cell[f"layer_{l}"] = _convert_cell(sd, f"rnn_cell.layer_{l}.", used, allow_backbone=False)
-        params["rnn_cell"] = cell
+        reader.used.update(f"rnn_cell.layer_{l}.sparsity_mask" for l in range(len(masks)))
+        params["rnn_cell"] = {
+            f"layer_{l}": reader.cell(f"rnn_cell.layer_{l}.", allow_backbone=False) for l in range(len(masks))
+        }
         if wiring is not None:
             theirs = wiring_from_ncps(sd)
             _wiring_sizes(wiring)
@@ -150,10 +141,8 @@ def params_from_ncps(state_dict: Mapping[str, Any], *, wiring: Wiring | None = N
             except ValueError as e:
                 raise ValueError(f"params_from_ncps: the given wiring does not fit the state_dict: {e}") from e
             if ours != theirs:
-                raise ValueError(
-                    f"params_from_ncps: the sparsity masks in state_dict ({theirs!r}) differ from "
-                    f"wiring={wiring!r}; build the CfC with wiring=wiring_from_ncps(state_dict)."
-                )
+                raise ValueError(f"params_from_ncps: the sparsity masks in state_dict ({theirs!r}) differ from "
+                                 f"wiring={wiring!r}; build the CfC with wiring=wiring_from_ncps(state_dict).")
     else:
         if wiring is not None:
             raise ValueError("params_from_ncps: wiring was given but the state_dict has no wired layers.")
@@ -161,28 +150,16 @@ def params_from_ncps(state_dict: Mapping[str, Any], *, wiring: Wiring | None = N
             raise ValueError(
                 f"params_from_ncps: no 'rnn_cell.*' keys; is this an ncps.torch.CfC state_dict? Keys: {sorted(sd)}."
             )
-        params["rnn_cell"] = _convert_cell(sd, "rnn_cell.", used, allow_backbone=True)
+        params["rnn_cell"] = reader.cell("rnn_cell.", allow_backbone=True)
     if "lstm.input_map.weight" in sd:
-        for key in ("lstm.input_map.weight", "lstm.input_map.bias", "lstm.recurrent_map.weight"):
-            if key not in sd:
-                raise ValueError(f"params_from_ncps: missing key {key!r} (mixed memory).")
-            used.add(key)
         params["lstm"] = {
-            "input_map": {
-                "kernel": sd["lstm.input_map.weight"].T.copy(),
-                "bias": sd["lstm.input_map.bias"].copy(),
-            },
-            "recurrent_map": {"kernel": sd["lstm.recurrent_map.weight"].T.copy()},
+            "input_map": reader.linear("lstm.input_map", " (mixed memory)"),
+            "recurrent_map": reader.linear("lstm.recurrent_map", " (mixed memory)", bias=False),
         }
     if "fc.weight" in sd:
-        if "fc.bias" not in sd:
-            raise ValueError("params_from_ncps: missing key 'fc.bias'.")
-        used.update(("fc.weight", "fc.bias"))
-        params["fc"] = {"kernel": sd["fc.weight"].T.copy(), "bias": sd["fc.bias"].copy()}
-    unknown = sorted(set(sd) - used)
+        params["fc"] = reader.linear("fc")
+    unknown = sorted(set(sd) - reader.used)
     if unknown:
-        raise ValueError(
-            f"params_from_ncps: unsupported keys {unknown}; expected ncps.torch.CfC keys "
-            "(rnn_cell.*, lstm.*, fc.*)."
-        )
+        raise ValueError(f"params_from_ncps: unsupported keys {unknown}; expected ncps.torch.CfC keys "
+                         "(rnn_cell.*, lstm.*, fc.*).")
     return params

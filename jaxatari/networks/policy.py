@@ -36,7 +36,8 @@ class NetworkSpec:
     ``cfc``: keyword arguments of :class:`jaxatari.networks.cfc.CfC`.
     ``shared``: actor and critic share the torso (and core). Unshared (two
     separate networks) is the standard for small MLP policies, where the value
-    loss would otherwise dominate the shared features.
+    loss would otherwise dominate the shared features. ``head``: actor_critic
+    (:class:`ActorCritic`) or q (:class:`QNetwork`).
     """
 
     torso: str
@@ -45,6 +46,7 @@ class NetworkSpec:
     shared: bool = True
     torso_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     cfc: dict[str, Any] = dataclasses.field(default_factory=dict)
+    head: str = "actor_critic"
 
     @property
     def recurrent(self) -> bool:
@@ -66,6 +68,7 @@ def resolve_network_spec(
     torso: str = "auto",
     cfc: dict[str, Any] | None = None,
     torso_kwargs: dict[str, Any] | None = None,
+    head: str = "actor_critic",
 ) -> NetworkSpec:
     """Map the CLI's ``--network``/``--torso`` onto a :class:`NetworkSpec`.
 
@@ -92,8 +95,10 @@ def resolve_network_spec(
         raise ValueError("The mlp torso takes vector observations; Atari pixels need nature, impala or convblock.")
     if not atari and t != "mlp":
         raise ValueError(f"The {t} torso takes Atari pixels; vector observations need the mlp torso.")
+    if head == "q" and core != "none":
+        raise ValueError("A Q-network is feed-forward; --network cfc is for the actor-critic agents.")
     return NetworkSpec(torso=t, num_actions=num_actions, core=core, shared=t != "mlp",
-                       torso_kwargs=dict(torso_kwargs or {}), cfc=cfc_kw)
+                       torso_kwargs=dict(torso_kwargs or {}), cfc=cfc_kw, head=head)
 
 
 def _fold(x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:

@@ -97,20 +97,34 @@ def pixels_to_float(obs: jax.Array) -> jax.Array:
     return x / 255.0
 
 
+def _norm(kind: str, x: jax.Array) -> jax.Array:
+    """``norm="layer"``: per-sample LayerNorm over every feature axis (GroupNorm with one
+    group on feature maps), as PQN's networks have after each layer; ``"none"``: ``x``."""
+    if kind == "none":
+        return x
+    if kind != "layer":
+        raise ValueError(f"norm={kind!r} is not accepted; use 'none' or 'layer'.")
+    return nn.GroupNorm(num_groups=1)(x) if x.ndim == 4 else nn.LayerNorm()(x)
+
+
 class NatureCNN(nn.Module):
-    """Mnih et al. (2015) DQN torso: 32x8s4, 64x4s2, 64x3s1 convs, dense 512."""
+    """Mnih et al. (2015) DQN torso: 32x8s4, 64x4s2, 64x3s1 convs, dense 512
+    (``norm="layer"``: a LayerNorm after each, before the ReLU)."""
 
     features: int = 512
     conv_impl: str = "auto"
     """See :class:`Conv`: auto, xla or im2col."""
+    norm: str = "none"
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
         x = pixels_to_float(obs)
         for ch, k, s in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
-            x = nn.relu(Conv(ch, (k, k), (s, s), padding="VALID", kernel_init=ortho(), impl=self.conv_impl)(x))
+            x = Conv(ch, (k, k), (s, s), padding="VALID", kernel_init=ortho(), impl=self.conv_impl)(x)
+            x = nn.relu(_norm(self.norm, x))
         x = x.reshape(x.shape[0], -1)
-        return nn.relu(nn.Dense(self.features, kernel_init=ortho(), bias_init=nn.initializers.zeros)(x))
+        x = nn.Dense(self.features, kernel_init=ortho(), bias_init=nn.initializers.zeros)(x)
+        return nn.relu(_norm(self.norm, x))
 
 
 class _ResidualBlock(nn.Module):
@@ -161,29 +175,27 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        if self.norm not in ("none", "layer"):
-            raise ValueError(f"ConvBlock norm={self.norm!r} is not accepted; use 'none' or 'layer'.")
         x = pixels_to_float(obs)
         for ch in self.channels:
             x = Conv(ch, (5, 5), (2, 2), padding=((2, 2), (2, 2)), kernel_init=ortho(), impl=self.conv_impl)(x)
-            if self.norm == "layer":
-                x = nn.GroupNorm(num_groups=1)(x)
-            x = nn.relu(x)
+            x = nn.relu(_norm(self.norm, x))
         return x.mean(axis=(1, 2))
 
 
 class MLP(nn.Module):
-    """MLP torso for vector observations (``[N, D]``), tanh by default."""
+    """MLP torso for vector observations (``[N, D]``), tanh by default
+    (``norm="layer"``: a LayerNorm after each layer, before the activation)."""
 
     hidden: Sequence[int] = (64, 64)
     activation: str = "tanh"
+    norm: str = "none"
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
         act = {"tanh": nn.tanh, "relu": nn.relu}[self.activation]
         x = obs.reshape(obs.shape[0], -1).astype(jnp.float32)
         for h in self.hidden:
-            x = act(nn.Dense(h, kernel_init=ortho(), bias_init=nn.initializers.zeros)(x))
+            x = act(_norm(self.norm, nn.Dense(h, kernel_init=ortho(), bias_init=nn.initializers.zeros)(x)))
         return x
 
 

@@ -27,39 +27,39 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
-class _FrozenArray:
-    """A read-only float32 array that is hashable and compares by value.
+class _ByKey:
+    """Equality and hash by ``self._key`` (Flax module fields must be hashable)."""
 
-    Flax modules are dataclasses that may be hashed and compared; a raw
-    ``np.ndarray`` field would break both.
-    """
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+
+class _FrozenArray(_ByKey):
+    """A read-only float32 array that is hashable and compares by value."""
 
     __slots__ = ("array", "_key")
 
     def __init__(self, array: Any):
-        arr = np.array(array, dtype=np.float32)
-        arr.setflags(write=False)
-        self.array = arr
-        self._key = (arr.shape, arr.tobytes())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _FrozenArray) and self._key == other._key
-
-    def __hash__(self) -> int:
-        return hash(self._key)
+        self.array = np.array(array, dtype=np.float32)
+        self.array.setflags(write=False)
+        self._key = (self.array.shape, self.array.tobytes())
 
     def __repr__(self) -> str:
         return f"_FrozenArray(shape={self.array.shape})"
 
 
-class LayeredWiring:
+class LayeredWiring(_ByKey):
     """An explicit layered wiring: the input connectivity of each CfC layer.
 
     Layer ``l`` has ``n_l`` neurons; it reads the network input (``l == 0``)
     or layer ``l - 1``'s state through ``masks[l]``, a 0/1 array of shape
-    ``[in_l, n_l]`` (``in_0`` is the input size, ``in_l = n_{l-1}``), and its
-    own state densely.  The last layer's state is the wiring's output (for an
-    NCP: the motor neurons).  Obtained from :meth:`NCP.build`,
+    ``[in_l, n_l]``, and its own state densely.  The last layer's state is the
+    output (for an NCP: the motor neurons).  Made by :meth:`NCP.build`,
     :meth:`AutoNCP.build` or :func:`wiring_from_ncps`.
 
     Args:
@@ -74,16 +74,14 @@ class LayeredWiring:
         for l, m in enumerate(masks):
             arr = np.abs(np.asarray(m, dtype=np.float32))
             if arr.ndim != 2 or arr.shape[1] == 0:
-                raise ValueError(
-                    f"LayeredWiring mask {l} must be a [in, neurons] matrix, got shape {arr.shape}."
-                )
+                raise ValueError(f"LayeredWiring mask {l} must be a [in, neurons] matrix, got shape {arr.shape}.")
             if l > 0 and arr.shape[0] != frozen[-1].array.shape[1]:
-                raise ValueError(
-                    f"LayeredWiring mask {l} has {arr.shape[0]} input rows but layer {l - 1} "
-                    f"has {frozen[-1].array.shape[1]} neurons."
-                )
+                raise ValueError(f"LayeredWiring mask {l} has {arr.shape[0]} input rows but layer {l - 1} "
+                                 f"has {frozen[-1].array.shape[1]} neurons.")
             frozen.append(_FrozenArray((arr != 0).astype(np.float32)))
         self._masks = tuple(frozen)
+
+    _key = property(lambda self: self._masks)
 
     @property
     def masks(self) -> tuple[np.ndarray, ...]:
@@ -111,17 +109,9 @@ class LayeredWiring:
     def build(self, input_size: int) -> LayeredWiring:
         """Return ``self`` after checking that ``input_size`` is the one it was made for."""
         if input_size != self.input_size:
-            raise ValueError(
-                f"This LayeredWiring was built for {self.input_size} input features, "
-                f"got inputs with {input_size}."
-            )
+            raise ValueError(f"This LayeredWiring was built for {self.input_size} input features, "
+                             f"got inputs with {input_size}.")
         return self
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LayeredWiring) and self._masks == other._masks
-
-    def __hash__(self) -> int:
-        return hash(self._masks)
 
     def __repr__(self) -> str:
         return f"LayeredWiring(input_size={self.input_size}, layer_sizes={self.layer_sizes})"
@@ -158,23 +148,14 @@ class NCP:
     """Seed of the ``numpy.random.RandomState`` that draws the synapses."""
 
     def __post_init__(self):
-        for name in ("inter_neurons", "command_neurons", "motor_neurons"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("sensory_fanout", "inter_fanout", "motor_fanin"):
+        for name in ("inter_neurons", "command_neurons", "motor_neurons", "sensory_fanout", "inter_fanout",
+                     "motor_fanin"):
             _check_int(name, getattr(self, name), 1)
         _check_int("recurrent_command_synapses", self.recurrent_command_synapses, 0)
-        if self.motor_fanin > self.command_neurons:
-            raise ValueError(
-                f"motor_fanin={self.motor_fanin} exceeds command_neurons={self.command_neurons}."
-            )
-        if self.sensory_fanout > self.inter_neurons:
-            raise ValueError(
-                f"sensory_fanout={self.sensory_fanout} exceeds inter_neurons={self.inter_neurons}."
-            )
-        if self.inter_fanout > self.command_neurons:
-            raise ValueError(
-                f"inter_fanout={self.inter_fanout} exceeds command_neurons={self.command_neurons}."
-            )
+        for name, limit in (("motor_fanin", "command_neurons"), ("sensory_fanout", "inter_neurons"),
+                            ("inter_fanout", "command_neurons")):
+            if getattr(self, name) > getattr(self, limit):
+                raise ValueError(f"{name}={getattr(self, name)} exceeds {limit}={getattr(self, limit)}.")
 
     @property
     def units(self) -> int:
@@ -220,14 +201,10 @@ class AutoNCP:
         _check_int("units", self.units, 4)
         _check_int("output_size", self.output_size, 1)
         if self.output_size >= self.units - 2:
-            raise ValueError(
-                f"AutoNCP output_size must be < units - 2, got output_size={self.output_size} "
-                f"with units={self.units}."
-            )
+            raise ValueError(f"AutoNCP output_size must be < units - 2, got output_size={self.output_size} "
+                             f"with units={self.units}.")
         if not 0.1 <= self.sparsity_level <= 1.0:
-            raise ValueError(
-                f"AutoNCP sparsity_level must be in [0.1, 1.0], got {self.sparsity_level!r}."
-            )
+            raise ValueError(f"AutoNCP sparsity_level must be in [0.1, 1.0], got {self.sparsity_level!r}.")
 
     @property
     def ncp(self) -> NCP:
@@ -236,16 +213,10 @@ class AutoNCP:
         inter_and_command = self.units - self.output_size
         command = max(int(0.4 * inter_and_command), 1)
         inter = inter_and_command - command
-        return NCP(
-            inter_neurons=inter,
-            command_neurons=command,
-            motor_neurons=self.output_size,
-            sensory_fanout=max(int(inter * density), 1),
-            inter_fanout=max(int(command * density), 1),
-            recurrent_command_synapses=max(int(command * density * 2), 1),
-            motor_fanin=max(int(command * density), 1),
-            seed=self.seed,
-        )
+        fan = max(int(command * density), 1)
+        return NCP(inter_neurons=inter, command_neurons=command, motor_neurons=self.output_size,
+                   sensory_fanout=max(int(inter * density), 1), inter_fanout=fan, motor_fanin=fan,
+                   recurrent_command_synapses=max(int(command * density * 2), 1), seed=self.seed)
 
     @property
     def layer_sizes(self) -> tuple[int, int, int]:
@@ -277,15 +248,12 @@ def ncp_adjacency(wiring: NCP | AutoNCP, input_size: int) -> tuple[np.ndarray, n
     if not isinstance(ncp, NCP):
         raise ValueError(f"ncp_adjacency needs an NCP or AutoNCP wiring, got {wiring!r}.")
     _check_int("input_size", input_size, 1)
-    sens, adj = _ncp_adjacency_cached(ncp, int(input_size))
-    return sens.copy(), adj.copy()
+    return tuple(a.copy() for a in _ncp_adjacency_cached(ncp, int(input_size)))
 
 
 @functools.lru_cache(maxsize=64)
 def _ncp_adjacency_cached(ncp: NCP, input_size: int) -> tuple[np.ndarray, np.ndarray]:
-    # Every RandomState call below (including the polarity draws, which the CfC
-    # masks ignore) mirrors ncps' NCP.build so that the random stream, and so
-    # the synapses, stay identical.
+    # Every RandomState call (polarities included) mirrors ncps' NCP.build, so the synapses are identical.
     rng = np.random.RandomState(ncp.seed)
     n_motor, n_command, n_inter = ncp.motor_neurons, ncp.command_neurons, ncp.inter_neurons
     motor = list(range(0, n_motor))
@@ -314,23 +282,14 @@ def _ncp_adjacency_cached(ncp: NCP, input_size: int) -> tuple[np.ndarray, np.nda
     # neurons by the number of command neurons, not inter neurons).
     fan_out(sens, sensory, inter, ncp.sensory_fanout, input_size)
     fan_out(adj, inter, command, ncp.inter_fanout, n_command)
-    # recurrent command synapses
     for _ in range(ncp.recurrent_command_synapses):
         src = rng.choice(command)
         dest = rng.choice(command)
         adj[src, dest] = rng.choice([-1, 1])
-    # command -> motor: each motor neuron draws `motor_fanin` command neurons,
-    # then command neurons without an outgoing synapse get some motor targets.
-    unreached = list(command)
-    for dest in motor:
-        for src in rng.choice(command, size=ncp.motor_fanin, replace=False):
-            if src in unreached:
-                unreached.remove(src)
-            adj[src, dest] = rng.choice([-1, 1])
-    fanout = int(np.clip(int(n_motor * ncp.motor_fanin / n_command), 1, n_motor))
-    for src in unreached:
-        for dest in rng.choice(motor, size=fanout, replace=False):
-            adj[src, dest] = rng.choice([-1, 1])
+    # command -> motor is fan_out transposed: each motor neuron draws
+    # `motor_fanin` command neurons, then command neurons left without a
+    # synapse get some motor targets.
+    fan_out(adj.T, motor, command, ncp.motor_fanin, n_motor)
     sens.setflags(write=False)
     adj.setflags(write=False)
     return sens, adj
@@ -341,18 +300,10 @@ def _ncp_layers(ncp: NCP, input_size: int) -> LayeredWiring:
     sens, adj = _ncp_adjacency_cached(ncp, input_size)
     m, c = ncp.motor_neurons, ncp.command_neurons
     motor, command, inter = slice(0, m), slice(m, m + c), slice(m + c, ncp.units)
-    return LayeredWiring(
-        [
-            np.abs(sens[:, inter]),
-            np.abs(adj[inter, command]),
-            np.abs(adj[command, motor]),
-        ]
-    )
+    return LayeredWiring([np.abs(sens[:, inter]), np.abs(adj[inter, command]), np.abs(adj[command, motor])])
 
 
 def _wiring_sizes(wiring: Any) -> tuple[int, ...]:
-    if not isinstance(wiring, (NCP, AutoNCP, LayeredWiring)):
-        raise ValueError(
-            f"wiring must be an AutoNCP, NCP or LayeredWiring, got {type(wiring).__name__}: {wiring!r}."
-        )
+    if not isinstance(wiring, Wiring):
+        raise ValueError(f"wiring must be an AutoNCP, NCP or LayeredWiring, got {type(wiring).__name__}: {wiring!r}.")
     return wiring.layer_sizes

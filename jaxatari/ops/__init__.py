@@ -14,7 +14,7 @@ from jaxatari.ops.losses import (
     standardize,
     weighted_loss,
 )
-from jaxatari.ops.returns import gae, n_step_returns
+from jaxatari.ops.returns import gae, n_step_returns, q_lambda_returns
 from jaxatari.ops.td import (
     DQNBatch,
     DQNLossInfo,
@@ -41,6 +41,7 @@ __all__ = [
     "masked_mean",
     "n_step_returns",
     "ppo_loss",
+    "q_lambda_returns",
     "standardize",
     "q_learning_target",
     "td_loss",

@@ -144,3 +144,37 @@ def n_step_returns(
 
     _, ret = jax.lax.scan(body, last_value, (rewards.astype(dtype), d, trunc_boot), reverse=True)
     return ret
+
+
+def q_lambda_returns(
+    rewards: jax.Array,
+    q_max: jax.Array,
+    dones: jax.Array,
+    last_q_max: jax.Array,
+    *,
+    gamma: float,
+    q_lambda: float,
+    truncations: jax.Array | None = None,
+) -> jax.Array:
+    r"""Peng's Q(lambda) targets over a rollout, as PQN learns from (Gallici et al.
+    2024, "Simplifying Deep Temporal Difference Learning", arXiv:2407.04811).
+
+    .. math::
+        G_t = r_t + \gamma (1 - d_t) \left[(1 - \lambda) \max_a Q(s_{t+1}, a)
+              + \lambda G_{t+1}\right], \qquad G_T = \max_a Q(s_T, a)
+
+    A terminal step gives :math:`G_t = r_t`; a truncated one bootstraps fully,
+    :math:`G_t = r_t + \gamma \max_a Q(s_{t+1}, a)`. These are the returns of
+    :func:`gae` with :math:`V = \max_a Q` and :math:`\lambda` = ``q_lambda``.
+
+    Args:
+      rewards, dones: ``[T, B]``.
+      q_max: ``[T, B]``, :math:`\max_a Q(s_t, a)` under the acting parameters.
+      last_q_max: ``[B]``, :math:`\max_a Q(s_T, a)`.
+      truncations: optional ``[T, B]``, time-limit truncations (module docstring).
+
+    Returns:
+      ``returns [T, B]``.
+    """
+    _, returns = gae(rewards, q_max, dones, last_q_max, gamma=gamma, gae_lambda=q_lambda, truncations=truncations)
+    return returns

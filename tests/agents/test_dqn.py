@@ -33,7 +33,7 @@ def run_script(*args, timeout=600):
 
 def _train(argv):
     """What ``scripts/dqn.py argv`` trains, in this process."""
-    return driver.train(dqn.ALGORITHM, configs.cli(dqn.Config, resumable=dqn.RESUMABLE, argv=argv))
+    return driver.train(dqn.ALGORITHM, configs.cli(dqn.Config, argv=argv))
 
 
 # ---------------------------------------------------------------------------

@@ -1,32 +1,15 @@
 """PPO: config errors, learning on CartPole, the script on Breakout, resume and determinism."""
 
-import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import chex
 import jax
 import pytest
 
+from _common import ROOT, assert_cartpole_learns, read_csv, run_script
 from jaxatari import configs, driver, errors
 from jaxatari.agents import ppo
 from jaxatari.driver import train
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def run_script(*args, timeout=600, cwd=ROOT, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -93,12 +76,7 @@ def test_classic_and_atari_defaults():
 
 @pytest.mark.slow
 def test_cartpole_learns(tmp_path):
-    r = run_script("scripts/ppo.py", "--env", "CartPole-v1", "--run-dir", str(tmp_path / "run"), "--no-tensorboard")
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_csv(tmp_path / "run" / "metrics.csv")
-    assert int(rows[-1]["global_step"]) <= 501_248
-    best = max(float(row["return_mean100"]) for row in rows if row["return_mean100"])
-    assert best >= 400, f"mean of the last 100 returns peaked at {best:.1f} (random play scores ~22)"
+    assert_cartpole_learns("scripts/ppo.py", tmp_path / "run")
 
 
 # ---------------------------------------------------------------------------
@@ -151,7 +129,7 @@ def test_a_run_from_before_the_speed_features_were_removed(tmp_path):
     from jaxatari.policy import load_policy
 
     def cli(*argv):
-        return configs.cli(ppo.Config, resumable=ppo.RESUMABLE, argv=list(argv))
+        return configs.cli(ppo.Config, argv=list(argv))
 
     d, path = tmp_path / "run", tmp_path / "run" / "config.json"
     train(ppo.ALGORITHM, cli("--env", "CartPole-v1", "--num-envs", "2", "--num-steps", "8", "--chunk-steps", "16",
