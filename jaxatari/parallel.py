@@ -1,47 +1,19 @@
-"""Scale-out on JAX's own runtime: the pieces :mod:`jaxatari.driver` puts
-together for data parallelism over devices and hosts, and for populations.
+"""Scale-out on JAX's own runtime: the pieces :mod:`jaxatari.driver` puts together
+for data parallelism over devices and hosts, and for populations (README, "Scaling out").
 
-Data parallelism (``--devices N``). The global env batch ``B`` is split into
-``N`` shards of ``B / N`` envs, one EnvPool per device. Device ``d`` (global
-index, counting the devices of every process in order) owns the envs
-``d * B/N .. (d + 1) * B/N - 1`` and seeds them exactly as a one-device run
-seeds those envs (env ``i`` gets ``seed + i``). An algorithm's update runs under
-``shard_map`` over a one-axis mesh (:data:`AXIS`): each device steps its own
-EnvPool, computes gradients on its share, and gradients and statistics are
-summed with ``psum``; params and optimiser state stay replicated and identical.
-One device is simply N = 1.
-
-EnvPool's ``env.xla()`` custom call carries its pool in the compiled op (the
-handle argument alone does not select the pool), so with several local
-devices the step is a ``lax.switch`` on the device's index over the local
-pools' step functions: each device executes only its own pool's custom call.
-
-The update is *device-invariant*: the same global batch and seed give the same
-result on any number of devices (to float tolerance). To get there it samples
-actions with one key per env (``fold_in(key, global env index)``) and builds
-PPO minibatches by permuting time within each env (one key per env) and
-cutting the permuted time axis into ``num_minibatches`` blocks
-(:func:`time_minibatches`), so a minibatch holds the same samples however the
-envs are split. Recurrent policies carry their state split along envs like the
-env state; their minibatches take whole envs (:func:`env_minibatches`). DQN's
-replay buffer is split along envs too, and its minibatches are stratified by env.
-
-Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize``
-(CPU collectives via gloo); each process builds the pools of its local devices,
-and the mesh spans every process's devices. Each process logs the actions of
-its own envs.
-
-Any topology: every field of a training state has the same global shape on
-any number of devices and processes except the per-device windows of recent
-returns, so :func:`restore_latest_any_topology` resumes a checkpoint on another
-topology (re-laying those windows with :func:`merge_windows`) and
-:func:`jaxatari.rundir.restore_env` replays the global action log into the envs
-each process now owns.
-
-Populations (``--num-agents K``): one EnvPool of ``K x num_envs`` envs whose
-per-env seeds (EnvPool's ``env_seed``) are those agent ``k`` would have alone
-(:func:`make_population_envs`); the update is vmapped over agents and the env
-step batches itself into one call on the joint pool (:func:`agent_step_fn`).
+Data parallelism: the global env batch ``B`` is split over the ``N`` devices of a
+one-axis mesh (:data:`AXIS`, every process's devices in order), one EnvPool per
+device; device ``d`` owns envs ``d * B/N .. (d + 1) * B/N - 1``, seeded as in a
+one-device run (env ``i`` gets ``seed + i``). Updates run under ``shard_map``,
+summing gradients and statistics with ``psum``; params stay replicated. They are
+*device-invariant*: per-env keys (``fold_in(key, global env index)``) and
+minibatches fixed by the key and the global env indices (:func:`time_minibatches`,
+:func:`env_minibatches`) give the same result on any number of devices. Every
+field of a training state has the same global shape on any topology except the
+per-device windows of recent returns, which :func:`restore_latest_any_topology`
+re-lays (:func:`merge_windows`). Populations: one EnvPool of ``K x num_envs``
+envs seeded as each agent alone (:func:`make_population_envs`), the update
+vmapped over agents (:func:`agent_step_fn`).
 """
 
 from __future__ import annotations
@@ -73,11 +45,7 @@ ENV_NUM_PROCESSES = "JAXATARI_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXATARI_PROCESS_ID"
 
 
-# ---------------------------------------------------------------------------
-# Multi-host
-# ---------------------------------------------------------------------------
-
-
+# --- Multi-host ---
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
     """Call ``jax.distributed.initialize`` if a multi-process run is asked for.
@@ -158,11 +126,7 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-# ---------------------------------------------------------------------------
-# Devices and the mesh
-# ---------------------------------------------------------------------------
-
-
+# --- Devices and the mesh ---
 def resolve_devices(requested: int | None, num_envs: int) -> int:
     """Devices per process to use.
 
@@ -196,12 +160,6 @@ def make_mesh(devices_per_process: int) -> Mesh:
     return Mesh(np.array(devs), (AXIS,))
 
 
-def shard_local(mesh: Mesh, tree):
-    """Arrays ``[B_local, ...]`` (this process's share) -> global arrays split on axis 0."""
-    sh = NamedSharding(mesh, P(AXIS))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), tree)
-
-
 def place(tree, like):
     """Put the (host or single-device) leaves of ``tree`` with the shardings of ``like``'s leaves."""
     def one(x, ref):
@@ -223,11 +181,7 @@ def fetch(x) -> np.ndarray:
     return np.concatenate([np.asarray(s.data) for s in shards], axis=axis)
 
 
-# ---------------------------------------------------------------------------
-# One EnvPool per device
-# ---------------------------------------------------------------------------
-
-
+# --- One EnvPool per device ---
 class PoolGroup:
     """This process's EnvPools, one per local device, seen as one env batch on the host.
 
@@ -244,13 +198,9 @@ class PoolGroup:
         return np.concatenate([o[0] for o in outs]), outs[0][1]
 
     def step(self, actions):
-        actions = np.asarray(actions)
-        outs, i = [], 0
-        for p, n in zip(self.pools, self.sizes):
-            outs.append(p.step(actions[i:i + n]))
-            i += n
-        return (np.concatenate([o[0] for o in outs]), *[np.concatenate([o[k] for o in outs]) for k in (1, 2, 3)],
-                outs[0][4])
+        shares = np.split(np.asarray(actions), np.cumsum(self.sizes)[:-1])
+        outs = [p.step(a) for p, a in zip(self.pools, shares)]
+        return (*[np.concatenate([o[k] for o in outs]) for k in range(4)], outs[0][4])
 
 
 @dataclasses.dataclass
@@ -265,7 +215,6 @@ class ShardedEnvs:
     spec: envs.EnvSpec
     mesh: Mesh
     local_envs: int  # envs per device
-    global_envs: int
     handle: jax.Array
     step_fn: envs.StepFn
     initial_obs: np.ndarray  # this process's first observations [B_local, ...]
@@ -289,25 +238,21 @@ def make_sharded_envs(env_id: str, num_envs: int, *, seed: int, devices_per_proc
     if num_envs % n_global:
         raise ParallelError(f"--num-envs {num_envs} is not divisible by the {n_global} devices of the mesh.")
     per = num_envs // n_global
-    first_dev = jax.process_index() * devices_per_process
-    pools, spec, steps, handles = [], None, [], []
-    for j in range(devices_per_process):
-        env, spec = envs.make(env_id, per, seed=seed + (first_dev + j) * per, preset=preset, options=options,
-                              num_threads=num_threads)
-        pools.append(env)
-    group = PoolGroup(pools)
+    first = jax.process_index() * devices_per_process * per
+    made = [envs.make(env_id, per, seed=seed + first + j * per, preset=preset, options=options,
+                      num_threads=num_threads) for j in range(devices_per_process)]
+    group, spec = PoolGroup([env for env, _ in made]), made[-1][1]
     obs0, _ = group.reset()
-    used = backend
-    for env in pools:
-        h, step, used = envs.make_step_fn(env, spec, backend if n_global == 1 else "xla")
-        handles.append(np.asarray(h))
-        steps.append(step)
+    fns = [envs.make_step_fn(env, spec, backend if n_global == 1 else "xla") for env in group.pools]
+    handles, steps, used = [np.asarray(h) for h, _, _ in fns], [f for _, f, _ in fns], fns[-1][2]
     local_devs = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     sh = NamedSharding(mesh, P(AXIS))
     hshape = handles[0].shape
     handle = jax.make_array_from_single_device_arrays(
         (n_global * hshape[0], *hshape[1:]), sh, [jax.device_put(h, d) for h, d in zip(handles, local_devs)])
 
+    # env.xla()'s custom call carries its pool in the compiled op (the handle alone does not select it), so
+    # with several local devices each device switches to its own pool's step.
     def step_fn(h, actions):
         if len(steps) == 1:
             return steps[0](h, actions)
@@ -315,7 +260,7 @@ def make_sharded_envs(env_id: str, num_envs: int, *, seed: int, devices_per_proc
         return jax.lax.switch(idx, steps, h, actions)
 
     spec = dataclasses.replace(spec, num_envs=num_envs)
-    return ShardedEnvs(group, spec, mesh, per, num_envs, handle, step_fn, obs0, used)
+    return ShardedEnvs(group, spec, mesh, per, handle, step_fn, obs0, used)
 
 
 def device_env_state(obs: np.ndarray, devices: int, window: int = 100) -> envs.EnvState:
@@ -332,14 +277,12 @@ def device_env_state(obs: np.ndarray, devices: int, window: int = 100) -> envs.E
 def sharded_env_state(mesh: Mesh, obs_local: np.ndarray, devices_per_process: int, window: int = 100) -> envs.EnvState:
     """The global :class:`~jaxatari.envs.EnvState`: per-env fields split along
     envs; the episode window and count are kept per device (``[N * W]``, ``[N]``)."""
-    return shard_local(mesh, device_env_state(obs_local, devices_per_process, window))
+    sh = NamedSharding(mesh, P(AXIS))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)),
+                        device_env_state(obs_local, devices_per_process, window))
 
 
-# ---------------------------------------------------------------------------
-# Checkpoints on any topology
-# ---------------------------------------------------------------------------
-
-
+# --- Checkpoints on any topology ---
 def stored_layout(stored: dict[str, Any]) -> tuple[int, int]:
     """``(windows, processes)`` of the run that wrote ``stored`` (its config.json):
     ``windows`` is the number of per-device episode windows in its env state (0:
@@ -349,10 +292,6 @@ def stored_layout(stored: dict[str, Any]) -> tuple[int, int]:
     if not so or so.get("num_agents", 1) > 1:
         return 0, 1
     return int(so.get("devices", 1)), int(so.get("processes", 1))
-
-
-def _layout(stats: envs.EpisodeStats) -> int:
-    return 0 if np.ndim(stats.count) == 0 else int(np.shape(stats.count)[0])
 
 
 def merge_windows(window: np.ndarray, count: np.ndarray, windows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -397,39 +336,40 @@ def restore_latest_any_topology(ckpt, target, stored: dict[str, Any]):
     old, _ = stored_layout(stored)
     so = stored.get("scale_out") or {}
     population = so.get("num_agents", 1) > 1  # agents x envs on one device
-    new = old if population else _layout(target.env.stats)
-
-    def spec(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-
-    abstract = jax.tree.map(spec, target)
     stats = target.env.stats
+    new = old if population else (int(np.shape(stats.count)[0]) if np.ndim(stats.count) else 0)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            target)
     if population and np.ndim(stats.count) == 2 and "windows_per_agent" not in so:
         # Written before an agent's count of returns had its device axis: [K] -> [K, 1].
         count = abstract.env.stats.count
-        abstract = abstract.replace(env=abstract.env.replace(stats=abstract.env.stats.replace(
-            count=jax.ShapeDtypeStruct(count.shape[:1], count.dtype, sharding=count.sharding))))
-        restored = ckpt.restore_latest(abstract)
-        st = restored.state.env.stats
-        state = restored.state.replace(env=restored.state.env.replace(stats=st.replace(count=st.count[:, None])))
+        restored = ckpt.restore_latest(_with_stats(abstract, count=jax.ShapeDtypeStruct(
+            count.shape[:1], count.dtype, sharding=count.sharding)))
+        state = _with_stats(restored.state, count=restored.state.env.stats.count[:, None])
         return restored._replace(state=place(state, target))
     if old != new:
         W = stats.window.shape[0] // max(new, 1)
         sh = stats.window.sharding
         rep = NamedSharding(sh.mesh, P()) if isinstance(sh, NamedSharding) else sh
-        abstract = abstract.replace(env=abstract.env.replace(stats=abstract.env.stats.replace(
-            window=jax.ShapeDtypeStruct((max(old, 1) * W,), stats.window.dtype, sharding=rep),
-            count=jax.ShapeDtypeStruct((old,) if old else (), stats.count.dtype, sharding=rep))))
+        abstract = _with_stats(abstract,
+                               window=jax.ShapeDtypeStruct((max(old, 1) * W,), stats.window.dtype, sharding=rep),
+                               count=jax.ShapeDtypeStruct((old,) if old else (), stats.count.dtype, sharding=rep))
         log.warning("Resuming a checkpoint written with %s on %s: the windows of recent episode returns are "
-                    "re-laid for the new device count.", f"{old} device window(s)" if old else "one window (the former single-device path)",
+                    "re-laid for the new device count.",
+                    f"{old} device window(s)" if old else "one window (the former single-device path)",
                     f"{new} device(s)" if new else "one window")
     restored = ckpt.restore_latest(abstract)
     state = restored.state
     if old != new:
         w, n = merge_windows(np.asarray(fetch(state.env.stats.window)), np.asarray(fetch(state.env.stats.count)),
                              new)
-        state = state.replace(env=state.env.replace(stats=state.env.stats.replace(window=w, count=n)))
+        state = _with_stats(state, window=w, count=n)
     return restored._replace(state=place(state, target))
+
+
+def _with_stats(state, **fields):
+    """``state`` with ``fields`` of its ``env.stats`` replaced."""
+    return state.replace(env=state.env.replace(stats=state.env.stats.replace(**fields)))
 
 
 def env_state_in(env: envs.EnvState) -> envs.EnvState:
@@ -446,11 +386,7 @@ def global_window_mean(stats: envs.EpisodeStats) -> jax.Array:
     return jnp.nanmean(jax.lax.all_gather(stats.window, AXIS))
 
 
-# ---------------------------------------------------------------------------
-# Maths of the device-invariant updates (inside shard_map)
-# ---------------------------------------------------------------------------
-
-
+# --- Maths of the device-invariant updates (inside shard_map) ---
 def env_index(local_envs: int) -> jax.Array:
     """Global env indices ``[B/N]`` of the calling device's envs."""
     return jax.lax.axis_index(AXIS) * local_envs + jnp.arange(local_envs)
@@ -493,9 +429,7 @@ def time_minibatches(batch, key: jax.Array, num_minibatches: int, global_env: ja
     perms = jax.vmap(lambda b: jax.random.permutation(jax.random.fold_in(key, b), T))(global_env)  # [Bn, T]
 
     def one(x):
-        xt = jnp.moveaxis(x, 1, 0)  # [Bn, T, ...]
-        xt = jax.vmap(lambda row, p: row[p])(xt, perms)
-        x = jnp.moveaxis(xt, 0, 1)  # [T, Bn, ...] permuted per env
+        x = jax.vmap(lambda row, p: row[p], in_axes=(1, 0), out_axes=1)(x, perms)  # [T, Bn, ...] permuted per env
         x = x.reshape(num_minibatches, T // num_minibatches, *x.shape[1:])
         return x.reshape(num_minibatches, -1, *x.shape[3:])
 
@@ -524,11 +458,7 @@ def env_minibatches(batch, carry0, key: jax.Array, num_minibatches: int, global_
     return data, jax.tree.map(lambda x: jnp.take(x, idx, axis=0), carry0)
 
 
-# ---------------------------------------------------------------------------
-# Populations
-# ---------------------------------------------------------------------------
-
-
+# --- Populations ---
 def parse_sweep(sweep: str | None, num_agents: int, sweepable: Sequence[str],
                 ranges: dict[str, str]) -> tuple[str | None, list[float] | None, int]:
     """``"learning_rate=1e-4,2.5e-4"`` -> ``(field, values, num_agents)``.

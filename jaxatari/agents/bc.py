@@ -1,30 +1,16 @@
 """Behaviour cloning: a Conv+CfC network copies an expert by supervised learning.
 
-The workload of the ncps Atari example (``examples/atari_torch.py`` and
-``atari_tf.py`` of the ``ncps`` package; Lechner, Hasani et al.): sequences of
-(observation, expert action) from :mod:`jaxatari.data`, the ncps conv block into
-a CfC of 64 units and a linear readout to the action logits, cross-entropy over
-every step of every sequence, Adam with learning rate 1e-4, batches of 32
-sequences. The hidden state is zero at the start of each training sequence.
-After each epoch the clone is scored offline (validation loss and accuracy;
-about 92% was where the original clone played decently) and online: it plays
-``eval_episodes`` full games in a closed loop, its hidden state reset at each
-episode start (:func:`jaxatari.evaluate.evaluate`).
-
-One file, top to bottom: ``Config`` -> ``State`` -> ``init`` -> :func:`bc_loss`
--> ``make_train_step`` / ``make_eval_step`` (each compiled once) -> ``train``
-(epochs driven from Python).
-
-Network. The clone is an :class:`~jaxatari.networks.ActorCritic` built from a
-:class:`~jaxatari.networks.NetworkSpec`, so that :func:`jaxatari.load_policy`
-and ``scripts/evaluate.py`` load it like any other policy. Its policy head is
-the readout ``Dense(64 -> A)`` (what ncps' ``proj_size = n_actions`` computes:
-one linear map of the CfC state). Its value head is not trained: nothing
-depends on it, and Adam leaves a parameter with zero gradient exactly where it
-was initialised, so the values a BC policy returns are meaningless. The
-workload's batch norm is replaced by the conv block's ``norm="layer"``
-(a per-sample normalisation after each conv): no batch statistics to carry
-between training and a closed loop of batch 1.
+The workload of the ncps Atari example (Lechner, Hasani et al.): sequences of
+(observation, expert action) from :mod:`jaxatari.data`, the ncps conv block
+into a CfC of 64 units whose readout gives the action logits, cross-entropy
+over every step of every sequence (:func:`bc_loss`, the hidden state zero at
+each sequence's start), Adam 1e-4, batches of 32 sequences. After each epoch
+the clone is scored on the validation split and, in closed loop, over
+``eval_episodes`` full games (:func:`jaxatari.evaluate.evaluate`). The clone
+is an :class:`~jaxatari.networks.ActorCritic`, so :func:`jaxatari.load_policy`
+loads it like any policy; its value head is never trained (its values are
+meaningless), and the workload's batch norm is the conv block's per-sample
+``norm="layer"`` (no batch statistics to carry into a closed loop of batch 1).
 """
 
 from __future__ import annotations
@@ -105,27 +91,26 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
     """Fill ``env``/``preset`` from the dataset manifest and validate; returns
     ``(config, manifest)``. Raises before anything is compiled."""
     c = config
-    manifest = data.read_manifest(c.data) if Path(c.data).is_dir() else None
     if not Path(c.data).is_dir():
         raise data.DataError(f"--data {c.data!r} is not a directory; pass a dataset directory written by "
                              "scripts/collect.py (or the ncps layout: train_<i>.npz and val_<i>.npz).")
+    manifest = data.read_manifest(c.data)
+    m = manifest or {}
     if c.env is None:
-        if manifest is None or "env" not in manifest:
+        if "env" not in m:
             raise ConfigError(f"--env is needed: {c.data} has no manifest.json naming its game (the ncps "
                               "layout); pass the game the data come from, e.g. --env Breakout-v5.")
         c = dataclasses.replace(c, env=manifest["env"])
-    elif manifest is not None and manifest.get("env") not in (None, c.env):
+    elif m.get("env") not in (None, c.env):
         raise ConfigError(f"--env {c.env} differs from the game of the dataset in {c.data} "
                           f"({manifest['env']}); leave --env out or pass --env {manifest['env']}.")
     envs.validate_env_id(c.env)
     if not envs.is_atari(c.env):
         raise ConfigError(f"--env {c.env}: behaviour cloning takes Atari games (pixel sequences).")
-    preset = c.preset or (manifest or {}).get("preset")
-    dataset_game = c.preset in (None, (manifest or {}).get("preset"))
-    c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, preset))
-    if dataset_game and (manifest or {}).get("options") and not c.resume:  # a resume keeps its stored games
-        # Closed-loop games are the dataset's: its options beyond the preset (the expert's --env-option
-        # values, collect's --max-episode-steps), each unless --env-option sets it.
+    dataset_game = c.preset in (None, m.get("preset"))
+    c = dataclasses.replace(c, preset=envs.resolve_preset(c.env, c.preset or m.get("preset")))
+    if dataset_game and m.get("options") and not c.resume:  # a resume keeps its stored games
+        # Closed-loop games are the dataset's: its options beyond the preset, each unless --env-option sets it.
         given = envs.parse_env_options(c.env_option)
         base = envs.resolve_options(c.env, c.preset)
         extra = [f"{k}={v}" for k, v in manifest["options"].items()
@@ -142,24 +127,17 @@ def resolve(config: Config) -> tuple[Config, dict[str, Any] | None]:
 def network_spec(c: Config, num_actions: int) -> NetworkSpec:
     """The clone's network: ``--network cfc`` is ``--torso`` into a CfC of
     ``--cfc-units`` with the policy head as its readout to the action logits."""
-    torso = c.torso if c.network == "cfc" else c.network
-    # The BC train step has no convolution inside a loop: XLA's own conv is the fast one on every backend.
+    recurrent = c.network == "cfc"
+    torso = c.torso if recurrent else c.network
     torso_kwargs = dict(channels=list(c.conv_channels), norm=c.norm) if torso == "convblock" else {}
-    if torso != "mlp":
-        torso_kwargs["conv_impl"] = "xla"
-    cfc = {}
-    if c.network == "cfc":
-        cfc = dict(hidden_size=c.cfc_units, mode=c.cfc_mode, backbone_units=c.cfc_backbone_units,
-                   backbone_layers=c.cfc_backbone_layers)
-    return NetworkSpec(torso=torso, num_actions=num_actions, core="cfc" if c.network == "cfc" else "none",
+    torso_kwargs["conv_impl"] = "xla"  # no convolution inside a loop: XLA's own conv is the fast one
+    cfc = dict(hidden_size=c.cfc_units, mode=c.cfc_mode, backbone_units=c.cfc_backbone_units,
+               backbone_layers=c.cfc_backbone_layers) if recurrent else {}
+    return NetworkSpec(torso=torso, num_actions=num_actions, core="cfc" if recurrent else "none",
                        shared=True, torso_kwargs=torso_kwargs, cfc=cfc)
 
 
-# ---------------------------------------------------------------------------
-# State and init
-# ---------------------------------------------------------------------------
-
-
+# --- State and init ---
 @struct.dataclass
 class State:
     """Everything training needs, checkpointed whole.
@@ -199,11 +177,7 @@ def init(net_spec: NetworkSpec, optimizer, obs_shape, key: jax.Array) -> State:
                  loss_sum=_zeros_f32(), correct_sum=_zeros_f32(), count=_zeros_f32())
 
 
-# ---------------------------------------------------------------------------
-# Loss and the compiled steps
-# ---------------------------------------------------------------------------
-
-
+# --- Loss and the compiled steps ---
 class BCStats(NamedTuple):
     """Sums over the unmasked steps of a batch (add them up over batches)."""
 
@@ -293,10 +267,7 @@ def validate(eval_step, params, val: data.SequenceDataset, batch_size: int, work
     return loss / max(count, 1.0), correct / max(count, 1.0)
 
 
-# ---------------------------------------------------------------------------
-# Train
-# ---------------------------------------------------------------------------
-
+# --- Train ---
 METRIC_COLUMNS = ("global_step", "epoch", "update", "wall_time", "sps", "train_loss", "train_accuracy",
                   "val_loss", "val_accuracy", "eval_return", "eval_return_std")
 
@@ -381,10 +352,13 @@ def train(config: Config) -> Result:
         best = ckpt.best_score if ckpt.best_score is not None else -math.inf
         status, val_acc, eval_ret, received = "done", math.nan, None, None
 
+        def wall_time():
+            return prev_wall + time.perf_counter() - wall0
+
         def save(state, *, score=None, **extra):
             step = int(state.update) * steps_per_update
-            m = dict(meta, global_step=step, epoch=int(state.epoch), update=int(state.update),
-                     wall_time=prev_wall + time.perf_counter() - wall0, **extra)
+            m = dict(meta, global_step=step, epoch=int(state.epoch), update=int(state.update), wall_time=wall_time(),
+                     **extra)
             ckpt.save(step, state, policy=state.params, meta=m)
             if score is not None:
                 ckpt.save_best(step, state, score, policy=state.params, meta=m)
@@ -419,7 +393,7 @@ def train(config: Config) -> Result:
                             save(state)
                         break
                     done_batches = int(state.batch) - start
-                    train_loss = float(state.loss_sum / jnp.maximum(state.count, 1.0))
+                    train_loss = _train_loss(state)
                     train_acc = float(state.correct_sum / jnp.maximum(state.count, 1.0))
                     if not (math.isfinite(train_loss) and _finite(state.params)):
                         raise NonFiniteError(
@@ -436,12 +410,10 @@ def train(config: Config) -> Result:
                         eval_ret, eval_std = res.mean, res.std
                     state = state.replace(epoch=jnp.asarray(epoch + 1, jnp.int32), batch=jnp.zeros((), jnp.int32),
                                           loss_sum=_zeros_f32(), correct_sum=_zeros_f32(), count=_zeros_f32())
-                    global_step = int(state.update) * steps_per_update
-                    wall = prev_wall + time.perf_counter() - wall0
-                    writer.write(dict(global_step=global_step, epoch=epoch + 1, update=int(state.update),
-                                      wall_time=round(wall, 3), sps=round(sps, 1), train_loss=train_loss,
-                                      train_accuracy=train_acc, val_loss=val_loss, val_accuracy=val_acc,
-                                      eval_return=eval_ret, eval_return_std=eval_std))
+                    writer.write(dict(global_step=int(state.update) * steps_per_update, epoch=epoch + 1,
+                                      update=int(state.update), wall_time=round(wall_time(), 3), sps=round(sps, 1),
+                                      train_loss=train_loss, train_accuracy=train_acc, val_loss=val_loss,
+                                      val_accuracy=val_acc, eval_return=eval_ret, eval_return_std=eval_std))
                     writer.flush()
                     ret = "" if eval_ret is None else (
                         f" | return {eval_ret:.2f} ± {eval_std:.2f} ({c.eval_episodes} games)")
@@ -467,6 +439,10 @@ def train(config: Config) -> Result:
         print(f"Best validation accuracy {100 * best:.2f}% (checkpoint in {run_dir / 'checkpoints' / 'best'}).",
               flush=True)
     return Result(state, status, int(state.epoch), val_acc, best, eval_ret, received)
+
+
+def _train_loss(state: State) -> float:
+    return float(state.loss_sum / jnp.maximum(state.count, 1.0))
 
 
 def _finite(tree) -> bool:
@@ -500,14 +476,11 @@ class _EpochBar:
         if self.bar is None:
             if now - self._last >= self.PLAIN_EVERY_S and done < self.total:
                 self._last = now
-                loss = float(state.loss_sum / jnp.maximum(state.count, 1.0))
-                print(f"{self.label}: {done:,}/{self.total:,} batches, train loss {loss:.4f} "
+                print(f"{self.label}: {done:,}/{self.total:,} batches, train loss {_train_loss(state):.4f} "
                       f"({now - self._t0:.0f}s)", flush=True)
-            return
-        if now - self._last > 0.5 or done == self.bar.tasks[0].total:  # fetching the loss waits for the step
+        elif now - self._last > 0.5 or done == self.total:  # fetching the loss waits for the step
             self._last = now
-            loss = float(state.loss_sum / jnp.maximum(state.count, 1.0))
-            self.bar.update(self.task, completed=done, loss=f"{loss:.4f}")
+            self.bar.update(self.task, completed=done, loss=f"{_train_loss(state):.4f}")
         else:
             self.bar.update(self.task, completed=done)
 

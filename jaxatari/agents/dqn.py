@@ -1,58 +1,24 @@
 """Deep Q-networks (Mnih et al. 2015, Nature 518), compiled end to end.
 
-One file, top to bottom: ``Config`` (with the ``--dqn-preset`` hyperparameter
-sets) -> ``State`` -> ``init`` -> ``update`` (gradient steps on
-:func:`jaxatari.ops.td.dqn_loss`) -> ``iteration`` (act, env step, buffer
-insert, learn, target sync) -> ``make_chunk`` (a ``lax.scan`` of metric rows,
-each a ``lax.scan`` of iterations: one compiled call) -> ``train``.
+One *iteration* steps all ``B = --num-envs`` envs once with epsilon-greedy
+actions, adds the ``B`` transitions to the device-resident, frame-deduplicated
+replay buffer (:mod:`jaxatari.replay`, part of :class:`State`), learns on
+training iterations (:func:`learn`) and moves the target network
+(:func:`target_update`); :func:`update` scans iterations into one metrics row.
 
-The whole act-store-sample-learn loop runs on the device. One *iteration*
-steps all ``B = --num-envs`` envs once with epsilon-greedy actions, adds the
-``B`` transitions to the device-resident, frame-deduplicated replay buffer
-(:mod:`jaxatari.replay`, held in the training :class:`State`), then, on train
-iterations, samples minibatches and takes gradient steps; the target network
-follows by env-step count.
+Counting: every count in the config (``--learning-starts``,
+``--target-network-frequency``, ``--exploration-steps``, ``--train-frequency``)
+is in env steps summed over envs; one iteration is ``B`` env steps.
 
-Counting. Every count in the config is in **env steps summed over envs**
-(agent steps, each ``frame_skip`` = 4 emulator frames on Atari): one iteration
-is ``B`` env steps. ``--learning-starts``, ``--target-network-frequency``,
-``--exploration-steps`` and ``--train-frequency`` are all in env steps.
+Replay ratio: ``--gradient-steps G`` every ``--train-frequency F`` env steps is
+``G / F`` updates per env step whatever ``B``: with ``g = gcd(F, B G)`` the loop
+takes ``U = B G / g`` updates every ``P = F / g`` iterations
+(:attr:`Config.updates_per_train`, :attr:`Config.train_period`).
 
-Replay ratio. ``--gradient-steps G`` updates every ``--train-frequency F`` env
-steps is ``G / F`` gradient updates (of ``--batch-size`` transitions) per env
-step, whatever ``B``. With ``g = gcd(F, B G)`` the compiled loop takes
-``U = B G / g`` updates every ``P = F / g`` iterations (:attr:`Config.train_period`,
-:attr:`Config.updates_per_train`), which is exactly ``G / F`` per env step for
-any ``B``: e.g. ``F = 4, G = 1`` gives 1 update every 4 iterations with one
-env and 2 updates every iteration with 8 envs. The startup line states the ratio.
-
-Target network. Every time the env-step count crosses a multiple of
-``--target-network-frequency`` the target parameters move towards the online
-ones, ``theta_bar <- tau theta + (1 - tau) theta_bar``: ``--tau 1`` (default)
-is the hard copy of Mnih et al. 2015; ``tau < 1`` is Polyak averaging
-(``--target-network-frequency 1`` averages every iteration; if one iteration
-crosses ``k`` multiples the update is applied as ``k`` of them,
-``1 - (1 - tau)^k``).
-
-Checkpoints and resume. The buffer is part of the state. ``--checkpoint-buffer``
-(default) saves it with every checkpoint when it is at most
-``--checkpoint-buffer-limit-gib`` (default 2 GiB: the 10k-transition Pong
-buffer, ~75 MiB, is saved; the 1M-transition Nature buffer, ~7 GiB, is not), so
-that a resumed run continues bit-for-bit (the runner replays the logged env
-actions). Otherwise checkpoints hold everything but the buffer; a resumed run
-refills the buffer for ``--learning-starts`` env steps (exploring with the
-epsilon of the schedule at that point) before learning again, and is then not
-exact (it says so).
-
-Devices and populations. :func:`update` sees one device's share of the envs
-and of the replay buffer (split along envs) inside ``shard_map``; one device is
-N = 1 (see :mod:`jaxatari.driver`). Each gradient step draws ``batch_size / B``
-transitions from every env with a per-env key (:func:`learn`, stratified by
-env, so ``--batch-size`` must divide by ``--num-envs``) and gradients are
-averaged with ``pmean``, so the same seed gives the same run on any number of
-devices and processes. ``--num-agents K`` / ``--sweep FIELD=V1,...`` vmap
-:func:`update` over ``K`` agents stepping one EnvPool of ``K x B`` envs; agent
-``k`` gets what it would get alone with seed ``seed + k``.
+Resume: checkpoints hold the buffer when it fits ``--checkpoint-buffer-limit-gib``
+and the resumed run is then exact; otherwise the buffer refills for
+``--learning-starts`` env steps before learning again (:func:`restart`).
+Devices, processes and populations: see README's DQN and scaling sections.
 """
 
 from __future__ import annotations
@@ -87,30 +53,21 @@ NETWORKS = ("auto", "nature", "impala", "mlp")
 
 #: ``--dqn-preset`` hyperparameter sets, filling the fields left at ``None``.
 DQN_PRESETS: dict[str, dict[str, Any]] = {
-    # The DQN Atari setup of Mnih et al. (2015) as CleanRL's dqn_atari runs it: 1M
-    # buffer, batch 32, Adam 1e-4, target copy every 1000 steps, epsilon 1 -> 0.01
-    # over the first 10%, learning after 80k, train every 4; with the Huber loss
-    # (the paper's error clipping) and a gradient-norm clip of 10, as in SB3.
+    # Mnih et al. (2015) as CleanRL's dqn_atari runs it, with the Huber loss (the paper's error
+    # clipping) and a gradient-norm clip of 10, as in SB3.
     "nature": dict(
         total_timesteps=10_000_000, buffer_size=1_000_000, batch_size=32, learning_rate=1e-4,
         optimizer="adam", max_grad_norm=10.0, loss="huber", target_network_frequency=1000,
         start_e=1.0, end_e=0.01, exploration_fraction=0.1, learning_starts=80_000, train_frequency=4,
     ),
-    # The Pong workload of "Deep RL Hands-On" (Lapan, ch. 6: DQN on PongNoFrameskip-v4):
-    # replay 10k, learning after 10k, target sync every 1000, epsilon 1 -> 0.01 over
-    # the first 150k, Adam 1e-4, batch 32, MSE loss, one update per step, no clipping,
-    # stop at a mean return of 19. Its "frames" count agent steps (the loop steps the
-    # frame-skipping wrapper once per "frame"), and so do we.
+    # The Pong workload of "Deep RL Hands-On" (Lapan, ch. 6); its "frames" are agent steps, as ours.
     "pong-fast": dict(
         total_timesteps=2_000_000, buffer_size=10_000, batch_size=32, learning_rate=1e-4,
         optimizer="adam", max_grad_norm=0.0, loss="mse", target_network_frequency=1000,
         start_e=1.0, end_e=0.01, exploration_steps=150_000, learning_starts=10_000, train_frequency=1,
         target_return=19.0,
     ),
-    # Classic control (CartPole-v1), after CleanRL's dqn.py: MLP 120-84 ReLU, Adam
-    # 2.5e-4, buffer 10k, batch 128, target copy every 500, train every 10, learning
-    # after 10k, epsilon 1 -> 0.05; epsilon decays over 10% (CleanRL: 50%) so that
-    # the training returns reach the 400 of the learning test early.
+    # Classic control (CartPole-v1) after CleanRL's dqn.py, epsilon decaying over 10% (CleanRL: 50%).
     "classic": dict(
         total_timesteps=500_000, buffer_size=10_000, batch_size=128, learning_rate=2.5e-4,
         optimizer="adam", max_grad_norm=10.0, loss="mse", target_network_frequency=500,
@@ -278,11 +235,7 @@ def buffer_nbytes(c: Config, spec: envs.EnvSpec) -> int:
     return replay.nbytes(jax.eval_shape(lambda: create_buffer(c, spec)))
 
 
-# ---------------------------------------------------------------------------
-# State and init
-# ---------------------------------------------------------------------------
-
-
+# --- State and init ---
 @struct.dataclass
 class State:
     """Everything training needs, checkpointed whole (the buffer optionally)."""
@@ -314,30 +267,16 @@ def make_optimizer(c: Config) -> optax.GradientTransformation:
 def init(c: Config, ctx: Context, env_state: envs.EnvState, key: jax.Array) -> State:
     """The state before the first iteration: fresh params (the target a copy),
     optimizer state, the envs' first observations and statistics ``env_state``
-    (laid out by the driver), an empty replay buffer for ``num_envs`` envs,
-    counters at 0. The driver compiles it (eagerly, the network's init alone
-    compiles ~100 tiny XLA programs, >10 s on a small CPU)."""
+    (laid out by the driver), an empty replay buffer, counters at 0."""
     k_params, k_train = jax.random.split(key)
     params = QNetwork(ctx.net_spec).init(k_params, jnp.zeros((1, *ctx.spec.obs_shape), ctx.spec.obs_dtype))
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-    return State(
-        params=params,
-        target_params=jax.tree.map(jnp.copy, params),
-        opt_state=make_optimizer(c).init(params),
-        env=env_state,
-        replay=create_buffer(c, ctx.spec),
-        key=k_train,
-        iteration=zero(),
-        updates=zero(),
-        buffer_iterations=zero(),
-    )
+    return State(params=params, target_params=jax.tree.map(jnp.copy, params), opt_state=make_optimizer(c).init(params),
+                 env=env_state, replay=create_buffer(c, ctx.spec), key=k_train, iteration=zero(), updates=zero(),
+                 buffer_iterations=zero())
 
 
-# ---------------------------------------------------------------------------
-# Learning: gradient steps on minibatches from the buffer
-# ---------------------------------------------------------------------------
-
-
+# --- Learning: gradient steps on minibatches from the buffer ---
 class TrainSums(struct.PyTreeNode):
     """Sums over the gradient steps of one training event (zeros when none)."""
 
@@ -366,13 +305,11 @@ def learn(c: Config, ctx: Context, params, target_params, opt_state, buffer: rep
     Returns ``(params, opt_state, TrainSums)``: sums over the steps of the loss,
     the mean Q of the taken actions and the gradient norm, with their ``count``.
     """
-    qnet = QNetwork(ctx.net_spec)
     optimizer = make_optimizer(c)
     per_env = c.batch_size // c.num_envs
     env_index = parallel.env_index(ctx.local_envs)
-    loss_fn = functools.partial(dqn_loss, apply_fn=qnet.apply, double_q=c.double_q, loss=c.loss,
-                                huber_delta=c.huber_delta)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(dqn_loss, apply_fn=QNetwork(ctx.net_spec).apply, double_q=c.double_q,
+                                                   loss=c.loss, huber_delta=c.huber_delta), has_aux=True)
 
     def sample_env(buf, k):  # one env's rows, its env axis restored
         one = jax.tree.map(lambda x: x[None], buf)
@@ -404,11 +341,7 @@ def target_update(target_params, params, *, crossings: jax.Array, tau: float):
     return jax.tree.map(lambda t, p: (1.0 - tau_k) * t + tau_k * p, target_params, params)
 
 
-# ---------------------------------------------------------------------------
-# One iteration, one update (a metrics row)
-# ---------------------------------------------------------------------------
-
-
+# --- One iteration, one update (a metrics row) ---
 def act(c: Config, ctx: Context, state: State):
     """Epsilon-greedy actions in this device's ``B/N`` envs, one key per env
     (``fold_in(key, global env index)``), so actions do not depend on the split.
@@ -443,10 +376,10 @@ def observe(c: Config, ctx: Context, state: State, env_state: envs.EnvState, tr:
     if ctx.agent_axis:  # the same for every agent: kept a branch (a vmapped cond would run both sides)
         do_train = jax.lax.pmax(do_train.astype(jnp.int32), ctx.agent_axis) > 0
 
-    def skip(c, ctx, params, target_params, opt_state, buffer, key):
+    def skip(params, target_params, opt_state, buffer, key):
         return params, opt_state, TrainSums.zeros()
 
-    params, opt_state, sums = jax.lax.cond(do_train, functools.partial(learn, c, ctx), functools.partial(skip, c, ctx),
+    params, opt_state, sums = jax.lax.cond(do_train, functools.partial(learn, c, ctx), skip,
                                            state.params, state.target_params, state.opt_state, buffer, k_train)
     crossings = it * B // c.target_network_frequency - state.iteration * B // c.target_network_frequency
     target_params = target_update(state.target_params, params, crossings=crossings, tau=c.tau)
@@ -454,16 +387,6 @@ def observe(c: Config, ctx: Context, state: State, env_state: envs.EnvState, tr:
                           replay=buffer, key=key, iteration=it, updates=state.updates + sums.count,
                           buffer_iterations=buffer_it)
     return state, sums
-
-
-def iteration(c: Config, ctx: Context, state: State, handle):
-    """Act epsilon-greedily in this device's envs, step them, store the
-    transitions, learn on training iterations, sync the target. Returns
-    ``(state, handle, (actions [B/N], episode outcome, TrainSums, epsilon))``."""
-    action, key, k_train, epsilon = act(c, ctx, state)
-    handle, env_state, tr, outcome = envs.env_step(ctx.step_fn, handle, state.env, action)
-    state, sums = observe(c, ctx, state, env_state, tr, key, k_train)
-    return state, handle, (action, outcome, sums, epsilon)
 
 
 METRIC_COLUMNS = ("epsilon", "loss", "q_mean", "grad_norm", "buffer_size")
@@ -477,13 +400,16 @@ def update(c: Config, ctx: Context, state: State, handle):
     of scalars over every device (``update`` = gradient steps so far,
     ``env_steps``, the episode sums, ``return_mean100``, ``finite`` and
     :data:`METRIC_COLUMNS`)."""
-    def body(carry, _):
-        s, h, out = iteration(c, ctx, *carry)
-        return (s, h), out
+    def iteration(carry, _):  # act, env step, store, learn when due, sync the target
+        state, handle = carry
+        action, key, k_train, epsilon = act(c, ctx, state)
+        handle, env_state, tr, outcome = envs.env_step(ctx.step_fn, handle, state.env, action)
+        state, sums = observe(c, ctx, state, env_state, tr, key, k_train)
+        return (state, handle), (action, outcome, sums, epsilon)
 
     state = state.replace(env=parallel.env_state_in(state.env))
-    (state, handle), (actions, outcomes, sums, eps) = jax.lax.scan(body, (state, handle), None,
-                                                                  length=c.iterations_per_row)
+    (state, handle), (actions, outcomes, sums, eps) = jax.lax.scan(iteration, (state, handle), None,
+                                                                   length=c.iterations_per_row)
     ep = jax.lax.psum(episode_metrics(outcomes), parallel.AXIS)
     n = sums.count.sum()
     mean = lambda x: jnp.where(n > 0, x.sum() / jnp.maximum(n, 1), jnp.nan)  # noqa: E731
@@ -499,11 +425,7 @@ def update(c: Config, ctx: Context, state: State, handle):
     return state.replace(env=parallel.env_state_out(state.env)), handle, metrics, actions
 
 
-# ---------------------------------------------------------------------------
-# What the driver asks of DQN beyond init and update
-# ---------------------------------------------------------------------------
-
-
+# --- What the driver asks of DQN beyond init and update ---
 def buffer_saved(c: Config, spec: envs.EnvSpec, agents: int = 1) -> tuple[bool, str]:
     """Whether checkpoints hold the replay buffer(s) of ``agents`` agents, and why not."""
     nbytes = agents * buffer_nbytes(c, spec)
