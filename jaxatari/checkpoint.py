@@ -3,6 +3,11 @@ the newest ``keep`` in ``RUN_DIR/checkpoints/latest/<step>/`` and the best-scori
 one in ``best/<step>/``; :func:`restore_policy` loads a policy read-only. A step
 holds the orbax items ``state``, optional ``policy`` (pytrees of arrays), ``meta``
 and ``format`` (JSON), written with standard handlers (nothing is pickled).
+
+``format`` also holds a digest of every array saved (CRC-32 of its bytes,
+computed on the host arrays before the write); a restore recomputes it, so a
+checkpoint damaged on disk (its sizes unchanged) is caught and skipped like an
+unreadable one. Checkpoints written before digests restore unverified.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +40,7 @@ FORMAT_VERSION = 1
 LATEST, BEST = "latest", "best"
 _TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX  # '.orbax-checkpoint-tmp'
 _MAX_LISTED = 5  # differences named in a mismatch message
+DIGEST = "crc32"  # of each array's bytes, in the format item
 
 
 _writing = 0  # saves and waits in progress in this process
@@ -58,6 +65,10 @@ class _Writing:
 
 class _NoneReadable(CheckpointError):
     """Every checkpoint in a directory is unreadable (or there is none)."""
+
+
+class _Damaged(Exception):
+    """A checkpoint's arrays differ from the digest saved with them (its message says which)."""
 
 
 class Restored(NamedTuple):
@@ -178,7 +189,8 @@ class Checkpointer:
         if policy is not None:
             split["policy"] = _split_keys(policy, "policy")
         fmt = {"version": FORMAT_VERSION, "items": ["state", "meta", "format", *list(split)[1:]],
-               "typed_keys": {item: keys for item, (_, keys) in split.items()}}
+               "typed_keys": {item: keys for item, (_, keys) in split.items()},
+               "digest": {"hash": DIGEST, **{item: _digests(data) for item, (data, _) in split.items()}}}
         items = {item: ocp.args.StandardSave(data) for item, (data, _) in split.items()}
         args = ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta), format=ocp.args.JsonSave(fmt))
         self._wait(manager)  # a failed previous save is reported as such
@@ -280,6 +292,9 @@ def restore_policy(path: str | os.PathLike, abstract_policy) -> tuple[Any, dict]
                 r = _read_step(reader, path, state_target=None, policy_target=abstract_policy, want_state=False)
             except CheckpointError:
                 raise
+            except _Damaged as e:
+                raise CheckpointError(f"Checkpoint {path} is damaged ({e}) and is not loaded; load another "
+                                      "checkpoint, or its run directory for the newest good one.") from None
             except Exception as e:
                 raise CheckpointError(f"Checkpoint {path} is unreadable ({_reason(e, path)}).") from None
         return r.policy, r.meta
@@ -362,11 +377,46 @@ def _score(step_dir: Path, *, verify: bool = False) -> float | None:
                     sharding = _default_sharding()
                     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
                                             saved)
-                    jax.block_until_ready(reader.tree(step_dir, item, abstract))
+                    tree = jax.block_until_ready(reader.tree(step_dir, item, abstract))
+                    _verify(_flat(tree), reader.json(step_dir, "format"), item)
         return None if math.isnan(score) else score
     except Exception as e:
         log.warning("Cannot read %s (%s); it does not count as best.", step_dir, _reason(e, step_dir))
         return None
+
+
+# -- digests ---------------------------------------------------------------
+
+
+def _crc(a: np.ndarray) -> str:
+    return f"{zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)):08x}"
+
+
+def _digests(tree) -> dict[str, str]:
+    """{leaf name: CRC-32 of its bytes} of the leaves to be saved, from their host
+    arrays; a leaf split over several processes (no process holds it whole) is left out."""
+    out = {}
+    for name, x in _flat(tree).items():
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                continue
+            x = x.addressable_data(0)
+        out[name] = _crc(np.asarray(x))
+    return out
+
+
+def _verify(restored: dict[str, Any], fmt: dict, item: str) -> None:
+    """Raise :class:`_Damaged` if a restored leaf ({name: array}, key data unwrapped)
+    differs from its saved digest. No digest (older checkpoints): nothing to verify."""
+    digest = fmt.get("digest") or {}
+    saved = digest.get(item) or {}
+    if digest.get("hash") != DIGEST or not saved:
+        return
+    bad = [name for name, x in restored.items() if name in saved and _crc(np.asarray(x)) != saved[name]]
+    if bad:
+        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise _Damaged(f"its {item} arrays differ from the digest saved with them "
+                       f"({', '.join(map(repr, bad[:_MAX_LISTED]))}{more})")
 
 
 # -- pytrees ---------------------------------------------------------------
@@ -542,8 +592,10 @@ def _read_step(reader: _StepReader, step_dir: Path, *, state_target, policy_targ
         # leaf does (a field added since, holding None, must not make older checkpoints unreadable).
         by_name = _flat(abstract)
         on_disk = jax.tree_util.tree_map_with_path(lambda path, _: by_name[_path_name(path)], saved_tree)
+        data = _flat(reader.tree(step_dir, item, on_disk))
+        _verify(data, fmt, item)
         data = {name: x if name not in saved_keys else jax.random.wrap_key_data(x, impl=saved_keys[name])
-                for name, x in _flat(reader.tree(step_dir, item, on_disk)).items()}
+                for name, x in data.items()}
         trees[item] = jax.tree_util.tree_map_with_path(lambda path, _: data[_path_name(path)], abstract)
     return Restored(int(meta["step"]), trees["state"], trees["policy"], meta)
 
@@ -565,6 +617,10 @@ def _restore_newest(directory: Path, *, state_target, policy_target, want_state:
                                   want_state=want_state), unreadable
             except CheckpointError:
                 raise
+            except _Damaged as e:
+                log.warning("Checkpoint step %d in %s is damaged: %s; trying the previous one.", step, directory, e)
+                unreadable.append(step_dir)
+                reasons.append(f"step {step}: damaged, {e}")
             except Exception as e:
                 log.debug("Reading %s failed.", step_dir, exc_info=True)
                 reason = _reason(e, step_dir)
@@ -581,6 +637,8 @@ _STATUS = {"OUT_OF_RANGE": "truncated file", "DATA_LOSS": "corrupt file", "NOT_F
 def _reason(e: BaseException, root: Path | None = None) -> str:
     """One line for an exception from orbax/tensorstore: its root cause, without spec
     dumps, paths relative to ``root``, at most 200 characters."""
+    if isinstance(e, _Damaged):
+        return f"damaged: {e}"
     seen = {id(e)}
     while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
         seen.add(id(inner))

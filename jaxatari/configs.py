@@ -102,6 +102,8 @@ class RunFields:
     """Env steps per compiled chunk (progress, checkpoints, Ctrl-C act between). Default: 10k Atari on CPU, else 50k."""
     checkpoint_every: int | None = option(None, range="an integer >= 0", resumable=True)
     """Env steps between checkpoints. Default: 1M Atari, 100k classic control."""
+    checkpoint_minutes: float = option(10.0, range=">= 0 (0 = off)", resumable=True)
+    """Minutes between checkpoints, whichever of this and --checkpoint-every comes first (0: off)."""
     keep: int = option(3, range="an integer >= 1", resumable=True)
     """How many latest checkpoints to keep (the best is kept separately)."""
     eval_every: int = option(0, range="an integer >= 0", resumable=True)

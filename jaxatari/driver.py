@@ -266,6 +266,7 @@ def train(algo: Algorithm, config) -> runner.RunResult:
     sched = runner.make_schedule(c.total_timesteps, steps, c.chunk_steps,
                                  updates_per_chunk=stored.get("schedule", {}).get("updates_per_chunk"))
     run_dir = rundir.run_dir_for(c, algo.name)
+    afresh = rundir.start_over_if_unfinished(run_dir, resume=bool(c.resume))  # a start killed before its first save
     c = dataclasses.replace(c, run_dir=str(run_dir))
     seeds = parallel.agent_seeds(c.seed, K)
     agents = [dataclasses.replace(c, seed=s, **({name: values[k]} if name else {})) for k, s in enumerate(seeds)]
@@ -281,7 +282,7 @@ def train(algo: Algorithm, config) -> runner.RunResult:
 
     with Checkpointer(run_dir, keep=c.keep) as ckpt:
         start_chunk, meta = 0, {}
-        if c.resume:
+        if c.resume and not afresh:
             target = initial_state(algo, c, ctx, es, agents, abstract=True).replace(**dict.fromkeys(unsaved))
             restored = parallel.restore_latest_any_topology(ckpt, target, stored)
             state, meta = restored.state, dict(restored.meta or {})
@@ -344,8 +345,9 @@ def train(algo: Algorithm, config) -> runner.RunResult:
             run_dir=run_dir, state=state, handle=es.handle, chunk_fn=chunk_fn, schedule=sched,
             start_chunk=start_chunk, num_envs=total_envs, env_steps=lambda s: updates_done(s) * steps,
             policy_of=lambda s: s.params, checkpointer=_Without(ckpt, unsaved) if unsaved else ckpt,
-            checkpoint_every=c.checkpoint_every, target_return=getattr(c, "target_return", None),
-            metric_columns=algo.metric_columns, eval_fn=eval_fn, eval_every=c.eval_every, meta=meta,
+            checkpoint_every=c.checkpoint_every, checkpoint_minutes=c.checkpoint_minutes,
+            target_return=getattr(c, "target_return", None), metric_columns=algo.metric_columns, eval_fn=eval_fn,
+            eval_every=c.eval_every, meta=meta,
             tensorboard=c.tensorboard, resume_command=rundir.resume_command(algo.name, run_dir), num_agents=K,
             is_main=main, fetch=parallel.fetch,
         )

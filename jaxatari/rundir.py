@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -53,8 +54,10 @@ def run_dir_for(config, algo: str) -> Path:
     """The run directory of ``config``: ``--resume``'s, else ``--run-dir``, else a
     new ``runs/<env>__<algo>__<seed>__<time>``. A fresh run refuses a directory
     that already holds a run: it would mix two runs' metrics and action logs and
-    fail at its first checkpoint. With several processes, process 0's view
-    decides for all (the others may already see what process 0 has written)."""
+    fail at its first checkpoint. A start stopped before its first checkpoint
+    (:func:`unfinished_start`) is no run: :func:`start_over_if_unfinished` resets
+    it. With several processes, process 0's view decides for all (the others may
+    already see what process 0 has written)."""
     if config.resume:
         return Path(config.resume)
     processes = jax.process_count()
@@ -64,6 +67,8 @@ def run_dir_for(config, algo: str) -> Path:
         run_dir = default_run_dir(config.env, algo, config.seed, stamp=_process0_stamp() if processes > 1 else None)
     held = [n for n in ("config.json", "metrics.csv", "checkpoints", SEGMENTS_FILE) if (run_dir / n).exists()]
     held += sorted(p.name for p in run_dir.glob("actions*.u8"))
+    if unfinished_start(run_dir):
+        held = []
     if processes > 1:  # process 0's view, so that every process stops (or none does)
         from jax.experimental import multihost_utils
 
@@ -75,6 +80,51 @@ def run_dir_for(config, algo: str) -> Path:
         raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(held)}); continue it with "
                           f"--resume {run_dir}, delete it, or pass another --run-dir.")
     return run_dir
+
+
+def unfinished_start(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a start that was stopped before its first
+    checkpoint finished: ``checkpoints/latest`` (the first thing a run creates)
+    without a step in it, finished or moved aside as unreadable."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if not latest.is_dir():
+        return False
+    return not any(p.name.isdigit() or ".corrupt" in p.name for p in latest.iterdir())
+
+
+#: What a run writes beside config.json, reset when it starts over (:func:`start_over_if_unfinished`).
+_RUN_FILES = ("metrics.csv", "metrics.csv.tmp", "tb", "actions.json", "actions.json.tmp")
+
+
+def start_over_if_unfinished(run_dir: Path, *, resume: bool) -> bool:
+    """Start the run in ``run_dir`` from step 0 in place if it holds a start that
+    was stopped before its first checkpoint (:func:`unfinished_start`): its
+    partial ``metrics.csv``, TensorBoard events, action log and unfinished
+    checkpoints are removed and one line says so. True if it starts over. So a
+    preemption loop converges whenever it is killed: ``--resume`` of such a
+    directory, and its original command, both start the run. With several
+    processes, process 0 decides and resets for all."""
+    again = unfinished_start(run_dir)
+    main = jax.process_index() == 0
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        again = bool(multihost_utils.broadcast_one_to_all(np.int32(again)))
+    if not again or not main:
+        return again
+    run_dir = Path(run_dir)
+    parts = [run_dir / n for n in _RUN_FILES] + sorted(run_dir.glob("actions*.u8*"))
+    parts += [p for kind in ("latest", "best") for p in sorted((run_dir / "checkpoints" / kind).glob("*"))]
+    for p in parts:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    what = ("holds no finished checkpoint (its start was stopped before the first)" if resume else
+            "holds a start that was stopped before its first checkpoint")
+    print(f"{run_dir} {what}; starting the run from step 0 in place, with its partial metrics.csv, TensorBoard "
+          "events and action log reset.", flush=True)
+    return True
 
 
 def check_unfinished(run_dir: Path, done: int, total: int, *, unit: str = "env step",

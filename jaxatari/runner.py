@@ -9,8 +9,10 @@ the device. Between chunks, and only there, the runner:
 * appends the env actions to ``actions.u8`` (:class:`jaxatari.rundir.ActionLog`,
   the log that makes resume exact);
 * stops with a clear message on non-finite losses or params (nothing saved);
-* saves checkpoints every ``checkpoint_every`` env steps, the best policy by
-  score, and a final checkpoint; on SIGINT/SIGTERM it saves and exits cleanly.
+* saves checkpoints every ``checkpoint_every`` env steps or ``checkpoint_minutes``
+  minutes, whichever comes first, the best policy by score, and a final
+  checkpoint; on SIGINT/SIGTERM it saves and exits cleanly, having said when the
+  current chunk ends.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from jaxatari.rundir import ActionLog, action_log_name
 
 
 log = logging.getLogger("jaxatari")
+
+#: The clock of chunk timings and time-based checkpoints (a test replaces it).
+_clock = time.monotonic
 
 #: Columns every metrics.csv starts with; algorithm metrics follow.
 BASE_COLUMNS = (
@@ -195,12 +200,25 @@ class Signals:
     second SIGINT aborts, except while a checkpoint is being written
     (:func:`jaxatari.checkpoint.writing`): an abort there would leave orbax's
     writer threads waiting for ever, so the write finishes first. Use as a
-    context manager; handlers are restored on exit."""
+    context manager; handlers are restored on exit. A loop that marks its units
+    (:meth:`begin`, :meth:`end`) gets the time the current one still takes in
+    the message, from the length of the last one."""
 
     def __init__(self, unit: str = "chunk"):
         self.unit = unit
         self.received: int | None = None
         self._old: dict[int, Any] = {}
+        self._started: float | None = None  # the current unit's start (_clock); None between units
+        self._took: float | None = None  # the last whole unit's length in seconds
+
+    def begin(self) -> None:
+        """A unit starts now."""
+        self._started = _clock()
+
+    def end(self) -> float:
+        """The unit begun last ends now; returns its length in seconds."""
+        self._took, self._started = _clock() - self._started, None
+        return self._took
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -218,12 +236,27 @@ class Signals:
                 return
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after the current {self.unit} "
-              "(Ctrl-C again to abort without saving).", file=sys.stderr, flush=True)
+        print(f"\n{self._message(signal.Signals(signum).name)}", file=sys.stderr, flush=True)
+
+    def _message(self, name: str) -> str:
+        """What the first signal does, and when: the time the current unit still takes, if timed."""
+        again = "Ctrl-C again to abort without saving"
+        if self._started is None and self._took is not None:
+            return f"{name} received: the current {self.unit} has finished; saving a checkpoint now ({again})."
+        if self._started is None or self._took is None:
+            return f"{name} received: saving a checkpoint after the current {self.unit} ({again})."
+        left = max(0.0, self._took - (_clock() - self._started))
+        return (f"{name} received: saving a checkpoint after the current {self.unit}, which ends in about "
+                f"{_about(left)} (a {self.unit} takes {_about(self._took)}); {again}.")
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def _about(seconds: float) -> str:
+    """A rough duration: "25 s", "3 min"."""
+    return f"{max(1, round(seconds))} s" if seconds < 90 else f"{round(seconds / 60)} min"
 
 
 def _wait_keeping_the_error(checkpointer, *, replace: bool) -> None:
@@ -266,6 +299,7 @@ def run(
     policy_of: Callable[[Any], Any],
     checkpointer=None,
     checkpoint_every: int = 0,
+    checkpoint_minutes: float = 0.0,
     eval_fn: Callable[[Any], float] | None = None,
     eval_every: int = 0,
     target_return: float | None = None,
@@ -283,7 +317,11 @@ def run(
     ``chunk_fn`` must be ``jax.jit``-ed; it is compiled once ahead of time here
     (compile time reported separately from SPS). ``env_steps(state)`` reads the
     global env-step counter; ``policy_of(state)`` the inference params to save
-    beside the full state.
+    beside the full state. A checkpoint is saved at the end of a chunk once
+    ``checkpoint_every`` env steps (0: never) or ``checkpoint_minutes`` minutes
+    of training (0: never) have passed since the last one, at the last chunk
+    and on a signal; every checkpoint is on a chunk boundary, so a resume stays
+    exact whichever interval saved it.
 
     Scale-out (all optional, defaults are the single-agent, single-process loop):
     ``num_agents`` > 1 means the metrics are ``[U, K]`` (``update`` and
@@ -324,7 +362,7 @@ def run(
 
     wall0 = time.perf_counter()
     prev_wall = float(meta.get("wall_time", 0.0))
-    last_ckpt = step0
+    last_ckpt, last_ckpt_time = step0, _clock()
     last_eval = step0
     mean100 = math.nan
     status, received = "done", None
@@ -346,14 +384,14 @@ def run(
     try:
         with Signals() as sig:
             for chunk in range(start_chunk, schedule.num_chunks):
-                tc = time.perf_counter()
+                sig.begin()
                 new_state, handle, out = compiled(state, handle)
                 if fetch is jax.device_get and log_actions:
                     metrics, actions = jax.device_get((out.metrics, out.actions))
                 else:
                     metrics = jax.tree.map(fetch, out.metrics)
                     actions = fetch(out.actions) if log_actions else None
-                dt = time.perf_counter() - tc
+                dt = sig.end()
                 sps = schedule.steps_per_chunk / max(dt, 1e-9)
 
                 finite = np.asarray(metrics["finite"])
@@ -420,10 +458,12 @@ def run(
                     status, received = "interrupted", sig.received
                 if reached:
                     status = "target_reached"
-                due = checkpoint_every and global_step - last_ckpt >= checkpoint_every
+                due = bool(checkpoint_every) and global_step - last_ckpt >= checkpoint_every
+                if checkpoint_minutes and not due:
+                    due = _agreed(_clock() - last_ckpt_time >= 60 * checkpoint_minutes)
                 if due or last or status != "done":
                     save(score=score)
-                    last_ckpt = global_step
+                    last_ckpt, last_ckpt_time = global_step, _clock()
                 if status != "done":
                     break
             if checkpointer is not None:
@@ -460,6 +500,15 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _agreed(flag: bool) -> bool:
+    """``flag`` as process 0 sees it, on every process (a save must be taken by all or none)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _evaluate(eval_fn, policy, is_main: bool, num_agents: int) -> np.ndarray:

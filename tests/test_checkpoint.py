@@ -276,6 +276,58 @@ def test_corrupt_latest_falls_back_to_the_previous_one(tmp_path, caplog, damage)
     assert any("step 3" in w and "unreadable" in w for w in warnings), warnings
 
 
+def flip_bytes_in_largest_file(step_dir: Path, n: int = 64) -> Path:
+    """Invert ``n`` bytes in the middle of the largest file of a checkpoint, its size unchanged."""
+    big = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(big.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    size = big.stat().st_size
+    big.write_bytes(bytes(data))
+    assert big.stat().st_size == size
+    return big
+
+
+def test_damaged_arrays_are_caught_by_their_digest(tmp_path, caplog):
+    """Bytes flipped inside the newest checkpoint's array data (sizes unchanged) read without an error;
+    the digest saved with it catches them: the restore names the step and continues from the previous
+    one, and restore_policy refuses that step in one sentence. The best is not counted either."""
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, make_state(step, width=512), policy=make_state(step, width=512).params)
+    newest = tmp_path / "checkpoints" / "latest" / "2"
+    assert "state" in flip_bytes_in_largest_file(newest).parts
+    flip_bytes_in_largest_file(newest / "policy")
+    target = abstract(make_state(width=512))
+    with caplog.at_level(logging.WARNING, logger="jaxatari.checkpoint"), Checkpointer(tmp_path, keep=3) as ckpt:
+        restored = ckpt.restore_latest(target)
+        assert restored.step == 1
+        assert_trees_equal(restored.state, make_state(1, width=512))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith(f"Checkpoint step 2 in {newest.parent} is damaged: its state arrays differ from the "
+                            "digest saved with them") and w.endswith("trying the previous one.")
+               for w in warnings), warnings
+    assert step_dirs(newest.parent) == ["1", "2.corrupt"]
+    with pytest.raises(CheckpointError, match=r"^Checkpoint .*2.corrupt is damaged \(its policy arrays differ "
+                                              r"from the digest saved with them \('params/"):
+        restore_policy(newest.parent / "2.corrupt", abstract(make_state(width=512).params))
+
+
+def test_checkpoints_without_a_digest_restore_unverified(tmp_path, monkeypatch, caplog):
+    """A checkpoint written before digests (no digest in its format item) restores, and nothing is said."""
+    from jaxatari import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_digests", lambda tree: {})
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, make_state(1), policy=make_state(1).params)
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING), Checkpointer(tmp_path) as ckpt:
+        assert_trees_equal(ckpt.restore_latest(abstract(make_state())).state, make_state(1))
+    policy, _ = restore_policy(tmp_path, abstract(make_state().params))
+    assert_trees_equal(policy, make_state(1).params)
+    assert not caplog.records
+
+
 def test_all_corrupt_raises_one_clear_error(tmp_path, caplog):
     with Checkpointer(tmp_path) as ckpt:
         for step in (1, 2):

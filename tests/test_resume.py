@@ -1,5 +1,6 @@
 """Checkpoints through the CLI: interrupt + resume is exact, runs are deterministic,
-refused flags, corrupt checkpoints, load_policy and evaluation of a trained policy.
+refused flags, corrupt and damaged checkpoints, SIGKILL at every stage of a run (the preemption
+loop), load_policy and evaluation of a trained policy.
 What needs no fresh process (a signal, an exit status) trains in this one, as the
 script would."""
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_checkpoint import flip_bytes_in_largest_file
 
 from jaxatari import configs, driver, errors
 from jaxatari.agents import ppo as ppo_agent
@@ -183,6 +185,77 @@ def test_truncated_latest_checkpoint_falls_back(runs, tmp_path, caplog, capsys):
     b = load_policy(d / "checkpoints" / "latest")
     a = load_policy(runs["a"] / "checkpoints" / "latest")
     assert params_equal(a.params, b.params)  # replayed from the previous checkpoint, exactly
+
+
+# A tiny PPO whose life has every stage in a few seconds: 8 chunks of 4 updates x 64 env steps,
+# a checkpoint every 2 chunks (4 saves, the last one final).
+TINY = ["--env", "CartPole-v1", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "1",
+        "--update-epochs", "1", "--total-timesteps", "2048", "--chunk-steps", "256", "--checkpoint-every", "512",
+        "--no-tensorboard"]
+
+# Where each start of the loop is killed (tests/_kill_worker.py), in the order of a run's life: a start
+# killed before its first checkpoint finished is started again, from step 0, by the next.
+KILLS = [
+    "envs",  # start-up: nothing written
+    "config",  # checkpoints/ made, no config.json: the original command again
+    "compile",  # config.json written: --resume starts the run in place
+    "row:6",  # mid-chunk 2, before the first save: rows and actions of 1.5 chunks, no checkpoint
+    "saving:1",  # during the first save
+    "saved:1",  # just after the first save: the next one resumes at 512
+    "replay",  # replaying the action log
+    "saving:2",  # during a later save, 1,536, with rows past 1,024 written: the next resumes at 1,024
+    "saving:2",  # during the final save, 2,048: the next resumes at 1,536 and finishes the run
+]
+
+
+def test_a_run_killed_anywhere_in_its_life_resumes_to_the_uninterrupted_run(tmp_path):
+    """SIGKILL at every stage of a run's life, each time followed by the preemption loop of the README
+    (the original command while there is no config.json, --resume after): every kill resumes, the loop
+    finishes the run, and metrics.csv and the final params equal the uninterrupted run's."""
+    ref, d = tmp_path / "ref", tmp_path / "run"
+    train(*TINY, "--run-dir", str(ref))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def start(point):
+        args = ["--resume", str(d)] if (d / "config.json").exists() else [*TINY, "--run-dir", str(d)]
+        return subprocess.run([sys.executable, "tests/_kill_worker.py", point, *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    log = []
+    for point in KILLS:
+        r = start(point)
+        log.append(f"--- {point}: exit {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
+        assert r.returncode == -signal.SIGKILL and "KILLED" in r.stderr, "\n".join(log)
+    r = start("none")
+    log.append(f"--- none: exit {r.returncode}\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
+    text = "\n".join(log)
+    assert r.returncode == 0 and "Done: 2,048 env steps" in r.stdout, text
+    assert "holds a start that was stopped before its first checkpoint" in text, text  # after "config"
+    assert text.count("holds no finished checkpoint") >= 2, text  # after "compile", "row:6" (and "saving:1")
+    assert text.count("Resumed") >= 3 and "Traceback" not in text, text
+    assert rows(d) == rows(ref)  # continuous: every row once, and exact
+    a, b = load_policy(ref / "checkpoints" / "latest"), load_policy(d / "checkpoints" / "latest")
+    assert a.meta["step"] == b.meta["step"] == 2048 and params_equal(a.params, b.params)
+
+
+def test_a_damaged_latest_checkpoint_is_caught_and_the_previous_one_used(runs, tmp_path, caplog, capsys):
+    """64 bytes flipped in the middle of the newest checkpoint's largest file (its size unchanged): the
+    resume names the step as damaged, continues from the previous checkpoint and ends as the
+    uninterrupted run did; load_policy refuses the damaged step in one sentence."""
+    d = tmp_path / "damaged"
+    shutil.copytree(runs["a"], d)
+    latest = d / "checkpoints" / "latest"
+    flip_bytes_in_largest_file(latest / "51200")
+    flip_bytes_in_largest_file(latest / "51200" / "policy")
+    with pytest.raises(errors.CheckpointError, match=r"51200 is damaged \(its policy arrays differ from the digest "
+                                                     r"saved with them \('params/.*'\)\) and is not loaded; load "
+                                                     r"another checkpoint, or its run directory"):
+        load_policy(latest / "51200")
+    train("--resume", str(d), "--total-timesteps", "51200")
+    assert f"Checkpoint step 51200 in {latest} is damaged: its state arrays differ" in caplog.text
+    assert "Resumed" in capsys.readouterr().out and (latest / "51200.corrupt").is_dir()
+    assert rows(d) == rows(runs["a"])
+    assert params_equal(load_policy(latest).params, load_policy(runs["a"] / "checkpoints" / "latest").params)
 
 
 def test_no_good_checkpoint_is_a_clear_error(runs, tmp_path):

@@ -6,6 +6,7 @@ import importlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +127,7 @@ def test_periodic_eval_is_logged_and_picks_best(tmp_path):
     assert evals[U - 1] == "5.0" and evals[2 * U - 1] == "9.0" and evals[0] == ""
 
 
-def test_sigterm_saves_and_stops_cleanly(tmp_path):
+def test_sigterm_saves_and_stops_cleanly(tmp_path, capsys):
     import os
     import signal
 
@@ -139,6 +140,7 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
         assert res.status == "interrupted" and res.global_step == U * 2 * B
         assert res.signal == signal.SIGTERM
         assert ck.latest_step() == U * 2 * B
+    assert "SIGTERM received: the current chunk has finished; saving a checkpoint now" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
 
 
@@ -170,6 +172,65 @@ def test_a_second_ctrl_c_waits_for_a_checkpoint_being_written(capsys):
         with pytest.raises(KeyboardInterrupt):
             sig._handle(signal.SIGINT, None)
     assert "SIGINT ignored: a checkpoint is being written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every, minutes, saved", [
+    (64, 0, [64, 128]),  # steps only (--checkpoint-minutes 0): every 4 chunks and the last
+    (0, 3, [80, 128]),  # minutes only: the 4-minute chunk 5 makes it due, then the last
+    (64, 3, [64, 80, 128]),  # whichever comes first: steps at chunk 4, minutes at chunk 5
+])
+def test_checkpoints_are_due_by_env_steps_or_minutes(tmp_path, monkeypatch, every, minutes, saved):
+    """A fake clock (runner._clock) moved on between chunks: chunks 1-4 and 6-8 take half a minute,
+    chunk 5 takes four. A checkpoint is saved at the end of the chunk where either interval has passed
+    since the last one (16 env steps per chunk)."""
+    now = [0.0]
+    took = iter([0.5, 0.5, 0.5, 0.5, 4, 0.5, 0.5, 0.5])
+    monkeypatch.setattr(runner, "_clock", lambda: now[0] * 60)
+
+    def eval_fn(params):  # between chunks, before the runner decides whether a checkpoint is due
+        now[0] += next(took)
+        return 0.0
+
+    with Checkpointer(tmp_path, keep=10, async_save=False) as ck:
+        drive(tmp_path, fake_chunk(), num_chunks=8, ckpt=ck, checkpoint_every=every, checkpoint_minutes=minutes,
+              eval_fn=eval_fn, eval_every=1)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints" / "latest").iterdir()) == saved
+
+
+def test_ctrl_c_says_when_the_current_chunk_ends(monkeypatch, capsys):
+    """The first signal names the time the current chunk still takes (from the last chunk's length on
+    runner._clock); a second Ctrl-C aborts without saving (KeyboardInterrupt), as the README says."""
+    import signal
+
+    now = [100.0]
+    monkeypatch.setattr(runner, "_clock", lambda: now[0])
+    with runner.Signals() as sig:
+        sig.begin()
+        sig._handle(signal.SIGTERM, None)  # during the first chunk: not timed yet
+    with runner.Signals() as sig:
+        sig.begin()
+        now[0] = 140.0
+        assert sig.end() == 40.0
+        sig._handle(signal.SIGTERM, None)  # between chunks
+        sig.begin()
+        now[0] = 155.0
+    with runner.Signals() as sig:
+        sig.begin()
+        now[0] = 195.0
+        assert sig.end() == 40.0
+        sig.begin()
+        now[0] = 210.0
+        sig._handle(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):
+            sig._handle(signal.SIGINT, None)
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert err == [
+        "SIGTERM received: saving a checkpoint after the current chunk (Ctrl-C again to abort without saving).",
+        "SIGTERM received: the current chunk has finished; saving a checkpoint now (Ctrl-C again to abort "
+        "without saving).",
+        "SIGINT received: saving a checkpoint after the current chunk, which ends in about 25 s (a chunk takes "
+        "40 s); Ctrl-C again to abort without saving.",
+    ]
 
 
 def test_resume_truncation_drops_rows_past_the_checkpoint_and_a_cut_last_row(tmp_path):
@@ -261,6 +322,65 @@ def test_a_fresh_run_refuses_a_directory_holding_a_run(tmp_path, held):
     with pytest.raises(errors.ConfigError, match=rf"--run-dir {d} already holds a run \({held}\).*--resume {d}"):
         rundir.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo")
     assert rundir.run_dir_for(RunDirConfig(run_dir=None, resume=str(d)), "ppo") == d
+
+
+def _killed_start(d: Path) -> None:
+    """What a start killed during its first save leaves (and a user's own file)."""
+    for kind in ("latest", "best"):
+        (d / "checkpoints" / kind).mkdir(parents=True)
+    (d / "checkpoints" / "latest" / "512.orbax-checkpoint-tmp-1").mkdir()
+    (d / "checkpoints" / "best" / "512").mkdir()  # its best save finished first
+    (d / "config.json").write_text("{}")
+    (d / "metrics.csv").write_text("global_step,loss\n256,0.5\n512,0.4\n")
+    (d / "tb").mkdir()
+    (d / "tb" / "events.out.tfevents.1").write_bytes(b"x")
+    (d / "actions.u8").write_bytes(bytes(512))
+    (d / "actions.json").write_text("[]")
+    (d / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_start_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path, capsys, resume):
+    """The original command (accepted by run_dir_for) and --resume both start such a run again from
+    step 0 in the same directory: its partial metrics, TensorBoard events, action log and unfinished
+    checkpoints are removed, one line says so, and a file of the user's stays. A checkpoint that
+    finished (or was moved aside as unreadable) makes it a run again: refused, and nothing removed."""
+    d = tmp_path / "run"
+    _killed_start(d)
+    assert rundir.unfinished_start(d)
+    assert rundir.run_dir_for(RunDirConfig(run_dir=str(d)), "ppo") == d
+    assert rundir.start_over_if_unfinished(d, resume=resume)
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) == [
+        "checkpoints", "checkpoints/best", "checkpoints/latest", "config.json", "notes.txt"]
+    what = "holds no finished checkpoint (its start was stopped before the first)" if resume else \
+        "holds a start that was stopped before its first checkpoint"
+    assert capsys.readouterr().out == (f"{d} {what}; starting the run from step 0 in place, with its partial "
+                                       "metrics.csv, TensorBoard events and action log reset.\n")
+    for finished in ("1024", "1024.corrupt"):
+        e = tmp_path / finished
+        _killed_start(e)
+        (e / "checkpoints" / "latest" / finished).mkdir()
+        assert not rundir.unfinished_start(e) and not rundir.start_over_if_unfinished(e, resume=resume)
+        with pytest.raises(errors.ConfigError, match=r"already holds a run \(config.json, metrics.csv, checkpoints"):
+            rundir.run_dir_for(RunDirConfig(run_dir=str(e)), "ppo")
+        assert (e / "metrics.csv").exists() and (e / "actions.u8").exists()
+
+
+def test_several_processes_start_again_as_process_0_decides(tmp_path, monkeypatch):
+    """Process 0's view decides for every process, and only process 0 removes the shared files."""
+    from jax.experimental import multihost_utils
+
+    d = tmp_path / "run"
+    _killed_start(d)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(0))  # process 0: a run
+    assert not rundir.start_over_if_unfinished(d, resume=True)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(1))
+    assert rundir.start_over_if_unfinished(d, resume=True)
+    assert (d / "metrics.csv").exists()  # process 0's to remove
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    assert rundir.start_over_if_unfinished(d, resume=True) and not (d / "metrics.csv").exists()
 
 
 def test_several_processes_share_process_0s_default_run_dir(tmp_path, monkeypatch):

@@ -312,6 +312,7 @@ def train(config: Config) -> Result:
     net = ActorCritic(net_spec)
     optimizer = make_optimizer(c)
     run_dir = rundir.run_dir_for(c, ALGO)
+    afresh = rundir.start_over_if_unfinished(run_dir, resume=bool(c.resume))  # a start killed before its first save
     c = dataclasses.replace(c, run_dir=str(run_dir))
     state = init(net_spec, optimizer, spec.obs_shape, jax.random.PRNGKey(c.seed))
     S = train_ds.seq_len
@@ -323,7 +324,7 @@ def train(config: Config) -> Result:
 
     with Checkpointer(run_dir, keep=c.keep) as ckpt:
         meta: dict[str, Any] = {}
-        if c.resume:
+        if c.resume and not afresh:
             restored = ckpt.restore_latest(runner.abstract(state))
             state, meta = restored.state, dict(restored.meta or {})
             rundir.check_unfinished(run_dir, int(state.epoch), c.epochs, unit="epoch", flag="--epochs")
@@ -346,7 +347,7 @@ def train(config: Config) -> Result:
         train_step = make_train_step(net, net_spec, optimizer, c.batch_size)
         eval_step = make_eval_step(net, net_spec, c.batch_size)
         writer = runner.MetricsWriter(run_dir, METRIC_COLUMNS, tensorboard=c.tensorboard)
-        if c.resume:
+        if c.resume and not afresh:
             writer.truncate_after(int(state.update) * steps_per_update)
         wall0, prev_wall = time.perf_counter(), float(meta.get("wall_time", 0.0))
         best = ckpt.best_score if ckpt.best_score is not None else -math.inf
