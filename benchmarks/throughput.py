@@ -6,7 +6,9 @@
 
 Writes `throughput_<kind>.json` and `.md` (`_quick` appended in --quick mode,
 `_<env>` when --env is not Breakout-v5) under `--out-dir`
-(default benchmarks/results/), where <kind> is the machine slug of
+(default benchmarks/results/; with --quick `<temp dir>/jaxatari-benchmarks/`, so
+that the test suite's runs leave the committed results alone; the last line
+says where), where <kind> is the machine slug of
 `machine.kind()` (`cpu-2core`, `nvidia-h200-16core`). The Markdown starts with
 the machine description.
 
@@ -388,8 +390,9 @@ class Args:
     are measured first and are not cut."""
     quick: bool = False
     """Short measurements, one small thread count, for the test suite: under two minutes on 2 CPU cores."""
-    out_dir: str = str(RESULTS_DIR)
-    """Directory for throughput_<machine kind>.json and .md."""
+    out_dir: str | None = None
+    """Directory for throughput_<machine kind>.json and .md (default benchmarks/results/; --quick:
+    <temp dir>/jaxatari-benchmarks/, see `default_out_dir`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -697,6 +700,12 @@ def to_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def default_out_dir(quick: bool) -> Path:
+    """--out-dir's default: the committed benchmarks/results/, or for --quick (the test suite's
+    run) a directory under the system's temporary directory, so that it never dirties the checkout."""
+    return Path(tempfile.gettempdir()) / "jaxatari-benchmarks" if quick else RESULTS_DIR
+
+
 def write_results(doc: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     s = doc["settings"]
     stem = f"throughput_{doc['kind']}"
@@ -724,8 +733,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    doc = run(settings, log=lambda msg: print(msg, flush=True), on_row=lambda d: write_results(d, args.out_dir))
-    json_path, md_path = write_results(doc, args.out_dir)
+    out_dir = args.out_dir if args.out_dir is not None else default_out_dir(args.quick)
+    doc = run(settings, log=lambda msg: print(msg, flush=True), on_row=lambda d: write_results(d, out_dir))
+    json_path, md_path = write_results(doc, out_dir)
     print(f"wrote {json_path} and {md_path}")
     return 0
 

@@ -17,7 +17,8 @@ from jaxatari.errors import (  # noqa: E402
 
 
 def main(config_cls, train: Callable, *, description: str | None = None) -> None:
-    """Parse ``config_cls`` (tyro; ``--resume`` aware), call ``train``, exit cleanly.
+    """Parse ``config_cls`` (tyro; ``--resume`` aware; ``--help`` prints the grouped flags and exits 0),
+    call ``train``, exit cleanly.
 
     Bad input (:mod:`jaxatari.errors`: ``ConfigError``, ``EnvError``, ``CheckpointError``,
     ``NonFiniteError``) prints one sentence and exits 2; a failed checkpoint write

@@ -4,16 +4,27 @@
 starts from the stored config and refuses a change that would alter the
 learning problem); :func:`check_ranges` refuses a value outside its field's
 range in one sentence naming the flag; removed and meaningless flags are
-refused in one sentence each.
+refused in one sentence each. :func:`normalize_argv` checks the flags before tyro
+(integers as ``1e6``, ``1_000_000`` or ``10M``; any bad flag or value is one sentence) and
+:func:`help_text` is ``--help``: the flags by field group, each with one doc line and one default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import decimal
+import difflib
 import inspect
+import io
 import json
 import os
+import re
+import shutil
 import sys
+import textwrap
+import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,7 +33,7 @@ import jax
 from jaxatari import envs
 from jaxatari.errors import ConfigError
 from jaxatari.networks import NetworkSpec, resolve_network_spec
-from jaxatari.rundir import load_run_config
+from jaxatari.rundir import load_run_config, resume_command
 
 _RANGES: dict[str, Callable[[Any], bool]] = {
     ">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
@@ -300,6 +311,275 @@ def _refuse_removed_features(stored: dict[str, Any], run_dir: str) -> None:
                           f"it cannot continue exactly without {it}.")
 
 
+# --- Parsing argv before tyro: one sentence per bad flag, integers as 1e6 / 10M, and a grouped --help. ---
+
+_INT = re.compile(r"[+-]?\d+(?:_\d+)*(?:\.\d+)?(?:[eE][+-]?\d+)?[kKmMgGbB]?")
+_SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+INT_EXAMPLES = "an integer (e.g. 1000000, 1e6, 1M)"
+FLOAT_EXAMPLES = "a number (e.g. 0.5, 2.5e-4)"
+
+
+def parse_int(text: str) -> int | None:
+    """``text`` as an integer (``1000000``, ``1_000_000``, ``1e6``, ``1.5e3``, ``10M``, ``500k``), or None
+    where it is not exactly one."""
+    if not _INT.fullmatch(text):
+        return None
+    scale = _SUFFIX.get(text[-1].lower(), 1) if text[-1].isalpha() and text[-1] not in "eE" else 1
+    number = decimal.Decimal((text[:-1] if scale > 1 else text).replace("_", "")) * scale
+    return int(number) if number == number.to_integral_value() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    name: str  # field name
+    kind: str  # int, float, str, bool, ints, strs
+    optional: bool  # accepts None
+    field: dataclasses.Field
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def accepted(self) -> str:
+        choices = self.field.metadata.get("choices")
+        if choices:
+            return f"one of {', '.join(choices)}"
+        return {"int": INT_EXAMPLES, "float": FLOAT_EXAMPLES, "str": "a string", "ints": "integers (e.g. 64 128)",
+                "strs": "strings"}.get(self.kind, "no value")
+
+
+def _flags(config_cls) -> dict[str, _Flag]:
+    hints = typing.get_type_hints(config_cls)
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        t = hints[f.name]
+        args = typing.get_args(t)
+        optional = type(None) in args
+        if optional:
+            (t,) = [a for a in args if a is not type(None)]
+        if typing.get_origin(t) is tuple:
+            kind = "ints" if typing.get_args(t)[0] is int else "strs"
+        else:
+            kind = {int: "int", float: "float", bool: "bool"}.get(t, "str")
+        out[f.name] = _Flag(f.name, kind, optional, f)
+    return out
+
+
+def _is_flag_token(token: str) -> bool:
+    """Whether ``token`` is a flag rather than a value (a negative number is a value)."""
+    if not token.startswith("-") or token == "-":
+        return False
+    try:
+        float(token.replace("_", ""))
+        return False
+    except ValueError:
+        return parse_int(token) is None
+
+
+def _scalar(flag: _Flag, value: str) -> str:
+    """``value`` of ``flag`` as tyro reads it, or :class:`ConfigError` in one sentence."""
+    if flag.optional and flag.kind != "str" and value in ("None", "none"):
+        return "None"
+    if flag.kind in ("int", "ints"):
+        n = parse_int(value)
+        if n is None:
+            raise ConfigError(f"{flag.flag} {value} is not accepted: it must be {INT_EXAMPLES}.")
+        return str(n)
+    if flag.kind == "float":
+        try:
+            float(value.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{flag.flag} {value} is not accepted: it must be {FLOAT_EXAMPLES}.") from None
+        return value.replace("_", "")
+    return value
+
+
+def normalize_argv(config_cls, argv: Sequence[str], *, require: bool = True) -> list[str]:
+    """``argv`` checked against ``config_cls``'s fields and rewritten for tyro (``--flag value ...``, integers
+    plain, ``--x``/``--no-x`` of an optional bool as ``--x True``/``--x False``). Raises :class:`ConfigError`
+    in one sentence for an unknown flag, a missing or extra value, or a value of the wrong type."""
+    flags = _flags(config_cls)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not _is_flag_token(token):
+            raise ConfigError(f"{token!r} is not accepted here: every value follows its flag "
+                              "(e.g. --env Pong-v5); --help lists the flags.")
+        spelled, eq, inline = token.partition("=")
+        name = spelled.lstrip("-").replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in flags and flags[name[3:]].kind == "bool"
+        flag = flags.get(name[3:] if negated else name) if spelled.startswith("--") else None
+        if flag is None:
+            known = [f.flag for f in flags.values()]
+            near = difflib.get_close_matches(spelled.replace("_", "-"), known, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"{spelled} is not a flag here; {hint}--help lists the flags.")
+        values = [inline] if eq else []
+        if flag.kind in ("strs", "ints") or not eq:
+            while i < len(argv) and not _is_flag_token(argv[i]) and (flag.kind in ("strs", "ints") or not values):
+                values.append(argv[i])
+                i += 1
+        given = flag.flag if not negated else "--no-" + flag.flag[2:]
+        if flag.kind == "bool":
+            if values and not (flag.optional and not negated and values[0] in ("True", "False", "None")):
+                raise ConfigError(f"{given} takes no value ({values[0]!r} given); use {flag.flag} or "
+                                  f"--no-{flag.flag[2:]}.")
+            out += [flag.flag, values[0] if values else str(not negated)] if flag.optional else [given]
+        elif flag.kind in ("strs", "ints"):
+            out += [flag.flag, *(_scalar(flag, v) for v in values)]
+        elif not values:
+            raise ConfigError(f"{flag.flag} needs a value: {flag.accepted()}.")
+        else:
+            out += [flag.flag, _scalar(flag, values[0])]
+    missing = [f.flag for f in flags.values()
+               if f.field.default is dataclasses.MISSING and f.field.default_factory is dataclasses.MISSING
+               and f.flag not in out]
+    if missing and require:
+        raise ConfigError(f"{missing[0]} is required: {_doc(config_cls, missing[0][2:].replace('-', '_'))}")
+    return out
+
+
+def _check_stored(config_cls, stored: dict[str, Any], where: str) -> None:
+    """A value of ``config.json`` that no flag could give is refused in one sentence (not by tyro's warning)."""
+    for flag in _flags(config_cls).values():
+        if flag.name not in stored:
+            continue
+        v = stored[flag.name]
+        ok = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+              "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+              "bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
+              "ints": lambda x: isinstance(x, list) and all(isinstance(e, int) for e in x),
+              "strs": lambda x: isinstance(x, list) and all(isinstance(e, str) for e in x)}[flag.kind]
+        if not ((v is None and flag.optional) or ok(v)):
+            what = {"bool": "true or false", "strs": "a list of strings", "ints": "a list of integers",
+                    "int": "an integer"}.get(flag.kind, flag.accepted())
+            raise ConfigError(f"{flag.flag} {v!r} in {where} is not accepted: it must be {what}.")
+
+
+def _run_tyro(config_cls, argv: list[str], **kw):
+    """tyro on an argv :func:`normalize_argv` has checked: no warning printed; should tyro still refuse,
+    its first line becomes a :class:`ConfigError` instead of a boxed panel."""
+    import tyro
+    from tyro._warnings import TyroWarning
+
+    err = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+            warnings.simplefilter("ignore", TyroWarning)
+            return tyro.cli(config_cls, args=argv, **kw)
+    except SystemExit:
+        lines = [ln.strip(" │╭╮╰╯─") for ln in err.getvalue().splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith(("For full helptext", "Argument helptext"))]
+        raise ConfigError(lines[1] if len(lines) > 1 and lines[0].endswith(("error", "options", "argument"))
+                          else (lines[0] if lines else "the flags could not be parsed; --help lists them.")) from None
+
+
+_GROUPS = {"EnvFields": "common/env", "RunFields": "run", "ScaleFields": "scale-out", "CfCFields": "network",
+           "ActorCriticFields": "network", "QFields": "algorithm"}
+_GROUP_ORDER = ("common/env", "run", "algorithm", "network", "scale-out")
+
+
+def _group(name: str) -> str:
+    """The help section of a field: the field group that declares it (by name), else the algorithm's own."""
+    for cls_name, group in _GROUPS.items():
+        if name in globals()[cls_name].__dict__.get("__annotations__", {}):
+            return group
+    return "algorithm"
+
+
+def _section(config_cls, group: str) -> str:
+    """A config without an ``ALGO`` (scripts/collect.py's) calls its own fields options."""
+    has_algo = hasattr(sys.modules.get(config_cls.__module__), "ALGO")
+    return "options" if group == "algorithm" and not has_algo else group
+
+
+def _doc(config_cls, name: str) -> str:
+    from tyro._docstrings import get_field_docstring
+
+    for cls in config_cls.__mro__:
+        if name in cls.__dict__.get("__annotations__", {}):
+            doc = get_field_docstring(cls, name, ())
+            if doc:
+                return " ".join(doc.split())
+    return ""
+
+
+_DEFAULT_CLAUSE = re.compile(r"\s*(?:\(default:?\s+(?P<p>[^)]*(?:\([^)]*\))?[^)]*)\)\.?|Default:?\s+(?P<s>.*?)\.?"
+                             r"|;\s*default:?\s+(?P<q>[^()]*)\)\.?)$")
+
+
+def _default(config_cls, flag: _Flag, doc: str) -> tuple[str, str]:
+    """``(doc, default)``: the field's doc without a default it states, and the default, said once."""
+    m = _DEFAULT_CLAUSE.search(doc)
+    stated = None
+    if m:
+        stated = (m.group("p") or m.group("s") or m.group("q")).strip()
+        doc = doc[:m.start()].rstrip() + (")." if m.group("q") else "")
+        doc = doc if doc.endswith(".") or not doc else doc + "."
+        stated = re.sub(r"by env kind \(above\)", "by env kind", stated)
+    f = flag.field
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return doc, "required"
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if value is not None:
+        if isinstance(value, bool):
+            return doc, "on" if value else "off"
+        if isinstance(value, tuple):
+            return doc, " ".join(map(str, value)) if value else "none"
+        return doc, (str(value) if value != "" else '""')
+    if stated:
+        return doc, stated
+    if "(default)" in doc:  # e.g. --preset: "nature (default) or machado; 'none' for classic control"
+        return doc, "by env kind"
+    module = sys.modules.get(config_cls.__module__)
+    for attr, presets in vars(module).items() if module else ():
+        if attr.endswith("_PRESETS") and isinstance(presets, dict):
+            preset_field = next((g.name for g in dataclasses.fields(config_cls)
+                                 if g.metadata.get("choices") == tuple(presets)), None)
+            if preset_field == flag.name:
+                return doc, "by env kind"
+            if preset_field and any(flag.name in p for p in presets.values()):
+                return doc, f"by --{preset_field.replace('_', '-')}"
+    if any(flag.name in getattr(module, d, {}) for d in ("ATARI_DEFAULTS", "CLASSIC_DEFAULTS")):
+        return doc, "by env kind"
+    return doc, "none"
+
+
+def _type(flag: _Flag) -> str:
+    if flag.kind == "bool":
+        return ""
+    return {"int": "INT", "float": "FLOAT", "str": "STR", "ints": "INT...", "strs": "STR..."}[flag.kind]
+
+
+def help_text(config_cls, description: str | None = None, prog: str | None = None, width: int | None = None) -> str:
+    """``--help``: the description, then the flags by group, each with its type, one-line doc and default."""
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    prog = prog or os.path.basename(sys.argv[0]) or "script"
+    rows: dict[str, list[tuple[str, str]]] = {g: [] for g in _GROUP_ORDER}
+    for flag in _flags(config_cls).values():
+        doc, default = _default(config_cls, flag, _doc(config_cls, flag.name))
+        head = (f"{flag.flag}/--no-{flag.flag[2:]}" if flag.kind == "bool" else f"{flag.flag} {_type(flag)}")
+        # The default is kept on one line (no-break spaces are not wrapped at).
+        rows[_group(flag.name)].append((head, f"{doc} (default: {default})".strip().replace(" (default: ", " (default:\xa0")))
+    col = min(max(len(h) for g in rows.values() for h, _ in g) + 4, 34)
+    text = [f"usage: {prog} [--FLAG VALUE ...]", ""]
+    if description:
+        text += [description.replace("``", "").strip(), ""]
+    for group, items in rows.items():
+        if not items:
+            continue
+        text.append(f"{_section(config_cls, group)}:")
+        for head, doc in items:
+            first = f"  {head}".ljust(col) + ("" if len(head) + 2 < col else "  ")
+            wrapped = textwrap.wrap(doc, max(width - col, 30), break_on_hyphens=False, break_long_words=False)
+            text.append(first + (wrapped[0] if wrapped else "").replace("\xa0", " "))
+            text += [" " * col + w.replace("\xa0", " ") for w in wrapped[1:]]
+        text.append("")
+    return "\n".join(text).rstrip() + "\n"
+
+
 def cli(config_cls, *, argv: Sequence[str] | None = None, description: str | None = None):
     """Parse ``config_cls`` with tyro; ``--resume RUN_DIR`` starts from the stored config.
 
@@ -309,18 +589,19 @@ def cli(config_cls, *, argv: Sequence[str] | None = None, description: str | Non
     flag (:data:`REMOVED_FLAGS`) is refused, and so is the resume of a run
     trained with one.
     """
-    import tyro
-
     argv = list(sys.argv[1:] if argv is None else argv)
     # The config's docstring states the defaults that depend on the env's kind.
-    description = "\n\n".join(d for d in (description, inspect.cleandoc(config_cls.__doc__ or "")) if d)
-    if not {"-h", "--help"} & set(argv):
-        _refuse_removed_flags(argv)
-        _refuse_meaningless_flags(config_cls, argv)
-        _refuse_repeated_flags(argv)
+    description = "\n\n".join(d.strip() for d in (description, inspect.cleandoc(config_cls.__doc__ or "")) if d)
+    if {"-h", "--help"} & set(argv):
+        print(help_text(config_cls, description), end="")
+        raise SystemExit(0)
+    _refuse_removed_flags(argv)
+    _refuse_meaningless_flags(config_cls, argv)
+    _refuse_repeated_flags(argv)
     resume = _flag_value(argv, "--resume")
+    argv = normalize_argv(config_cls, argv, require=resume is None)
     if resume is None:
-        return tyro.cli(config_cls, args=argv, description=description)
+        return _run_tyro(config_cls, argv, description=description)
     given = _flag_value(argv, "--run-dir")
     if given is not None and Path(given).resolve() != Path(resume).resolve():
         raise ConfigError(f"--run-dir cannot be combined with --resume: a run continues in its own directory "
@@ -334,10 +615,11 @@ def cli(config_cls, *, argv: Sequence[str] | None = None, description: str | Non
     algo = getattr(sys.modules.get(config_cls.__module__), "ALGO", None)
     if algo and stored.get("algo", algo) != algo:
         raise ConfigError(f"{resume} is a {stored['algo']} run, not {algo}; resume it with "
-                          f"python scripts/{stored['algo']}.py --resume {resume}")
+                          f"{resume_command(stored['algo'], resume)}")
+    _check_stored(config_cls, stored, str(Path(resume) / "config.json"))
     default = config_from_json(config_cls, stored)
     default = dataclasses.replace(default, resume=resume)
-    config = tyro.cli(config_cls, args=argv, default=default, description=description)
+    config = _run_tyro(config_cls, argv, default=default, description=description)
     allowed = resumable(config_cls)
     for f in dataclasses.fields(config_cls):
         if f.name in ("resume", *allowed):

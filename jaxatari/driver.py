@@ -322,7 +322,7 @@ def train(algo: Algorithm, config) -> runner.RunResult:
             n = c.devices * processes
             mode = (f"population of {K} agents x {c.num_envs} envs" if population else
                     f"{n} device(s) x {c.num_envs // n} envs" + (f" on {processes} processes" if processes > 1 else ""))
-            print(f"{algo.name.upper()} on {c.env} (preset {c.preset}: {es.spec.options}) | {mode} x "
+            print(f"{algo.name.upper()} on {c.env} ({describe_preset(es.spec.preset, es.spec.options)}) | {mode} x "
                   f"{steps // c.num_envs} steps | network {net_spec.torso}{'+cfc' if net_spec.recurrent else ''} | "
                   f"env backend {es.backend} | {jax.default_backend()} | run dir {run_dir}", flush=True)
             if line:
@@ -355,6 +355,13 @@ def train(algo: Algorithm, config) -> runner.RunResult:
         save_agents(run_dir, result.state.replace(**dict.fromkeys(unsaved)), c, agents, algo.name,
                              es.spec, net_spec, sched, result.global_step)
     return result
+
+
+def describe_preset(preset: str, options: dict[str, Any]) -> str:
+    """The run header's view of the env options: ``preset nature`` plus those that differ from the
+    preset (``preset nature, noop_max=10``); config.json's env_spec holds them all."""
+    base = envs.ATARI_PRESETS.get(preset, {})
+    return ", ".join([f"preset {preset}", *(f"{k}={v}" for k, v in options.items() if k not in base or base[k] != v)])
 
 
 def _say_how_it_continues(stored: dict[str, Any], devices: int, population: bool) -> None:

@@ -44,8 +44,9 @@ class EvalResult:
     by env, then by episode within an env. ``requested`` is the ``episodes``
     argument; ``N`` is smaller only if ``max_steps`` cut the run short. ``steps``
     counts batched env steps; ``capped`` the counted episodes that ended at the
-    time limit ``max_episode_steps`` rather than a game over; ``options`` holds the
-    EnvPool options played under. ``std`` is the population std (ddof=0).
+    time limit ``max_episode_steps`` rather than a game over (:meth:`format` and
+    :meth:`to_json` report them; :attr:`warning` when most were); ``options`` holds
+    the EnvPool options played under. ``std`` is the population std (ddof=0).
     """
 
     returns: np.ndarray
@@ -78,12 +79,15 @@ class EvalResult:
     mean_length = property(lambda self: self._stat(np.mean, self.lengths))
 
     def format(self) -> str:
-        """``"mean ± std (min .. max) over N episodes"``, plus how many hit the step cap."""
+        """``"mean ± std (min .. max) over N episodes"``, plus how many the step cap cut,
+        e.g. ``"; 3 of 3 cut by the 27,000-step cap (max_episode_steps): the policy may be
+        stuck"`` (the last words when most were cut, as :attr:`warning`)."""
         if not self.episodes:
             return "no finished episodes"
         n = self.episodes
-        cap = f" at the {self.max_episode_steps:,}-step cap" if self.max_episode_steps else " at the step cap"
-        capped = f", {self.capped} of {n} cut{cap}" if self.capped else ""
+        cap = f"the {self.max_episode_steps:,}-step cap" if self.max_episode_steps else "the step cap"
+        stuck = ": the policy may be stuck" if self.warning else ""
+        capped = f"; {self.capped} of {n} cut by {cap} (max_episode_steps){stuck}" if self.capped else ""
         return (
             f"{self.mean:.2f} ± {self.std:.2f} ({self.min:g} .. {self.max:g}) "
             f"over {n} episode{'s' if n != 1 else ''}{capped}"
@@ -110,7 +114,8 @@ class EvalResult:
             reset_on_life_loss=self.reset_on_life_loss, mean=num(self.mean), std=num(self.std),
             min=num(self.min), max=num(self.max), mean_length=num(self.mean_length),
             returns=[float(r) for r in self.returns], lengths=[int(n) for n in self.lengths],
-            video=self.video, max_episode_steps=self.max_episode_steps, capped=self.capped, options=self.options,
+            video=self.video, max_episode_steps=self.max_episode_steps, capped=self.capped, warning=self.warning,
+            options=self.options,
         )
 
 

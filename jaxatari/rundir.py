@@ -32,9 +32,37 @@ from jaxatari.errors import AlreadyComplete, ConfigError
 log = logging.getLogger("jaxatari")
 
 
+def python_command() -> str:
+    """The interpreter running now, as the start of a printed command: relative if it
+    lies under the current directory (``.venv/bin/python``), ``python`` if that name on
+    PATH finds this very interpreter, else its absolute path; quoted for a shell."""
+    if not sys.executable:
+        return "python"
+    exe = Path(os.path.abspath(sys.executable))  # not resolved: a venv's python is a link out of the venv
+    try:
+        rel = exe.relative_to(Path.cwd())
+    except ValueError:
+        rel = None
+    if rel is not None:
+        return shlex.quote(str(rel) if len(rel.parts) > 1 else f"./{rel}")
+    found = shutil.which("python")
+    if found and _same_interpreter(found, str(exe)):
+        return "python"
+    return shlex.quote(str(exe))
+
+
+def _same_interpreter(a: str, b: str) -> bool:
+    """Whether executables ``a`` and ``b`` start the same Python: the same file, found
+    in the same directory (a venv is told by where its ``python`` lies, not what it links to)."""
+    try:
+        return os.path.samefile(a, b) and os.path.samefile(os.path.dirname(a), os.path.dirname(b))
+    except OSError:
+        return False
+
+
 def resume_command(algo: str, run_dir: str | os.PathLike) -> str:
-    """The command that continues the run in ``run_dir`` (the path quoted for a shell)."""
-    return f"python scripts/{algo}.py --resume {shlex.quote(str(run_dir))}"
+    """The command that continues the run in ``run_dir`` (paths quoted for a shell)."""
+    return f"{python_command()} scripts/{algo}.py --resume {shlex.quote(str(run_dir))}"
 
 
 def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:

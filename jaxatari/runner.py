@@ -31,11 +31,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 from jaxatari.checkpoint import CheckpointError, writing
 from jaxatari.errors import ConfigError, NonFiniteError
-from jaxatari.rundir import ActionLog, action_log_name
-
+from jaxatari.rundir import ActionLog, action_log_name, python_command
 
 
 log = logging.getLogger("jaxatari")
@@ -52,6 +53,11 @@ BASE_COLUMNS = (
 
 #: Columns whose values depend on wall-clock time (excluded from determinism checks).
 WALL_CLOCK_COLUMNS = ("wall_time", "sps")
+
+#: A run projected to train longer than this (seconds) on the CPU is told what to do instead ...
+LONG_ON_CPU = 3600
+#: ... and how many env steps fit this long (seconds) at the speed measured.
+SHORT_RUN = 1800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +292,29 @@ def _fmt(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
 
 
+def projection(steps: int, sps: float, *, cpu: bool, done: int = 0) -> str:
+    """One line: how long ``steps`` env steps take at ``sps`` (the first chunk's,
+    compile excluded) and, where that is over :data:`LONG_ON_CPU` on the CPU, what
+    to do instead: a ``--total-timesteps`` that fits :data:`SHORT_RUN` at this
+    speed (``done`` env steps already trained count towards it), or a GPU."""
+    seconds = steps / max(sps, 1e-9)
+    line = (f"Projected training time on this machine: {_duration(seconds)} for {steps:,} env steps at "
+            f"{sps:,.0f} SPS (the first chunk's, compile excluded).")
+    if cpu and seconds > LONG_ON_CPU:
+        fits = done + _round_down(sps * SHORT_RUN)
+        line += (f" That is over an hour on the CPU: --total-timesteps {fits} fits ~{SHORT_RUN // 60} min at "
+                 f"this speed, or train on a GPU: {python_command()} -m pip install -e \".[cuda12]\"")
+    return line
+
+
+def _round_down(x: float) -> int:
+    """``x`` rounded down to two significant digits (at least 1): 28,800 -> 28,000."""
+    if x < 10:
+        return max(1, int(x))
+    unit = 10 ** (int(math.log10(x)) - 1)
+    return int(x // unit * unit)
+
+
 def run(
     *,
     run_dir: Path,
@@ -450,6 +479,9 @@ def run(
                             row[k] = None if math.isnan(v) else v  # e.g. DQN before learning starts
                     writer.write(row)
                 writer.flush()
+                if chunk == start_chunk and chunk < schedule.num_chunks - 1:
+                    progress.note(projection(schedule.total_steps - step0, sps, done=step0,
+                                             cpu=jax.default_backend() == "cpu"))
                 progress.update(global_step, sps, mean100)
 
                 reached = target_return is not None and not math.isnan(mean100) and mean100 >= target_return
@@ -485,7 +517,7 @@ def run(
               f"Resume with:  {resume_command}", flush=True)
     elif status in ("done", "target_reached") and is_main:
         agent = Path(run_dir) / "agents" / "0" if num_agents > 1 else Path(run_dir)  # a population: one agent
-        watch = (f"python scripts/evaluate.py --run-dir {shlex.quote(str(agent))} --video play.mp4"
+        watch = (f"{python_command()} scripts/evaluate.py --run-dir {shlex.quote(str(agent))} --video play.mp4"
                  + (f" (agent 0 of {num_agents}: agents/<k> for the others)" if num_agents > 1 else ""))
         if status == "target_reached":
             print(f"\nTarget return {target_return} reached (mean of last 100 episodes {mean100:.1f}) at step "
@@ -497,6 +529,7 @@ def run(
 
 
 def _duration(seconds: float) -> str:
+    """A duration to read: "4m 05s", "1h 02m 03s"."""
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
@@ -577,31 +610,66 @@ class _NoProgress:
 
 
 class _Progress:
-    """A live progress bar on a terminal; one plain line per chunk otherwise."""
+    """A live progress bar on a terminal; one plain line per chunk otherwise. Both show
+    the time since the loop started and an ETA from the chunks' rate so far (rich's
+    own estimate looks back 30 s, less than one chunk, and would show nothing)."""
 
     def __init__(self, total: int, start: int):
-        self.total = total
+        self.total, self.start = total, start
+        self.t0 = _clock()
+        self.eta: float | None = None  # seconds left, as of self.at
+        self.at = self.t0
         self.tty = sys.stdout.isatty()
         self.bar = None
         if self.tty:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
 
             self.bar = Progress(
                 TextColumn("[bold]{task.completed:,}/{task.total:,}"), BarColumn(),
-                TextColumn("{task.fields[sps]} SPS  return(100) {task.fields[ret]}"), TimeRemainingColumn(),
+                TextColumn("{task.fields[sps]} SPS  return(100) {task.fields[ret]}"), _TimesColumn(self),
             )
             self.task = self.bar.add_task("train", total=total, completed=start, sps="-", ret="-")
             self.bar.start()
 
+    def times(self, now: float) -> str:
+        """"elapsed H:MM:SS  ETA H:MM:SS" at ``now`` (the ETA counts down between chunks)."""
+        eta = "-:--:--" if self.eta is None else _clock_time(self.eta - (now - self.at))
+        return f"elapsed {_clock_time(now - self.t0)}  ETA {eta}"
+
     def update(self, step: int, sps: float, ret: float):
+        now = _clock()
+        if step > self.start:  # the rate of the chunks so far, what happens between them included
+            self.eta, self.at = (self.total - step) * (now - self.t0) / (step - self.start), now
         if self.bar is not None:
             self.bar.update(self.task, completed=step, sps=f"{sps:,.0f}", ret=_fmt(ret))
         else:
-            print(f"step {step:>12,}/{self.total:,}  SPS {sps:>9,.0f}  return(100) {_fmt(ret)}", flush=True)
+            print(f"step {step:>{len(f'{self.total:,}')},}/{self.total:,}  SPS {sps:,.0f}  "
+                  f"return(100) {_fmt(ret)}  {self.times(now)}", flush=True)
 
     def note(self, msg: str):
-        (self.bar.console.print if self.bar is not None else print)(msg)
+        if self.bar is not None:
+            self.bar.console.print(Text(msg))  # as written: no markup (".[cuda12]")
+        else:
+            print(msg, flush=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.stop()
+
+
+class _TimesColumn(ProgressColumn):
+    """The progress bar's elapsed time and ETA (:meth:`_Progress.times`), redrawn live."""
+
+    def __init__(self, progress: _Progress):
+        super().__init__()
+        self.progress = progress
+
+    def render(self, task) -> Text:
+        return Text(self.progress.times(_clock()))
+
+
+def _clock_time(seconds: float) -> str:
+    """``H:MM:SS`` (negative as 0)."""
+    m, s = divmod(max(0, int(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"

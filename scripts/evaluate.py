@@ -5,10 +5,11 @@
 Plays full games under the dynamics the agent trained under (the run's preset and
 env options: on ``nature``, EnvPool presses FIRE after each lost life as in
 training), scores them unclipped to the real game over, prints mean ± std,
-min/max and how many games hit the step cap, and writes ``eval.json`` into the
-run directory: the options played, the mode, and the checkpoint actually
-evaluated (``checkpoint``: best or latest, ``checkpoint_step``) after any fallback
-from an unreadable best. ``--preset`` and ``--env-option`` play another protocol.
+min/max and how many games the step cap cut (``3 of 3 cut by the 27,000-step cap
+(max_episode_steps): the policy may be stuck``), and writes ``eval.json`` into the
+run directory: the options played, the mode, ``capped`` and ``warning``, and the
+checkpoint actually evaluated (``checkpoint``: best or latest, ``checkpoint_step``)
+after any fallback from an unreadable best. ``--preset`` and ``--env-option`` play another protocol.
 Bad input is one line on stderr and exit status 2.
 """
 
@@ -52,7 +53,7 @@ class Config:
     """EnvPool options on top of the run's, KEY=VALUE (e.g. use_fire_reset=false episodic_life=false)."""
     max_episode_steps: int | None = None
     """Cap each game at this many agent steps (EnvPool's max_episode_steps).
-    A game cut there counts with its score so far.
+    A game cut there counts with its score so far; the result line and eval.json (capped) count them.
     Default: the run's own limit (Atari presets: 27,000 steps, a 15-minute video at 30 fps)."""
 
 

@@ -22,7 +22,9 @@ line continues dashed, without a band, as the mean of the seeds that reach
 that x. Legend labels name a group by algo, game and the config values that
 differ between groups, e.g. "ppo Breakout-v5 num_envs=64 (3 seeds)".
 
-Two panels by default (`--x both`): return against environment steps and
+One row of panels per game (each with its own y-axis, so CartPole's 0-500
+does not flatten Atari returns; `--no-per-game` puts every game on one), two
+panels per row by default (`--x both`): return against environment steps and
 against wall-clock time (rows a script logged together at the end of one
 compiled chunk, which share its end time, are spread over the chunk in
 proportion to env steps); the legend sits below the panels. Renders headless
@@ -506,15 +508,15 @@ def aggregate(
 
 
 def format_steps(x: float, _pos: Any = None) -> str:
-    """1234 -> '1,234'; 250000 -> '250k'; 1500000 -> '1.5M'."""
+    """500 -> '500'; 5000 -> '5k'; 250000 -> '250k'; 1500000 -> '1.5M': one style for every tick."""
     a = abs(x)
     if a >= 1e9:
         return f"{x / 1e9:g}B"
     if a >= 1e6:
         return f"{x / 1e6:g}M"
-    if a >= 1e4:
+    if a >= 1e3:
         return f"{x / 1e3:g}k"
-    return f"{x:,.0f}"
+    return f"{x:.0f}"
 
 
 def time_unit(max_seconds: float) -> tuple[str, float]:
@@ -559,9 +561,12 @@ def draw_groups(
     smooth_window: int = 10,
     band: Literal["minmax", "std", "none"] = "minmax",
     title: str | None = None,
+    per_game: bool = True,
 ):
-    """The matplotlib Figure of the groups' learning curves (see `plot_groups`). The
-    legend is a figure legend below the panels, so it covers no data."""
+    """The matplotlib Figure of the groups' learning curves (see `plot_groups`): one row
+    of panels per game (env id, in order of first appearance), each row with its own
+    y-axis, or with `per_game=False` one row for all. The legend is a figure legend
+    below the panels, so it covers no data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -572,11 +577,14 @@ def draw_groups(
     labels = group_labels(groups)
     ncol = max(1, min(len(groups), len(panels)))
     legend_lines = -(-len(groups) // ncol) + 2  # the entries' rows and a title of up to two lines
+    game_of = [_first(g.config, ENV_KEYS)[1] if per_game else None for g in groups]
+    games = list(dict.fromkeys(json.dumps(v, default=repr) for v in game_of))
+    row_of = [games.index(json.dumps(v, default=repr)) for v in game_of]
     fig, axes = plt.subplots(
-        1,
+        len(games),
         len(panels),
-        figsize=(6.4 * len(panels), 4.4 + 0.2 * legend_lines),
-        sharey=True,
+        figsize=(6.4 * len(panels), 0.8 + 3.6 * len(games) + 0.2 * legend_lines),
+        sharey="row",
         squeeze=False,
         layout="constrained",
     )
@@ -589,8 +597,14 @@ def draw_groups(
     notes: set[str] = set()
     handles: dict[str, Any] = {}  # label -> the first artist drawn for it, in any panel
 
-    for ax, panel in zip(axes[0], panels):
+    for (row, ax_row), (col, panel) in ((r, c) for r in enumerate(axes) for c in enumerate(panels)):
+        ax = ax_row[col]
+        game = next(v for v, r in zip(game_of, row_of) if r == row)
+        if game is not None:
+            ax.set_title(str(game))
         for i, (g, label) in enumerate(zip(groups, labels)):
+            if row_of[i] != row:
+                continue
             colour = colours[i % len(colours)] if len(groups) <= len(colours) else plt.cm.turbo(i / max(len(groups) - 1, 1))
             curves = []
             for r in g.runs:
@@ -626,7 +640,8 @@ def draw_groups(
             ax.set_xlabel(f"wall time ({unit})")
         ax.grid(alpha=0.3)
         ax.set_xlim(left=0)
-    axes[0][0].set_ylabel("episode return" + (f" (trailing mean of {smooth_window})" if smooth_window > 1 else ""))
+    for ax_row in axes:
+        ax_row[0].set_ylabel("episode return" + (f" (trailing mean of {smooth_window})" if smooth_window > 1 else ""))
     band_text = {"minmax": "band: min-max over seeds", "std": "band: mean ± 1 std over seeds", "none": ""}[band]
     legend_title = "line: mean over seeds" + (f"; {band_text}" if band_text else "")
     if notes:
@@ -655,13 +670,14 @@ def plot_groups(
     band: Literal["minmax", "std", "none"] = "minmax",
     title: str | None = None,
     dpi: int = 120,
+    per_game: bool = True,
 ) -> Path:
     """Draw the groups' learning curves into `out` (any format matplotlib can write,
     picked by suffix: see `image_formats`)."""
     import matplotlib.pyplot as plt
 
     check_options(out, smooth_window=smooth_window, dpi=dpi)
-    fig = draw_groups(groups, x=x, smooth_window=smooth_window, band=band, title=title)
+    fig = draw_groups(groups, x=x, smooth_window=smooth_window, band=band, title=title, per_game=per_game)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -727,6 +743,8 @@ class Args:
     """Figure title."""
     dpi: int = 120
     """Resolution of raster output."""
+    per_game: bool = True
+    """One row of panels per game, each with its own y-axis (--no-per-game: every game on one)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -746,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             band=args.band,
             title=args.title,
             dpi=args.dpi,
+            per_game=args.per_game,
         )
     except PlotError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -115,6 +116,15 @@ def test_parallel_modes_fit_the_machine_and_every_row_is_kept(tmp_path, monkeypa
 README_QUICK_ROWS = ("ppo", "ppo-cfc", "a2c", "dqn")  # README: "--quick ... ppo, ppo-cfc, a2c, dqn"
 
 
+def _results_state():
+    """benchmarks/results/ as the checkout sees it: each file's size and mtime, and `git status` where git is."""
+    results = REPO / "benchmarks" / "results"
+    files = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(results.iterdir())}
+    git = subprocess.run(["git", "status", "--porcelain", "benchmarks/results"], cwd=REPO, capture_output=True,
+                         text=True)
+    return files, git.stdout if git.returncode == 0 else None
+
+
 def test_quick_throughput_writes_expected_structure(tmp_path):
     # Every row the README promises must be measured (SPS, not a timeout); the figures themselves are not
     # checked. On CartPole: the rows run each algorithm's benchmark as on Breakout, at a fifth of the
@@ -122,14 +132,20 @@ def test_quick_throughput_writes_expected_structure(tmp_path):
     # the rows is checked with fakes above). The suite shares the CPU with another test worker, so a generous
     # --algo-timeout replaces --quick's own (sized for a quiet machine; the settings test checks them). Short
     # timings keep it cheap: 0.1 s per ceiling row without warm-up, 0.1 s of training per row after compiling.
+    # Without --out-dir, --quick writes under the temporary directory (TMPDIR here), never the committed
+    # benchmarks/results/: the checkout stays clean.
+    before = _results_state()
     proc = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--quick", "--env", "CartPole-v1", "--out-dir", str(tmp_path),
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--env", "CartPole-v1",
          "--seconds", "0.1", "--warmup", "0", "--algo-seconds", "0.1", "--algo-timeout", "150"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ, TMPDIR=str(tmp_path)),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _results_state() == before, "--quick wrote into benchmarks/results/"
+    out = tmp_path / "jaxatari-benchmarks"
     kind = machine.kind(machine.describe())
-    doc = json.loads((tmp_path / f"throughput_{kind}_CartPole-v1_quick.json").read_text())
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"wrote {out / f'throughput_{kind}_CartPole-v1_quick.json'}")
+    doc = json.loads((out / f"throughput_{kind}_CartPole-v1_quick.json").read_text())
     assert MACHINE_KEYS <= set(doc["machine"]) and doc["kind"] == kind
     assert doc["settings"]["quick"] is True and doc["settings"]["env"] == "CartPole-v1" and doc["complete"] is True
     assert doc["settings"]["preset"] == "none" and all(r["preset"] == "none" for r in doc["algorithms"])
@@ -145,7 +161,7 @@ def test_quick_throughput_writes_expected_structure(tmp_path):
         assert r["status"] == "ok", (name, r["status"], r["reason"], r.get("traceback"))
         assert isinstance(r["sps"], float) and r["sps"] > 0 and r["steps"] > 0 and r["fraction_of_ceiling"] > 0
         assert r["compile_s"] > 0 and r["num_envs"] == 4
-    md = (tmp_path / f"throughput_{kind}_CartPole-v1_quick.md").read_text()
+    md = (out / f"throughput_{kind}_CartPole-v1_quick.md").read_text()
     assert doc["machine_summary"] in md and "| async |" in md and "EnvPool options (preset none)" in md
     assert all(f"| {name} | 4 | {doc['settings']['algo_threads']} | ok |" in md for name in README_QUICK_ROWS)
     # --quick's cut-down rows, recorded: DQN's shorter metric rows, PPO's shorter rollouts, PPO-CfC's longer timeout.

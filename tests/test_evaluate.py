@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -232,11 +233,40 @@ def test_capped_episodes_are_counted_and_flagged(caplog):
     with caplog.at_level("WARNING", logger="jaxatari.evaluate"):
         r = evaluate(left_policy, None, env_id="CartPole-v1", episodes=3, num_envs=1, max_episode_steps=4)
     assert r.capped == 3 and r.to_json()["capped"] == 3 and r.lengths.tolist() == [4, 4, 4]
-    assert r.format().endswith("over 3 episodes, 3 of 3 cut at the 4-step cap")
+    assert r.format().endswith(
+        "over 3 episodes; 3 of 3 cut by the 4-step cap (max_episode_steps): the policy may be stuck")
     assert r.warning.startswith("3 of 3 episodes ended at the step cap, not by game over")
-    assert r.warning in caplog.text
+    assert r.warning in caplog.text and r.to_json()["warning"] == r.warning
     free = evaluate(left_policy, None, env_id="CartPole-v1", episodes=2, num_envs=1)
     assert free.capped == 0 and free.warning is None and "cut" not in free.format()
+    assert free.to_json()["warning"] is None
+
+
+def noop_breakout_policy(params, carry, obs, first):
+    """Always NOOP on Breakout (4 actions): never launches the ball, as a stuck agent."""
+    return carry, jnp.zeros(obs.shape[:2] + (4,)).at[..., 0].set(1.0), jnp.zeros(obs.shape[:2])
+
+
+def test_stuck_breakout_policy_is_reported_as_cut_by_the_cap():
+    """An agent that never launches the ball (FIRE reset off) plays every game to the
+    cap: the result line, the JSON and the warning all say so, with the cap's value."""
+    r = evaluate(noop_breakout_policy, None, env_id="Breakout-v5", options={"use_fire_reset": False},
+                 episodes=2, num_envs=2, seed=5, mode="greedy", max_episode_steps=20)
+    assert r.options["max_episode_steps"] == 20 and r.max_episode_steps == 20
+    assert r.lengths.tolist() == [20, 20] and r.capped == 2
+    assert r.format() == ("0.00 ± 0.00 (0 .. 0) over 2 episodes; 2 of 2 cut by the 20-step cap "
+                          "(max_episode_steps): the policy may be stuck")
+    d = json.loads(json.dumps(r.to_json()))
+    assert (d["capped"], d["max_episode_steps"]) == (2, 20) and d["warning"].startswith("2 of 2 episodes")
+
+
+def test_a_few_capped_games_are_counted_without_calling_the_policy_stuck():
+    r = EvalResult(returns=np.array([1.0, 2.0, 3.0]), lengths=np.array([10, 27_000, 30]), requested=3,
+                   max_episode_steps=27_000, capped=1)
+    assert r.format() == "2.00 ± 0.82 (1 .. 3) over 3 episodes; 1 of 3 cut by the 27,000-step cap (max_episode_steps)"
+    assert r.warning is None
+    unknown = dataclasses.replace(r, max_episode_steps=None, capped=2)
+    assert unknown.format().endswith("; 2 of 3 cut by the step cap (max_episode_steps): the policy may be stuck")
 
 
 def test_default_mode_follows_the_protocols():
@@ -412,6 +442,10 @@ def exploding_policy(*args):
         (dict(video="play.gif", video_episodes=0), r"video_episodes=0"),
         (dict(max_steps=0), r"max_steps=0"),
         (dict(max_episode_steps=0), r"max_episode_steps=0 .* integer >= 1"),
+        (dict(max_episode_steps=-20), r"^max_episode_steps=-20 is not accepted: it must be an integer >= 1 or None\.$"),
+        (dict(max_episode_steps=2.5), r"^max_episode_steps=2.5 is not accepted: it must be an integer >= 1 or None\.$"),
+        (dict(max_episode_steps="20"), r"^max_episode_steps='20' is not accepted: it must be an integer >= 1 or None\.$"),
+        (dict(max_episode_steps=True), r"^max_episode_steps=True is not accepted"),
     ],
 )
 def test_bad_input_raises_before_compiling(kwargs, message):
@@ -568,7 +602,7 @@ def test_eval_json_goes_to_the_run_directory_evaluated(tmp_path, monkeypatch, ca
                                      env_option=("max_episode_steps=2",))) == 0
     out = json.loads((copy / "eval.json").read_text())
     assert out["mode"] == "greedy" and out["options"]["max_episode_steps"] == 2 and out["lengths"] == [2]
-    assert "1 of 1 cut at the 2-step cap" in capsys.readouterr().out
+    assert "1 of 1 cut by the 2-step cap (max_episode_steps)" in capsys.readouterr().out
 
 
 def test_mp4_without_a_usable_ffmpeg_is_refused_before_playing(monkeypatch):
@@ -609,9 +643,14 @@ def test_script_records_the_checkpoint_it_loaded_and_caps_episodes(tmp_path, cap
     assert script.main(script.Config(run_dir=str(run), episodes=2, num_envs=1, max_episode_steps=3)) == 0
     out = json.loads((run / "eval.json").read_text())
     assert (out["checkpoint"], out["checkpoint_step"], out["checkpoint_requested"]) == ("latest", 200, "best")
-    assert "evaluated the latest one (env step 200)" in capsys.readouterr().err
-    # An untrained policy topples CartPole in 8+ steps; the cap of 3 ends every game first.
-    assert out["lengths"] == [3, 3] and out["max_episode_steps"] == 3
+    printed = capsys.readouterr()
+    assert "evaluated the latest one (env step 200)" in printed.err
+    # An untrained policy topples CartPole in 8+ steps; the cap of 3 ends every game first,
+    # and both the printed line and eval.json say so.
+    assert out["lengths"] == [3, 3] and out["max_episode_steps"] == 3 and out["capped"] == 2
+    assert out["warning"].startswith("2 of 2 episodes ended at the step cap")
+    assert ("over 2 episodes; 2 of 2 cut by the 3-step cap (max_episode_steps): the policy may be stuck"
+            in printed.out.splitlines()[0])
 
     # Bad input: one line naming the value (the corrupt config.json by its path), exit 2.
     assert script.main(script.Config(run_dir=str(run), max_episode_steps=0)) == 2

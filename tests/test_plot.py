@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -190,7 +191,8 @@ def test_smooth_matches_a_loop():
 
 
 def test_axis_formatting():
-    assert [plot.format_steps(v) for v in (0, 1234, 250_000, 1_500_000, 2e9)] == ["0", "1,234", "250k", "1.5M", "2B"]
+    assert [plot.format_steps(v) for v in (0, 500, 1234, 5000, 250_000, 1_500_000, 2e9)] == [
+        "0", "500", "1.234k", "5k", "250k", "1.5M", "2B"]  # fmt: skip
     assert plot.time_unit(90) == ("seconds", 1.0)
     assert plot.time_unit(600) == ("minutes", 60.0)
     assert plot.time_unit(5 * 3600) == ("hours", 3600.0)
@@ -282,4 +284,48 @@ def test_legend_covers_no_panel(four_runs):
         box = legend.get_window_extent(renderer)
         for ax in fig.axes:  # the axes with their tick labels and axis labels
             assert not box.overlaps(ax.get_tightbbox(renderer)), x
+        plt.close(fig)
+
+
+def _games(tmp_path, x="both", **kwargs):
+    """CartPole (returns up to ~500) next to Breakout and Pong (tens), one seed each."""
+    runs = [make_run(tmp_path, env, {**BASE, "env": env}, slope=slope)
+            for env, slope in (("CartPole-v1", 12.0), ("Breakout-v5", 0.5), ("Pong-v5", 0.2))]
+    groups = plot.group_runs([plot.load_run(p) for p in runs])
+    return plot.draw_groups(groups, x=x, smooth_window=1, **kwargs)
+
+
+def test_one_row_of_panels_per_game(tmp_path):
+    import matplotlib.pyplot as plt
+
+    for x, panels in (("both", 2), ("steps", 1)):
+        fig = _games(tmp_path / x, x=x)
+        try:
+            grid = fig.axes[0].get_gridspec()
+            assert (grid.nrows, grid.ncols) == (3, panels) and len(fig.axes) == 3 * panels
+            titles = [ax.get_title() for ax in fig.axes]
+            assert titles == [g for g in ("CartPole-v1", "Breakout-v5", "Pong-v5") for _ in range(panels)]
+            tops = [ax.get_ylim()[1] for ax in fig.axes[::panels]]
+            assert tops[0] > 400 and tops[1] < 30 and tops[2] < 15, tops  # each game its own y-axis
+            assert all(ax.get_ylim() == fig.axes[i - i % panels].get_ylim() for i, ax in enumerate(fig.axes))
+        finally:
+            plt.close(fig)
+    fig = _games(tmp_path / "one", x="steps", per_game=False)  # --no-per-game: every game on one axis
+    assert len(fig.axes) == 1 and fig.axes[0].get_ylim()[1] > 400
+    plt.close(fig)
+    out = tmp_path / "games.png"
+    assert plot.main([str(tmp_path / "both"), "--out", str(out)]) == 0 and out.stat().st_size > 20_000
+
+
+def test_step_tick_labels_share_one_style(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig = _games(tmp_path, x="steps")  # steps 1,000 .. 40,000: ticks at 0, 5,000, 10,000 ...
+    try:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            texts = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+            assert "5k" in texts and "10k" in texts, texts
+            assert all(re.fullmatch(r"0|[1-9]\d{0,2}|\d+(\.\d+)?[kMB]", t) for t in texts), texts
+    finally:
         plt.close(fig)

@@ -123,7 +123,7 @@ def test_a_finished_run_is_neither_retrained_nor_overwritten(runs, tmp_path):
         train("--resume", str(d))
     with pytest.raises(errors.ConfigError, match=r"already holds a run \(config.json, metrics.csv, checkpoints"):
         driver.train(ppo_agent.ALGORITHM, configs.cli(ppo_agent.Config, argv=[*ARGS, "--run-dir", str(d)]))
-    with pytest.raises(errors.ConfigError, match=r"is a ppo run, not dqn; resume it with python scripts/ppo.py"):
+    with pytest.raises(errors.ConfigError, match=r"is a ppo run, not dqn; resume it with \S*python scripts/ppo.py --resume"):
         configs.cli(dqn.Config, argv=["--resume", str(d)])
     with pytest.raises(errors.ConfigError, match="--run-dir cannot be combined with --resume"):
         configs.cli(ppo_agent.Config,

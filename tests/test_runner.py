@@ -76,7 +76,7 @@ def test_target_return_stops_and_saves_best(tmp_path, capsys):
         assert ck.best_score == 20.0
     out = capsys.readouterr().out
     assert "Target return 19.0 reached" in out
-    assert f"Watch the agent: python scripts/evaluate.py --run-dir '{run}' --video play.mp4" in out
+    assert f"Watch the agent: {rundir.python_command()} scripts/evaluate.py --run-dir '{run}' --video play.mp4" in out
 
 
 @pytest.mark.parametrize("total,per_update,chunk,expect", [
