@@ -42,10 +42,12 @@ LONGEST_FIRST = (  # seconds summed over each file's tests with 2 workers on 2 c
     "tests/test_benchmarks.py",  # ~120
     "tests/test_resume.py",  # ~115
     "tests/agents/test_ppo.py",  # ~110
+    "tests/agents/test_pqn.py",  # ~105 (session 15, one worker: learning ~50, Breakout script ~55)
     "tests/agents/test_bc.py",  # ~80
     "tests/agents/test_ppo_cfc.py",  # ~80
     "tests/agents/test_a2c.py",  # ~55
     "tests/test_atari_resume.py",  # ~55
+    "tests/test_exact_resume.py",  # ~50 (session 15)
 )
 
 
